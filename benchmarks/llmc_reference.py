@@ -1,0 +1,39 @@
+"""Run llm-compressor's model_free_ptq (the reference tool) on a checkpoint.
+
+Run it with an interpreter that has llmcompressor installed (its pins conflict with ours, so the
+benchmark keeps it in a separate virtual environment):
+
+    python benchmarks/llmc_reference.py MODEL OUT --scheme rtn4 [--ignore PATTERN ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("output")
+    parser.add_argument("--scheme", choices=["rtn4", "rtn8"], default="rtn4")
+    parser.add_argument("--ignore", action="append", default=[])
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor import model_free_ptq
+
+    bits = 4 if args.scheme == "rtn4" else 8
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=128),
+    )
+    started = time.perf_counter()
+    model_free_ptq(args.model, args.output, scheme=scheme, ignore=args.ignore, max_workers=args.workers,
+                   device="cpu")
+    print(f"model_free_ptq seconds (inside Python): {time.perf_counter() - started:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The ``qconvert`` command line: a thin shell over the pipeline, inspection and scheme table.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 anything else (including an
+interrupt). ``--debug`` (or ``QCONVERT_DEBUG=1``) shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qconvert import __version__
+from qconvert.errors import EXIT_BAD_INPUT, EXIT_FAILURE, QConvertError
+
+app = typer.Typer(
+    name="qconvert",
+    help="Quantize and convert LLM checkpoints into compressed-tensors, streaming tensor by tensor.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document on stdout.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _emit_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Model folder, or a Hugging Face hub id.")],
+    scheme: Annotated[str, typer.Option("--scheme", "-s", help="Scheme name (see `qconvert schemes`).")] = "rtn4",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output folder (default: MODEL-SCHEME beside the input).")
+    ] = None,
+    group_size: Annotated[
+        int | None, typer.Option("--group-size", help="Inputs per scale; -1 for one scale per channel.")
+    ] = None,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option("--ignore", help="Leave a module unquantized: exact name or re:REGEX (repeatable)."),
+    ] = None,
+    targets: Annotated[
+        list[str] | None,
+        typer.Option("--targets", help="Quantize only these modules: exact name or re:REGEX (repeatable)."),
+    ] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Quantize a checkpoint into a new compressed-tensors checkpoint."""
+    from qconvert.pipeline import QuantizeRequest
+    from qconvert.pipeline import quantize as run
+    from qconvert.schemes import get_scheme
+    from qconvert.writing import parse_size
+
+    request = QuantizeRequest(
+        model=model,
+        scheme=get_scheme(scheme, group_size),
+        output=output,
+        ignore=list(ignore or []),
+        targets=list(targets or []),
+        max_shard_bytes=parse_size(max_shard_size),
+        overwrite=overwrite,
+        revision=revision,
+        show_progress=not quiet and not as_json,
+    )
+
+    def notice(message: str) -> None:
+        if not quiet:
+            err.print(message, markup=False)
+
+    summary = run(request, notice)
+    if as_json:
+        _emit_json(summary)
+        return
+    out.print(
+        f"wrote {summary['output']}: {summary['quantized_layers']} layers {summary['scheme']}, "
+        f"{_human_bytes(summary['bytes_before'])} -> {_human_bytes(summary['bytes_after'])} "
+        f"({summary['compression_ratio']:.2f}x), {summary['bits_per_weight']:.2f} bits per quantized weight, "
+        f"{summary['seconds']:.1f} s",
+        markup=False,
+    )
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Annotated[str, typer.Argument(help="Checkpoint folder, a .safetensors file, or a hub id.")],
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show what a checkpoint holds: per-layer scheme, shape, stored dtype and bytes, and totals."""
+    from qconvert.inspection import inspect_path
+
+    report = inspect_path(path)
+    if as_json:
+        _emit_json(report)
+        return
+    table = Table(title=f"{report['path']}  [{report['format']}]", title_justify="left")
+    for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"),
+                            ("stored as", "left"), ("bytes", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for layer in report["layers"]:
+        table.add_row(layer["module"], layer["scheme"], "x".join(map(str, layer["shape"])),
+                      layer["stored"], _human_bytes(layer["bytes"]))
+    out.print(table)
+    t = report["totals"]
+    bits = f"{t['bits_per_weight']:.2f} bits per quantized weight" if t["bits_per_weight"] else "no quantized layers"
+    out.print(
+        f"{t['layers']} layers ({t['quantized_layers']} quantized), {t['other_tensors']} other tensors; "
+        f"{_human_bytes(t['bytes'])} stored, {_human_bytes(t['unquantized_bytes'])} unquantized "
+        f"({t['compression_ratio']:.2f}x); {bits}",
+        markup=False,
+    )
+
+
+@app.command()
+def schemes(as_json: JsonOpt = False) -> None:
+    """List the schemes and what each one writes."""
+    from qconvert.schemes import SCHEMES
+
+    rows = [
+        {"name": s.name, "bits": s.num_bits, "group_size": s.group_size, "format": s.format,
+         "summary": s.summary, "runtime": s.runtime}
+        for s in SCHEMES.values()
+    ]
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table()
+    for column in ("scheme", "format", "what it writes", "loads in"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["format"], row["summary"], row["runtime"])
+    out.print(table)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"qconvert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    pass
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn every failure into one line and a documented exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("QCONVERT_DEBUG") == "1"
+    # SIGTERM (a CI job cancelled) must unwind like Ctrl-C so the temporary output is removed.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="qconvert", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:  # usage errors
+        err.print(f"error: {exc.format_message()}", markup=False)
+        code = EXIT_BAD_INPUT
+    except QConvertError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", markup=False)
+        code = exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        if debug:
+            raise
+        err.print("error: interrupted; no output was left behind", markup=False)
+        code = EXIT_FAILURE
+    except Exception as exc:
+        if debug:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        err.print(f"error: unexpected {type(exc).__name__}: {message} (rerun with --debug for details)",
+                  markup=False)
+        code = EXIT_FAILURE
+    sys.exit(code if isinstance(code, int) else 0)
