@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,27 +117,74 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
     return _summary(request, checkpoint, plan, target, names, layout, other_files, time.perf_counter() - started)
 
 
+class _WriteBehind:
+    """Runs each write job on one worker thread while the caller quantizes the next tensor.
+
+    At most one job is in flight, so memory stays bounded by two tensors' outputs; a job's error
+    surfaces at the next submit or at exit. Jobs run in submission order, so a shard is closed only
+    after all of its writes.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconvert-write")
+        self._pending: Future | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(job)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self._pending is not None:
+                # Already failing: let the write finish (its descriptors are about to be closed)
+                # but keep the original error.
+                wait([self._pending])
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def _write_tensors(checkpoint: Checkpoint, plan: Plan, shard_of: dict[str, ShardFile], bar: Progress) -> None:
-    with TensorReader() as reader:
+    def finish(shards: set[ShardFile]) -> None:
+        for shard in shards:
+            if not shard.pending and shard.fd >= 0:
+                shard.close()
+
+    def copy_job(info: TensorInfo) -> Callable[[], None]:
+        def job() -> None:
+            shard = shard_of[info.name]
+            reader.copy_into(info, shard.fd, shard.position(info.name))
+            shard.mark_written(info.name)
+            finish({shard})
+        return job
+
+    def write_job(outputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+        def job() -> None:
+            for name, tensor in outputs.items():
+                shard_of[name].write(name, tensor)
+            finish({shard_of[name] for name in outputs})
+        return job
+
+    with TensorReader() as reader, _WriteBehind() as writer:
         for info in checkpoint.tensors.values():
             scheme = plan.scheme_for(info)
             if scheme is None:
-                shard = shard_of[info.name]
-                reader.copy_into(info, shard.fd, shard.position(info.name))
-                shard.mark_written(info.name)
-                touched = [shard]
+                writer.submit(copy_job(info))
             else:
                 weight = reader.read(info)
                 outputs = compress_weight(info.name, weight, scheme)
                 _require_finite(info, weight, outputs)
-                touched = []
-                for name, tensor in outputs.items():
-                    shard_of[name].write(name, tensor)
-                    touched.append(shard_of[name])
-                del weight, outputs
-            for shard in touched:
-                if not shard.pending and shard.fd >= 0:
-                    shard.close()
+                del weight
+                writer.submit(write_job(outputs))
             bar.advance(info.nbytes)
 
 
