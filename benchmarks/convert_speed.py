@@ -11,6 +11,9 @@ whole processes (imports included), each repeated and reported as the median:
 * llm-compressor 0.14 `model_free_ptq` with the same scheme and ignore list (embeddings, lm_head),
   run in its own virtual environment (its pins conflict with ours; created on first use).
 
+qconvert fsyncs its shards before renaming the output into place; model_free_ptq does not sync, so
+its figure excludes writeback to disk while ours and cp's include it.
+
 Peak RSS is measured per process with wait4(). It prints a Markdown table with the ratios against
 llm-compressor measured in this same run, and checks that both tools wrote identical tensors.
 """
@@ -154,6 +157,8 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, cmd in commands.items():
             shutil.rmtree(outputs[name], ignore_errors=True)
+            # Untimed: start each tool with no dirty pages, so nobody pays for another tool's writes.
+            subprocess.run(["sync"], check=True)
             results[name].append(run_measured(cmd))
     identical, count = same_tensors(outputs["qconvert"], outputs["llmc"])
 

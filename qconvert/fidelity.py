@@ -51,6 +51,14 @@ def embedding_fidelity(original: str, quantized: str, sentences: list[str] | Non
 def main() -> None:
     if len(sys.argv) != 3:
         sys.exit("usage: python -m qconvert.fidelity ORIGINAL_DIR QUANTIZED_DIR")
+    import warnings
+
+    from transformers.utils import logging
+
+    # Loading chatter (progress bars, the quantization_config override notice) is not the result.
+    warnings.filterwarnings("ignore")
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
     score = embedding_fidelity(sys.argv[1], sys.argv[2])
     print(f"mean cosine similarity of {len(SENTENCES)} sentence embeddings vs the original: {score:.5f}")
 

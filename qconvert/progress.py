@@ -12,7 +12,7 @@ class Progress:
         self.total_tensors = total_tensors
         self.tensors = 0
         self._bar = tqdm(
-            total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+            total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
             disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True, leave=False,
         )
 
