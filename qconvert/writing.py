@@ -42,8 +42,11 @@ class OutputFolder:
         self._retired = self.target.parent / f"{stem}.old"
 
     def __enter__(self) -> OutputFolder:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path.mkdir()
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir()
+        except OSError as exc:
+            raise BadInputError(f"{self.target}: cannot create the output there ({exc.strerror})") from exc
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:

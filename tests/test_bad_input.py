@@ -176,3 +176,10 @@ def test_input_file_not_folder(tiny_llama: Path, tmp_path: Path) -> None:
     shard = tmp_path / "one.safetensors"
     shutil.copy(_first_shard(tiny_llama), shard)
     _assert_clean_failure(run_cli("quantize", shard, "-o", tmp_path / "out"), "not a folder")
+
+
+def test_output_that_cannot_be_created(tiny_llama: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("quantize", tiny_llama, "-o", blocker / "out")
+    _assert_clean_failure(result, str(blocker / "out"), "cannot create the output")
