@@ -51,6 +51,28 @@ def _emit_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+def _parse_overrides(items: list[str], file: Path | None) -> list[tuple[str, object]]:
+    """``PATTERN=SCHEME`` pairs, from the command line first, then the file (one per line, # comments)."""
+    from qconvert.errors import BadInputError
+    from qconvert.schemes import get_scheme
+
+    lines = list(items)
+    if file is not None:
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise BadInputError(f"{file}: cannot read overrides ({exc.strerror})") from exc
+        lines += [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    overrides = []
+    for line in filter(None, lines):
+        pattern, sep, name = line.rpartition("=")
+        if not sep or not pattern.strip() or not name.strip():
+            raise BadInputError(f"--override {line!r}: expected PATTERN=SCHEME (SCHEME may be 'none')")
+        name = name.strip()
+        overrides.append((pattern.strip(), None if name == "none" else get_scheme(name)))
+    return overrides
+
+
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="Model folder, or a Hugging Face hub id.")],
@@ -69,9 +91,26 @@ def quantize(
         list[str] | None,
         typer.Option("--targets", help="Quantize only these modules: exact name or re:REGEX (repeatable)."),
     ] = None,
+    override: Annotated[
+        list[str] | None,
+        typer.Option("--override", help="PATTERN=SCHEME: another scheme (or none) for matching modules; "
+                     "first match wins (repeatable)."),
+    ] = None,
+    overrides_file: Annotated[
+        Path | None, typer.Option("--overrides", help="File of PATTERN=SCHEME lines, after any --override.")
+    ] = None,
+    layout: Annotated[
+        str, typer.Option("--layout", help="compressed-tensors, or sglang (blockwise_int8, int8-block only).")
+    ] = "compressed-tensors",
+    fuse: Annotated[
+        list[str] | None,
+        typer.Option("--fuse", help="Regex whose first group names a fused module (q/k/v, gate/up); "
+                     "replaces the defaults for shared per-tensor scales (repeatable)."),
+    ] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -80,6 +119,7 @@ def quantize(
     from qconvert.pipeline import QuantizeRequest
     from qconvert.pipeline import quantize as run
     from qconvert.schemes import get_scheme
+    from qconvert.units import DEFAULT_FUSED_PATTERNS
     from qconvert.writing import parse_size
 
     request = QuantizeRequest(
@@ -88,9 +128,13 @@ def quantize(
         output=output,
         ignore=list(ignore or []),
         targets=list(targets or []),
+        overrides=_parse_overrides(list(override or []), overrides_file),  # type: ignore[arg-type]
+        fused_patterns=_fuse_patterns(fuse) if fuse else list(DEFAULT_FUSED_PATTERNS),
+        layout=layout,
         max_shard_bytes=parse_size(max_shard_size),
         overwrite=overwrite,
         revision=revision,
+        dry_run=dry_run,
         show_progress=not quiet and not as_json,
     )
 
@@ -102,11 +146,51 @@ def quantize(
     if as_json:
         _emit_json(summary)
         return
+    if dry_run:
+        _print_plan(summary)
+        return
     out.print(
-        f"wrote {summary['output']}: {summary['quantized_layers']} layers {summary['scheme']}, "
+        f"wrote {summary['output']}: {summary['quantized_layers']} layers {'+'.join(summary['schemes'])}, "
         f"{_human_bytes(summary['bytes_before'])} -> {_human_bytes(summary['bytes_after'])} "
         f"({summary['compression_ratio']:.2f}x), {summary['bits_per_weight']:.2f} bits per quantized weight, "
         f"{summary['seconds']:.1f} s",
+        markup=False,
+    )
+
+
+def _fuse_patterns(patterns: list[str]) -> list[str]:
+    import re
+
+    from qconvert.errors import BadInputError
+
+    for pattern in patterns:
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as exc:
+            raise BadInputError(f"--fuse {pattern!r}: invalid regular expression ({exc})") from exc
+        if groups < 1:
+            raise BadInputError(f"--fuse {pattern!r}: needs a capture group naming the fused module")
+    return patterns
+
+
+def _print_plan(summary: dict) -> None:
+    table = Table(title=f"plan for {summary['input']} -> {summary['output']} (dry run, nothing written)",
+                  title_justify="left")
+    for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"),
+                            ("bytes before", "right"), ("bytes after", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for layer in summary["layers"]:
+        table.add_row(layer["module"], f"{layer['scheme']} ({layer['label']})", "x".join(map(str, layer["shape"])),
+                      _human_bytes(layer["bytes_before"]), _human_bytes(layer["bytes_after"]))
+    for skipped in summary.get("skipped", []):
+        table.add_row(skipped["module"], f"unquantized: {skipped['reason']}", "x".join(map(str, skipped["shape"])),
+                      "", "")
+    out.print(table)
+    out.print(
+        f"{summary['quantized_layers']} layers quantized; {_human_bytes(summary['bytes_before'])} -> "
+        f"{_human_bytes(summary['bytes_after'])} ({summary['compression_ratio']:.2f}x); "
+        f"{summary['bits_per_weight']:.2f} bits per quantized weight, "
+        f"{summary['bits_per_param_overall']:.2f} bits per parameter overall",
         markup=False,
     )
 
@@ -148,18 +232,19 @@ def schemes(as_json: JsonOpt = False) -> None:
     from qconvert.schemes import SCHEMES
 
     rows = [
-        {"name": s.name, "bits": s.num_bits, "group_size": s.group_size, "format": s.format,
-         "summary": s.summary, "runtime": s.runtime}
+        {"name": s.name, "label": s.label, "type": s.kind, "bits": s.num_bits, "strategy": s.strategy,
+         "group_size": s.group_size, "block": list(s.block) if s.block else None, "format": s.format,
+         "input_activations": s.activations, "summary": s.summary, "runtime": s.runtime}
         for s in SCHEMES.values()
     ]
     if as_json:
         _emit_json(rows)
         return
     table = Table()
-    for column in ("scheme", "format", "what it writes", "loads in"):
+    for column in ("scheme", "weights", "format", "what it writes", "loads in"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["format"], row["summary"], row["runtime"])
+        table.add_row(row["name"], row["label"], row["format"], row["summary"], row["runtime"])
     out.print(table)
 
 

@@ -1,8 +1,8 @@
-"""``qconvert quantize``: read → plan → quantize → format → write, one tensor at a time.
+"""Running a job: read → plan → (quantize | convert) → format → write, one unit at a time.
 
-Peak memory is one input tensor plus its quantized outputs: tensors that pass through are copied
-file to file, and each output shard's layout is fixed before any data is written, so tensors land
-at their final offsets as soon as they are produced.
+Peak memory is one unit's inputs plus its outputs (and the previous unit's outputs while they are
+written): tensors that pass through are copied file to file, and each output shard's layout is fixed
+before any data is written, so tensors land at their final offsets as soon as they are produced.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import torch
 from qconvert import __version__
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
 from qconvert.errors import BadInputError
-from qconvert.format import compress_weight, output_specs, quantization_config
-from qconvert.planning import Plan, make_plan, module_of
+from qconvert.format import LAYOUTS, quantization_config
+from qconvert.planning import Plan, make_plan
 from qconvert.progress import Progress
-from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader, TensorSpec
+from qconvert.safetensors_io import ShardFile, TensorReader
 from qconvert.schemes import Scheme
+from qconvert.units import DEFAULT_FUSED_PATTERNS, Unit, quantize_units, shared_tensor_scales
 from qconvert.writing import (
     OutputFolder,
     check_output_location,
@@ -43,16 +44,20 @@ class QuantizeRequest:
     output: Path | None = None
     ignore: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
+    overrides: list[tuple[str, Scheme | None]] = field(default_factory=list)
+    fused_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_FUSED_PATTERNS))
+    layout: str = "compressed-tensors"
     max_shard_bytes: int = 5 * 10**9
     overwrite: bool = False
     revision: str | None = None
+    dry_run: bool = False
     show_progress: bool = True
 
 
-def default_output(model: str, source: Path, scheme: Scheme) -> Path:
+def default_output(model: str, source: Path, suffix: str) -> Path:
     if Path(model).expanduser().exists():
-        return source.parent / f"{source.name}-{scheme.name}"
-    return Path.cwd() / f"{model.rstrip('/').split('/')[-1]}-{scheme.name}"
+        return source.parent / f"{source.name}-{suffix}"
+    return Path.cwd() / f"{model.rstrip('/').split('/')[-1]}-{suffix}"
 
 
 def refuse_quantized_input(checkpoint: Checkpoint) -> None:
@@ -67,34 +72,50 @@ def refuse_quantized_input(checkpoint: Checkpoint) -> None:
 
 def quantize(request: QuantizeRequest, notice: Notice) -> dict:
     started = time.perf_counter()
+    if request.layout not in LAYOUTS:
+        raise BadInputError(f"--layout {request.layout!r}: choose from {', '.join(LAYOUTS)}")
     source = resolve_source(request.model, request.revision)
-    target = (request.output or default_output(request.model, source, request.scheme)).expanduser()
-    check_output_location(source, target, request.overwrite)
+    target = (request.output or default_output(request.model, source, request.scheme.name)).expanduser()
+    if not request.dry_run:
+        check_output_location(source, target, request.overwrite)
     checkpoint = open_checkpoint(source)
     refuse_quantized_input(checkpoint)
-    plan = make_plan(checkpoint, request.scheme, request.ignore, request.targets)
+    plan = make_plan(checkpoint, request.scheme, request.ignore, request.targets, request.overrides)
+    config = quantization_config(plan.schemes_by_module, plan.ignore, request.layout)
     _report_skips(plan, notice)
+
+    if request.dry_run:
+        units = quantize_units(checkpoint.tensors, plan, request.layout)
+        return summarize(checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True)
+
+    with TensorReader() as reader:
+        shared = shared_tensor_scales(plan, checkpoint.tensors, request.fused_patterns, reader)
+    units = quantize_units(checkpoint.tensors, plan, request.layout, shared)
+    shards = write_checkpoint(checkpoint, units, target, config, request.max_shard_bytes,
+                              request.show_progress, notice)
+    return summarize(checkpoint, units, target, shards, time.perf_counter() - started, plan=plan)
+
+
+def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, quant_config: dict | None,
+                     max_shard_bytes: int, show_progress: bool, notice: Notice) -> list[str]:
+    """Execute ``units`` into a new checkpoint folder at ``target``, atomically."""
     for path in checkpoint.unindexed_weight_files:
         notice(f"note: {path.name} is not in the index; it is not part of the model and is not copied")
-
-    units = [output_specs(info, plan.scheme_for(info)) for info in checkpoint.tensors.values()]
-    layout = layout_shards(units, request.max_shard_bytes)
+    layout = layout_shards([unit.outputs for unit in units], max_shard_bytes)
     names = shard_names(len(layout))
     other_files = checkpoint.other_files()
-    copy_bytes = sum((source / rel).stat().st_size for rel in other_files)
+    copy_bytes = sum((checkpoint.root / rel).stat().st_size for rel in other_files)
+    total = sum(unit.input_bytes for unit in units) + copy_bytes
 
-    with (
-        OutputFolder(target) as out,
-        Progress(checkpoint.tensor_bytes + copy_bytes, len(checkpoint.tensors), request.show_progress) as bar,
-    ):
-        shard_of = {}
+    with OutputFolder(target) as out, Progress(total, len(units), show_progress) as bar:
+        shard_of: dict[str, ShardFile] = {}
         shards = []
-        for name, specs in zip(names, layout, strict=False):
-            shard = ShardFile(out.path / name, specs)
-            shards.append(shard)
-            shard_of.update({spec.name: shard for spec in specs})
         try:
-            _write_tensors(checkpoint, plan, shard_of, bar)
+            for name, specs in zip(names, layout, strict=False):
+                shard = ShardFile(out.path / name, specs)
+                shards.append(shard)
+                shard_of.update({spec.name: shard for spec in specs})
+            _execute(units, shard_of, bar)
             for shard in shards:
                 if shard.fd >= 0:
                     shard.close()  # raises if a planned tensor was never written
@@ -105,22 +126,24 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
             write_index(out.path, dict(zip(names, layout, strict=False)))
         config = dict(checkpoint.config or {})
         if checkpoint.config is None:
-            notice(f"note: {source} has no config.json; writing one with only quantization_config")
-        config["quantization_config"] = quantization_config(plan)
+            notice(f"note: {checkpoint.root} has no config.json; writing one with only quantization_config")
+        if quant_config is None:
+            config.pop("quantization_config", None)
+        else:
+            config["quantization_config"] = quant_config
         write_json(out.path / "config.json", config)
         for rel in other_files:
             (out.path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / rel, out.path / rel)  # follows hub-cache symlinks to the blobs
-            bar.advance((source / rel).stat().st_size, tensors=0)
+            shutil.copy2(checkpoint.root / rel, out.path / rel)  # follows hub-cache symlinks to the blobs
+            bar.advance((checkpoint.root / rel).stat().st_size, tensors=0)
         out.commit()
-
-    return _summary(request, checkpoint, plan, target, names, layout, other_files, time.perf_counter() - started)
+    return names
 
 
 class _WriteBehind:
-    """Runs each write job on one worker thread while the caller quantizes the next tensor.
+    """Runs each write job on one worker thread while the caller computes the next unit.
 
-    At most one job is in flight, so memory stays bounded by two tensors' outputs; a job's error
+    At most one job is in flight, so memory stays bounded by two units' outputs; a job's error
     surfaces at the next submit or at exit. Jobs run in submission order, so a shard is closed only
     after all of its writes.
     """
@@ -153,17 +176,18 @@ class _WriteBehind:
             self._pool.shutdown(wait=True)
 
 
-def _write_tensors(checkpoint: Checkpoint, plan: Plan, shard_of: dict[str, ShardFile], bar: Progress) -> None:
+def _execute(units: list[Unit], shard_of: dict[str, ShardFile], bar: Progress) -> None:
     def finish(shards: set[ShardFile]) -> None:
         for shard in shards:
             if not shard.pending and shard.fd >= 0:
                 shard.close()
 
-    def copy_job(info: TensorInfo) -> Callable[[], None]:
+    def copy_job(unit: Unit) -> Callable[[], None]:
         def job() -> None:
-            shard = shard_of[info.name]
-            reader.copy_into(info, shard.fd, shard.position(info.name))
-            shard.mark_written(info.name)
+            spec = unit.outputs[0]
+            shard = shard_of[spec.name]
+            reader.copy_into(unit.inputs[0], shard.fd, shard.position(spec.name))
+            shard.mark_written(spec.name)
             finish({shard})
         return job
 
@@ -175,31 +199,15 @@ def _write_tensors(checkpoint: Checkpoint, plan: Plan, shard_of: dict[str, Shard
         return job
 
     with TensorReader() as reader, _WriteBehind() as writer:
-        for info in checkpoint.tensors.values():
-            scheme = plan.scheme_for(info)
-            if scheme is None:
-                writer.submit(copy_job(info))
+        for unit in units:
+            if unit.produce is None:
+                writer.submit(copy_job(unit))
             else:
-                weight = reader.read(info)
-                outputs = compress_weight(info.name, weight, scheme)
-                _require_finite(info, weight, outputs)
-                del weight
+                tensors = [reader.read(info) for info in unit.inputs]
+                outputs = unit.produce(tensors)
+                del tensors
                 writer.submit(write_job(outputs))
-            bar.advance(info.nbytes)
-
-
-def _require_finite(info: TensorInfo, weight: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
-    # A NaN or Inf anywhere in a group makes that group's amax, hence its scale, non-finite; so the
-    # scales are the cheap place to look, and the weight is only scanned to write the message.
-    scales = next(t for name, t in outputs.items() if name.endswith(".weight_scale"))
-    if torch.isfinite(scales).all():
-        return
-    nan = int(torch.isnan(weight).sum())
-    inf = int(torch.isinf(weight).sum())
-    raise BadInputError(
-        f"{info.file.name}: tensor {info.name} holds {nan} NaN and {inf} Inf values; refusing to "
-        f"quantize it (repair the checkpoint, or skip the layer with --ignore {module_of(info.name)})"
-    )
+            bar.advance(unit.input_bytes)
 
 
 def _report_skips(plan: Plan, notice: Notice) -> None:
@@ -210,51 +218,34 @@ def _report_skips(plan: Plan, notice: Notice) -> None:
         notice(f"note: ... and {len(notable) - 8} more layers left unquantized (see --json)")
 
 
-def _summary(
-    request: QuantizeRequest,
-    checkpoint: Checkpoint,
-    plan: Plan,
-    target: Path,
-    names: list[str],
-    layout: list[list[TensorSpec]],
-    other_files: list[Path],
-    seconds: float,
-) -> dict:
-    layers = []
-    for info in checkpoint.tensors.values():
-        scheme = plan.scheme_for(info)
-        if scheme is None:
-            continue
-        after = sum(spec.nbytes for spec in output_specs(info, scheme))
-        layers.append({
-            "module": module_of(info.name), "scheme": scheme.name, "label": scheme.label,
-            "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."),
-            "bytes_before": info.nbytes, "bytes_after": after,
-        })
+def summarize(checkpoint: Checkpoint, units: list[Unit], target: Path | None, shards: list[str],
+              seconds: float, plan: Plan | None = None, dry_run: bool = False, **extra: object) -> dict:
+    layers = [unit.layer for unit in units if unit.layer]
     quantized_params = sum(layer["shape"][0] * layer["shape"][1] for layer in layers)
     quantized_bytes = sum(layer["bytes_after"] for layer in layers)
-    bytes_after = sum(spec.nbytes for specs in layout for spec in specs)
+    bytes_after = sum(spec.nbytes for unit in units for spec in unit.outputs)
     total_params = sum(info.numel for info in checkpoint.tensors.values())
-    return {
+    summary: dict = {
         "qconvert_version": __version__,
         "input": str(checkpoint.root),
-        "output": str(target),
-        "scheme": request.scheme.name,
-        "group_size": request.scheme.group_size,
-        "format": request.scheme.format,
-        "shards": names,
-        "files_copied": [str(rel) for rel in other_files],
+        "output": str(target) if target else None,
+        "dry_run": dry_run,
+        "shards": shards,
+        "files_copied": [str(rel) for rel in checkpoint.other_files()],
         "tensors": len(checkpoint.tensors),
         "quantized_layers": len(layers),
+        "schemes": sorted({layer["scheme"] for layer in layers}),
         "bytes_before": checkpoint.tensor_bytes,
         "bytes_after": bytes_after,
         "compression_ratio": round(checkpoint.tensor_bytes / bytes_after, 4) if bytes_after else None,
-        "bits_per_weight": round(8 * quantized_bytes / quantized_params, 4),
+        "bits_per_weight": round(8 * quantized_bytes / quantized_params, 4) if quantized_params else None,
         "bits_per_param_overall": round(8 * bytes_after / total_params, 4) if total_params else None,
-        "ignore": plan.ignore,
         "seconds": round(seconds, 3),
         "layers": layers,
-        "skipped": [
-            {"module": s.module, "shape": list(s.shape), "reason": s.reason} for s in plan.skipped
-        ],
     }
+    if plan is not None:
+        summary["scheme"] = plan.scheme.name
+        summary["ignore"] = plan.ignore
+        summary["skipped"] = [{"module": s.module, "shape": list(s.shape), "reason": s.reason} for s in plan.skipped]
+    summary.update({k: (str(v) if isinstance(v, Path) else v) for k, v in extra.items()})
+    return summary

@@ -41,6 +41,10 @@ class Plan:
     def scheme_for(self, info: TensorInfo) -> Scheme | None:
         return self.quantize.get(info.name)
 
+    @property
+    def schemes_by_module(self) -> dict[str, Scheme]:
+        return {module_of(name): scheme for name, scheme in self.quantize.items()}
+
 
 def module_of(tensor_name: str) -> str:
     return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else tensor_name
@@ -91,9 +95,14 @@ def make_plan(
     scheme: Scheme,
     ignore: list[str] | None = None,
     targets: list[str] | None = None,
+    overrides: list[tuple[str, Scheme | None]] | None = None,
 ) -> Plan:
+    """Decide every tensor's fate. ``overrides`` give matching modules another scheme (``None``: keep
+    them unquantized); the first matching override wins."""
     ignore = compile_patterns(list(ignore or []), "--ignore")
     targets = compile_patterns(list(targets or []), "--targets")
+    overrides = list(overrides or [])
+    compile_patterns([pattern for pattern, _ in overrides], "--override")
     plan = Plan(scheme=scheme, quantize={})
     for info in checkpoint.tensors.values():
         module = module_of(info.name)
@@ -105,22 +114,35 @@ def make_plan(
             reason, runtime_linear = skip if skip else (None, True)
             if reason is None and targets:
                 reason = "not matched by --targets"
+        chosen = scheme
         if reason is None:
             hit = next((p for p in ignore if matches(p, module)), None)
             if hit is not None:
                 reason = f"matched --ignore {hit}"
         if reason is None:
-            in_features = info.shape[1]
-            if scheme.group_size != -1 and in_features % scheme.group_size:
-                reason = f"input size {in_features} is not a multiple of the group size {scheme.group_size}"
+            override = next(((p, s) for p, s in overrides if matches(p, module)), None)
+            if override is not None and override[1] is None:
+                reason = f"--override {override[0]}=none"
+            elif override is not None:
+                chosen = override[1]
         if reason is None:
-            plan.quantize[info.name] = scheme
+            reason = shape_problem(info.shape, chosen)
+        if reason is None:
+            plan.quantize[info.name] = chosen
         elif info.name.endswith(".weight") and len(info.shape) == 2:
             plan.skipped.append(SkippedLayer(module, info.shape, reason, runtime_linear))
     if not plan.quantize:
         raise BadInputError(f"{checkpoint.root}: no tensor to quantize (every candidate was skipped)")
     plan.ignore = _ignore_list(checkpoint, plan)
     return plan
+
+
+def shape_problem(shape: tuple[int, ...], scheme: Scheme) -> str | None:
+    """Why ``scheme`` cannot quantize a weight of this shape, or None. Blocks pad; groups cannot."""
+    in_features = shape[1]
+    if scheme.strategy == "group" and scheme.group_size and in_features % scheme.group_size:
+        return f"input size {in_features} is not a multiple of the group size {scheme.group_size}"
+    return None
 
 
 def _targeted_skip_reason(info: TensorInfo) -> str | None:

@@ -18,14 +18,21 @@ import sys
 import torch
 
 __all__ = [
+    "FP8_E4M3_MAX",
     "dequantize_int",
+    "dequantize_tiles",
+    "e4m3fn_to_e4m3fnuz",
     "group_view",
     "int_range",
     "pack_int32",
     "packed_columns",
     "quantize_and_pack_symmetric",
     "quantize_symmetric_int",
+    "quantize_tiles",
+    "scale_divisor",
     "symmetric_int_scales",
+    "tile_scales",
+    "tile_shape",
     "unpack_int32",
 ]
 
@@ -81,6 +88,91 @@ def dequantize_int(
     values = grouped.to(scales.dtype) * scales.unsqueeze(-1)
     values = values.view(codes.shape)
     return values if dtype is None else values.to(dtype)
+
+
+FP8_E4M3_MAX = 448.0
+
+
+def scale_divisor(kind: str, num_bits: int = 8) -> float:
+    """What amax is divided by to get a scale: ``(2**b - 1) / 2`` for int, 448 for fp8 e4m3fn."""
+    return FP8_E4M3_MAX if kind == "float" else (2**num_bits - 1) / 2
+
+
+def tile_shape(shape: tuple[int, ...], strategy: str, group_size: int | None = None,
+               block: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The ``(rows, cols)`` of weight that share one scale, for every strategy.
+
+    tensor: the whole weight; channel: one row; group: ``group_size`` inputs of one row; block: a
+    ``block`` tile. Treating them all as tiles lets one code path serve every scheme.
+    """
+    out_features, in_features = shape
+    if strategy == "tensor":
+        return out_features, in_features
+    if strategy == "channel":
+        return 1, in_features
+    if strategy == "group":
+        if not group_size or in_features % group_size:
+            raise ValueError(f"input size {in_features} is not a multiple of the group size {group_size}")
+        return 1, group_size
+    if strategy == "block":
+        if block is None:
+            raise ValueError("block strategy needs a block shape")
+        return block
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def _tiles(weight: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor:
+    """``[R, th, C, tw]`` view of ``weight``, zero-padded to whole tiles (zeros never raise an amax)."""
+    out_features, in_features = weight.shape
+    th, tw = tile
+    rows, cols = -(-out_features // th), -(-in_features // tw)
+    pad_rows, pad_cols = rows * th - out_features, cols * tw - in_features
+    if pad_rows or pad_cols:
+        weight = torch.nn.functional.pad(weight, (0, pad_cols, 0, pad_rows))
+    return weight.reshape(rows, th, cols, tw)
+
+
+def tile_scales(weight: torch.Tensor, tile: tuple[int, int], divisor: float) -> torch.Tensor:
+    """``[R, C]`` scales ``amax / divisor`` (float32 arithmetic, stored in the weight dtype)."""
+    amax = _tiles(weight, tile).abs().amax(dim=(1, 3)).to(torch.float32)
+    scales = (amax / divisor).to(weight.dtype)
+    return scales.masked_fill_(scales == 0, torch.finfo(weight.dtype).eps)
+
+
+def quantize_tiles(weight: torch.Tensor, scales: torch.Tensor, tile: tuple[int, int], kind: str,
+                   num_bits: int = 8) -> torch.Tensor:
+    """int8-stored integer codes, or float8_e4m3fn values, of ``weight`` for per-tile ``scales``."""
+    out_features, in_features = weight.shape
+    tiles = _tiles(weight, tile)
+    q = torch.div(tiles, scales.reshape(tiles.shape[0], 1, tiles.shape[2], 1).to(weight.dtype))
+    if kind == "float":
+        q = q.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    else:
+        qmin, qmax = int_range(num_bits)
+        q = q.clamp_(qmin, qmax).round_().to(torch.int8)
+    return q.reshape(tiles.shape[0] * tile[0], tiles.shape[2] * tile[1])[:out_features, :in_features].contiguous()
+
+
+def dequantize_tiles(values: torch.Tensor, scales: torch.Tensor, tile: tuple[int, int],
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``values * scale`` per tile, in the scale dtype (as the reference reader computes it)."""
+    out_features, in_features = values.shape
+    tiles = _tiles(values.to(scales.dtype), tile)
+    result = tiles * scales.reshape(tiles.shape[0], 1, tiles.shape[2], 1)
+    result = result.reshape(tiles.shape[0] * tile[0], tiles.shape[2] * tile[1])[:out_features, :in_features]
+    result = result.contiguous()
+    return result if dtype is None else result.to(dtype)
+
+
+def e4m3fn_to_e4m3fnuz(values: torch.Tensor) -> torch.Tensor:
+    """Same bits reinterpreted as e4m3fnuz (a new tensor; the input is never modified).
+
+    0x80 is -0 in e4m3fn but NaN in e4m3fnuz, so it becomes 0. Every code's value halves, which the
+    caller compensates by doubling the scales.
+    """
+    bits = values.view(torch.int8).clone()
+    bits[bits == -128] = 0
+    return bits.view(torch.float8_e4m3fnuz)
 
 
 def packed_columns(in_features: int, num_bits: int) -> int:

@@ -7,62 +7,121 @@ from dataclasses import dataclass
 
 from qconvert.errors import BadInputError
 
+BLOCK = (128, 128)
+
+
+def _activations(kind: str, strategy: str, group_size: int | None = None) -> dict:
+    """Dynamic (runtime-computed) symmetric 8-bit activation quantization, as compressed-tensors spells it."""
+    return {
+        "num_bits": 8, "type": kind, "symmetric": True, "group_size": group_size, "strategy": strategy,
+        "block_structure": None, "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {},
+    }
+
 
 @dataclass(frozen=True)
 class Scheme:
-    """Symmetric integer weight-only quantization, stored ``pack-quantized``."""
+    """Symmetric weight quantization (int or fp8), with optional dynamic activation quantization."""
 
     name: str
+    kind: str  # "int" | "float" (fp8 e4m3fn)
     num_bits: int
-    group_size: int  # -1: one scale per output channel
+    strategy: str  # "group" | "channel" | "block" | "tensor"
+    format: str  # compressed-tensors format: "pack-quantized" | "int-quantized" | "float-quantized"
     summary: str
     runtime: str
-    format: str = "pack-quantized"
-
-    @property
-    def strategy(self) -> str:
-        return "channel" if self.group_size == -1 else "group"
+    group_size: int | None = None
+    block: tuple[int, int] | None = None
+    activations: dict | None = None
+    shared_fused_scale: bool = False  # q/k/v and gate/up share one per-tensor scale
 
     @property
     def label(self) -> str:
-        grouping = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"int{self.num_bits} {grouping}"
+        weight = f"{'fp8' if self.kind == 'float' else 'int'}{'' if self.kind == 'float' else self.num_bits}"
+        grouping = {
+            "group": f"g{self.group_size}",
+            "channel": "per-channel",
+            "tensor": "per-tensor",
+            "block": f"block {self.block[0]}x{self.block[1]}" if self.block else "block",
+        }[self.strategy]
+        return f"{weight} {grouping}"
 
     def with_group_size(self, group_size: int | None) -> Scheme:
-        if group_size is None or group_size == self.group_size:
+        """``--group-size``: only for the weight-only group schemes; -1 means one scale per channel."""
+        if group_size is None:
             return self
-        if group_size != -1 and group_size <= 0:
+        if self.strategy not in ("group", "channel") or self.format != "pack-quantized":
+            raise BadInputError(f"--group-size does not apply to scheme {self.name} ({self.label})")
+        if group_size == -1:
+            return dataclasses.replace(self, strategy="channel", group_size=None)
+        if group_size <= 0:
             raise BadInputError(f"--group-size {group_size}: must be a positive integer or -1 (per channel)")
-        return dataclasses.replace(self, group_size=group_size)
+        return dataclasses.replace(self, strategy="group", group_size=group_size)
 
     def weights_args(self) -> dict:
         """The ``weights`` entry of a compressed-tensors config group."""
         return {
             "num_bits": self.num_bits,
-            "type": "int",
+            "type": self.kind,
             "symmetric": True,
+            "group_size": self.group_size if self.strategy == "group" else None,
             "strategy": self.strategy,
-            "group_size": None if self.group_size == -1 else self.group_size,
-            "block_structure": None,
+            "block_structure": list(self.block) if self.strategy == "block" and self.block else None,
             "dynamic": False,
             "actorder": None,
             "observer": "minmax",
             "observer_kwargs": {},
         }
 
+    def tile(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        from qconvert.quantizers import tile_shape
+
+        return tile_shape(shape, self.strategy, self.group_size, self.block)
+
 
 SCHEMES: dict[str, Scheme] = {
     scheme.name: scheme
     for scheme in (
         Scheme(
-            "rtn4", 4, 128,
+            "rtn4", "int", 4, "group", "pack-quantized",
             "int4 symmetric round-to-nearest, one scale per 128 inputs, 8 values per int32",
             "vLLM CompressedTensorsWNA16 (Marlin W4A16); transformers via compressed-tensors",
+            group_size=128,
         ),
         Scheme(
-            "rtn8", 8, 128,
+            "rtn8", "int", 8, "group", "pack-quantized",
             "int8 symmetric round-to-nearest, one scale per 128 inputs, 4 values per int32",
             "vLLM CompressedTensorsWNA16 (Marlin W8A16); transformers via compressed-tensors",
+            group_size=128,
+        ),
+        Scheme(
+            "int8-block", "int", 8, "block", "int-quantized",
+            "int8 weights, one scale per 128x128 block; int8 activations per token per 128 channels",
+            "qconvert's block-INT8 kernels; SGLang blockwise_int8 with --layout sglang",
+            block=BLOCK, activations=_activations("int", "group", 128),
+        ),
+        Scheme(
+            "w8a8-int8", "int", 8, "channel", "int-quantized",
+            "int8 weights per output channel; int8 activations per token (dynamic)",
+            "vLLM CompressedTensorsW8A8Int8",
+            activations=_activations("int", "token"),
+        ),
+        Scheme(
+            "fp8", "float", 8, "channel", "float-quantized",
+            "fp8 e4m3fn weights per output channel; fp8 activations per token (dynamic)",
+            "vLLM CompressedTensorsW8A8Fp8",
+            activations=_activations("float", "token"),
+        ),
+        Scheme(
+            "fp8-block", "float", 8, "block", "float-quantized",
+            "fp8 e4m3fn weights, one scale per 128x128 block; fp8 activations per token per 128 channels",
+            "vLLM CompressedTensorsW8A8Fp8 (block)",
+            block=BLOCK, activations=_activations("float", "group", 128),
+        ),
+        Scheme(
+            "fp8-tensor", "float", 8, "tensor", "float-quantized",
+            "fp8 e4m3fn weights, one scale per tensor, shared by q/k/v and by gate/up; fp8 activations per token",
+            "vLLM CompressedTensorsW8A8Fp8 (no requantization at load)",
+            activations=_activations("float", "token"), shared_fused_scale=True,
         ),
     )
 }

@@ -12,7 +12,8 @@ from qconvert.fidelity import SENTENCES, embedding_fidelity
 from tests.conftest import read_config, run_cli, tree_digest
 
 # Thresholds from ../shared/ANCHORS.md (llm-compressor's model_free_ptq on the same model).
-THRESHOLDS = {"rtn4": 0.949, "rtn8": 0.9997}
+THRESHOLDS = {"rtn4": 0.949, "rtn8": 0.9997, "fp8": 0.998, "fp8-block": 0.998, "w8a8-int8": 0.9995,
+              "int8-block": 0.9975}
 
 
 @pytest.mark.parametrize("scheme", list(THRESHOLDS))
