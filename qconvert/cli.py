@@ -111,6 +111,9 @@ def quantize(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    allow_requantize: Annotated[
+        bool, typer.Option("--allow-requantize", help="Requantize integer-quantized inputs (loses quality).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -135,6 +138,7 @@ def quantize(
         overwrite=overwrite,
         revision=revision,
         dry_run=dry_run,
+        allow_requantize=allow_requantize,
         show_progress=not quiet and not as_json,
     )
 

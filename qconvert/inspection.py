@@ -7,7 +7,6 @@ checkpoint whose config is missing or wrong is still described truthfully.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
 from qconvert.safetensors_io import TensorInfo, TensorReader, read_header
+from qconvert.sources import StoredLayer, stored_layers
 
 _QUANT_SUFFIXES = (
     "weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx",
@@ -52,65 +52,41 @@ def _split(name: str) -> tuple[str, str]:
     return module, leaf
 
 
-def _describe(module: str, parts: dict[str, TensorInfo], reader: TensorReader) -> LayerReport | None:
+def _describe(module: str, parts: dict[str, TensorInfo], stored: StoredLayer | None) -> LayerReport | None:
     total = sum(t.nbytes for t in parts.values())
-    packed, scale = parts.get("weight_packed"), parts.get("weight_scale")
+    if stored is not None:
+        scale = stored.scale
+        layout = stored.layout if stored.values.dtype != torch.float8_e4m3fnuz else f"{stored.layout} (e4m3fnuz)"
+        statics = [leaf for leaf in ("input_scale", "output_scale") if leaf in parts]
+        extra = f" + static {'/'.join(statics)}" if statics else ""
+        return LayerReport(module, stored.label, layout, list(stored.shape),
+                           f"{dtype_name(stored.values.dtype)} + {dtype_name(scale.dtype)} scales{extra}", total,
+                           stored.shape[0] * stored.shape[1], stored.dtype.itemsize)
     weight = parts.get("weight")
-    if packed is not None and scale is not None and "weight_shape" in parts:
-        out_features, in_features = (int(v) for v in reader.read(parts["weight_shape"]).tolist())
-        bits = round(packed.shape[1] * 32 / in_features) if in_features else 0
-        bits = 4 if bits <= 4 else 8
-        groups = scale.shape[1] if len(scale.shape) == 2 else 1
-        grouping = "per-channel" if groups == 1 else f"g{in_features // groups}"
-        zp = " asym" if "weight_zero_point" in parts else ""
-        return LayerReport(module, f"int{bits} {grouping}{zp}", "pack-quantized", [out_features, in_features],
-                           f"int32 + {dtype_name(scale.dtype)} scales", total, out_features * in_features,
-                           scale.dtype.itemsize)
     if weight is None or len(weight.shape) < 2:
         return None
-    params = weight.numel
-    if weight.dtype.is_floating_point and weight.dtype.itemsize >= 2:
-        return LayerReport(module, dtype_name(weight.dtype), "unquantized", list(weight.shape),
-                           dtype_name(weight.dtype), total, params, weight.dtype.itemsize)
-    scale = scale or parts.get("weight_scale_inv")
-    if scale is None:
-        return LayerReport(module, dtype_name(weight.dtype), "unknown", list(weight.shape),
-                           dtype_name(weight.dtype), total, params, weight.dtype.itemsize)
-    strategy = _strategy(weight.shape, scale.shape)
-    kind = "int8" if weight.dtype == torch.int8 else dtype_name(weight.dtype)
-    fmt = "int-quantized" if weight.dtype == torch.int8 else "float-quantized"
-    if "weight_scale_inv" in parts:
-        fmt = "blockwise_int8" if weight.dtype == torch.int8 else "deepseek-fp8"
-    # compressed-tensors stores scales in the original dtype; DeepSeek/SGLang layouts always use fp32
-    # scales for bf16 models.
-    original = 2 if "weight_scale_inv" in parts else scale.dtype.itemsize
-    return LayerReport(module, f"{kind} {strategy}", fmt, list(weight.shape),
-                       f"{dtype_name(weight.dtype)} + {dtype_name(scale.dtype)} scales", total, params, original)
-
-
-def _strategy(weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> str:
-    out_features, in_features = weight_shape[-2], weight_shape[-1]
-    if math.prod(scale_shape) == 1:
-        return "per-tensor"
-    rows, cols = ((*scale_shape, 1))[:2] if len(scale_shape) == 1 else scale_shape[-2:]
-    if rows == out_features and cols == 1:
-        return "per-channel"
-    if rows == out_features:
-        return f"g{in_features // cols}"
-    block_rows, block_cols = -(-out_features // rows), -(-in_features // cols)
-    return f"block {block_rows}x{block_cols}"
+    fmt = "unquantized" if weight.dtype.is_floating_point and weight.dtype.itemsize >= 2 else "unknown"
+    return LayerReport(module, dtype_name(weight.dtype), fmt, list(weight.shape), dtype_name(weight.dtype), total,
+                       weight.numel, weight.dtype.itemsize)
 
 
 def checkpoint_format(checkpoint: Checkpoint, layers: list[LayerReport]) -> str:
     qconfig = (checkpoint.config or {}).get("quantization_config")
+    fnuz = " (e4m3fnuz)" if any("e4m3fnuz" in layer.format for layer in layers) else ""
     if isinstance(qconfig, dict):
         method = qconfig.get("quant_method")
         if method == "compressed-tensors":
-            return f"compressed-tensors {qconfig.get('format', '?')}"
+            return f"compressed-tensors {qconfig.get('format', '?')}{fnuz}"
         if method == "fp8":
-            return "DeepSeek-style FP8 (block scales, weight_scale_inv)"
+            block = qconfig.get("weight_block_size")
+            return f"DeepSeek-style FP8 (block {'x'.join(map(str, block)) if block else '?'}, weight_scale_inv)"
+        if method == "blockwise_int8":
+            return f"SGLang blockwise_int8 (block {'x'.join(map(str, qconfig.get('weight_block_size') or []))})"
         return str(method)
-    dtypes = {layer.stored for layer in layers if not layer.quantized}
+    quantized = {layer.format for layer in layers if layer.quantized}
+    if quantized:
+        return f"quantized, no quantization_config ({', '.join(sorted(quantized))})"
+    dtypes = {layer.stored for layer in layers}
     return f"{'/'.join(sorted(dtypes)) or 'no layers'} (unquantized)"
 
 
@@ -132,10 +108,11 @@ def inspect_checkpoint(checkpoint: Checkpoint) -> dict:
             modules.setdefault(module, {})[leaf] = info
     layers: list[LayerReport] = []
     with TensorReader() as reader:
-        for module, parts in modules.items():
-            report = _describe(module, parts, reader)
-            if report is not None:
-                layers.append(report)
+        stored_by_module = stored_layers(checkpoint, reader)
+    for module, parts in modules.items():
+        report = _describe(module, parts, stored_by_module.get(module))
+        if report is not None:
+            layers.append(report)
     stored = checkpoint.tensor_bytes
     layer_bytes = sum(layer.bytes for layer in layers)
     unquantized = stored - layer_bytes + sum(layer.params * layer.original_itemsize for layer in layers)

@@ -11,7 +11,8 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,8 +23,9 @@ from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.planning import Plan, make_plan
 from qconvert.progress import Progress
-from qconvert.safetensors_io import ShardFile, TensorReader
+from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
 from qconvert.schemes import Scheme
+from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_layers
 from qconvert.units import DEFAULT_FUSED_PATTERNS, Unit, quantize_units, shared_tensor_scales
 from qconvert.writing import (
     OutputFolder,
@@ -51,6 +53,7 @@ class QuantizeRequest:
     overwrite: bool = False
     revision: str | None = None
     dry_run: bool = False
+    allow_requantize: bool = False
     show_progress: bool = True
 
 
@@ -58,16 +61,6 @@ def default_output(model: str, source: Path, suffix: str) -> Path:
     if Path(model).expanduser().exists():
         return source.parent / f"{source.name}-{suffix}"
     return Path.cwd() / f"{model.rstrip('/').split('/')[-1]}-{suffix}"
-
-
-def refuse_quantized_input(checkpoint: Checkpoint) -> None:
-    existing = (checkpoint.config or {}).get("quantization_config")
-    if existing:
-        method = existing.get("quant_method", "unknown") if isinstance(existing, dict) else "unknown"
-        raise BadInputError(
-            f"{checkpoint.root / 'config.json'}: the input is already quantized "
-            f"(quant_method {method!r}); quantize an unquantized checkpoint"
-        )
 
 
 def quantize(request: QuantizeRequest, notice: Notice) -> dict:
@@ -79,21 +72,44 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
     if not request.dry_run:
         check_output_location(source, target, request.overwrite)
     checkpoint = open_checkpoint(source)
-    refuse_quantized_input(checkpoint)
-    plan = make_plan(checkpoint, request.scheme, request.ignore, request.targets, request.overrides)
-    config = quantization_config(plan.schemes_by_module, plan.ignore, request.layout)
-    _report_skips(plan, notice)
-
-    if request.dry_run:
-        units = quantize_units(checkpoint.tensors, plan, request.layout)
-        return summarize(checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True)
-
     with TensorReader() as reader:
-        shared = shared_tensor_scales(plan, checkpoint.tensors, request.fused_patterns, reader)
-    units = quantize_units(checkpoint.tensors, plan, request.layout, shared)
+        stored = stored_layers(checkpoint, reader)
+        view = logical_view(checkpoint, stored)
+        plan = make_plan(replace(checkpoint, tensors=view), request.scheme, request.ignore, request.targets,
+                         request.overrides)
+        config = quantization_config(plan.schemes_by_module, plan.ignore, request.layout)
+        units, notes = quantize_units(view, plan, request.layout, stored, {}, request.allow_requantize)
+        _report_skips(plan, notice)
+        if stored:
+            notes.insert(0, f"note: the input is quantized ({describe_stored(stored)}); matching layers are "
+                         "copied, others rebuilt and requantized, unquantized ones written back in full precision")
+        for note in notes:
+            notice(note)
+        if not request.dry_run:
+            shared = shared_tensor_scales(plan, partial(load_weight, view, stored, reader), request.fused_patterns)
+            units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize)
+    if request.dry_run:
+        return summarize(checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True)
     shards = write_checkpoint(checkpoint, units, target, config, request.max_shard_bytes,
                               request.show_progress, notice)
     return summarize(checkpoint, units, target, shards, time.perf_counter() - started, plan=plan)
+
+
+def load_weight(view: dict[str, TensorInfo], stored: dict[str, StoredLayer], reader: TensorReader,
+                name: str) -> torch.Tensor:
+    """A weight as the planner sees it: read as stored, or rebuilt from its quantized form."""
+    layer = stored.get(name.removesuffix(".weight"))
+    if layer is None:
+        return reader.read(view[name])
+    return rebuild_weight(layer, {leaf: reader.read(info) for leaf, info in layer.parts.items()})
+
+
+def describe_stored(stored: dict[str, StoredLayer]) -> str:
+    kinds: dict[str, int] = {}
+    for layer in stored.values():
+        key = f"{layer.layout} {layer.label}"
+        kinds[key] = kinds.get(key, 0) + 1
+    return ", ".join(f"{count} layers {key}" for key, count in sorted(kinds.items()))
 
 
 def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, quant_config: dict | None,

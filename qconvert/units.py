@@ -18,8 +18,9 @@ from qconvert.errors import BadInputError
 from qconvert.format import compress_weight, output_specs
 from qconvert.planning import Plan, module_of
 from qconvert.quantizers import scale_divisor
-from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
+from qconvert.safetensors_io import TensorInfo, TensorSpec
 from qconvert.schemes import Scheme
+from qconvert.sources import ACTIVATION_LEAVES, StoredLayer, rebuild_weight
 
 Produce = Callable[[list[torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -97,8 +98,10 @@ def fused_groups(modules: list[str], patterns: list[str]) -> list[list[str]]:
     return [members for members in groups.values() if len(members) > 1]
 
 
-def shared_tensor_scales(plan: Plan, infos: dict[str, TensorInfo], patterns: list[str],
-                         reader: TensorReader) -> dict[str, torch.Tensor]:
+WeightLoader = Callable[[str], torch.Tensor]
+
+
+def shared_tensor_scales(plan: Plan, load_weight: WeightLoader, patterns: list[str]) -> dict[str, torch.Tensor]:
     """One per-tensor scale per fused group, for the layers whose scheme shares them.
 
     A pre-pass reads each part once for its amax (memory: one tensor at a time), so parts may sit in
@@ -106,13 +109,12 @@ def shared_tensor_scales(plan: Plan, infos: dict[str, TensorInfo], patterns: lis
     give: ``max(amax) / 448``, as vLLM's ``requantize_with_max_scale`` would otherwise compute at load.
     """
     shared = {name: s for name, s in plan.quantize.items() if s.shared_fused_scale}
-    modules = [module_of(name) for name in shared]
     scales: dict[str, torch.Tensor] = {}
-    for group in fused_groups(modules, patterns):
+    for group in fused_groups([module_of(name) for name in shared], patterns):
         names = [f"{m}.weight" for m in group]
         amaxes = []
         for name in names:
-            weight = reader.read(infos[name])
+            weight = load_weight(name)
             amaxes.append(weight.abs().amax().to(torch.float32))
             dtype = weight.dtype
             del weight
@@ -123,14 +125,85 @@ def shared_tensor_scales(plan: Plan, infos: dict[str, TensorInfo], patterns: lis
     return scales
 
 
-def quantize_units(checkpoint_tensors: dict[str, TensorInfo], plan: Plan, layout: str,
-                   shared_scales: dict[str, torch.Tensor] | None = None) -> list[Unit]:
-    shared_scales = shared_scales or {}
-    units = []
-    for info in checkpoint_tensors.values():
-        scheme = plan.scheme_for(info)
-        if scheme is None:
-            units.append(copy_unit(info))
-        else:
-            units.append(quantize_unit(info, scheme, layout, shared_scales.get(info.name)))
+def _leaves(layer: StoredLayer) -> list[str]:
+    return sorted(layer.parts)
+
+
+def _stored_tensors(layer: StoredLayer, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(zip(_leaves(layer), tensors, strict=True))
+
+
+def requantize_unit(layer: StoredLayer, scheme: Scheme, layout: str, scale: torch.Tensor | None = None) -> Unit:
+    """Rebuild a stored layer's weight and quantize it into ``scheme``."""
+    name = f"{layer.module}.weight"
+    outputs = output_specs(name, layer.shape, layer.dtype, scheme, layout)
+    inputs = [layer.parts[leaf] for leaf in _leaves(layer)]
+
+    def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight = rebuild_weight(layer, _stored_tensors(layer, tensors))
+        result = compress_weight(name, weight, scheme, layout, scale)
+        require_finite(layer.values, weight, next(t for n, t in result.items() if "scale" in n.rsplit(".", 1)[-1]))
+        return result
+
+    before = sum(i.nbytes for i in inputs)
+    return Unit(inputs, outputs, produce, layer_entry(layer.module, scheme, layer.shape, layer.dtype, before, outputs))
+
+
+def dequantize_unit(layer: StoredLayer, dtype: torch.dtype | None = None) -> Unit:
+    """A stored layer written back as a plain ``.weight`` (in its logical dtype, or ``dtype``)."""
+    dtype = dtype or layer.dtype
+    inputs = [layer.parts[leaf] for leaf in _leaves(layer)]
+    output = TensorSpec(f"{layer.module}.weight", dtype, layer.shape)
+
+    def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {output.name: rebuild_weight(layer, _stored_tensors(layer, tensors)).to(dtype)}
+
+    return Unit(inputs, [output], produce)
+
+
+def copy_layer_units(layer: StoredLayer, scheme: Scheme) -> list[Unit]:
+    """A stored layer that already is what ``scheme`` writes: its tensors copied under the
+    compressed-tensors names (``weight_scale_inv`` → ``weight_scale``, keeping its dtype)."""
+    units = [copy_unit(info, f"{layer.module}.{'weight_scale' if leaf == 'weight_scale_inv' else leaf}")
+             for leaf, info in sorted(layer.parts.items())]
+    before = sum(u.input_bytes for u in units)
+    units[0].layer = layer_entry(layer.module, scheme, layer.shape, layer.dtype, before,
+                                 [spec for u in units for spec in u.outputs])
     return units
+
+
+def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: str,
+                   stored: dict[str, StoredLayer] | None = None,
+                   shared_scales: dict[str, torch.Tensor] | None = None,
+                   allow_requantize: bool = False) -> tuple[list[Unit], list[str]]:
+    """Units for ``quantize`` over the planner's view of the checkpoint, and notes for the user."""
+    stored = stored or {}
+    shared_scales = shared_scales or {}
+    units: list[Unit] = []
+    dropped: list[str] = []
+    for info in tensors.values():
+        module, _, leaf = info.name.rpartition(".")
+        scheme = plan.scheme_for(info)
+        layer = stored.get(module) if leaf == "weight" else None
+        if module in stored and leaf in ACTIVATION_LEAVES:
+            dropped.append(info.name)  # the schemes we write quantize activations dynamically
+        elif layer is None and scheme is None:
+            units.append(copy_unit(info))
+        elif layer is None:
+            units.append(quantize_unit(info, scheme, layout, shared_scales.get(info.name)))
+        elif scheme is None:
+            units.append(dequantize_unit(layer))
+        elif layout == "compressed-tensors" and layer.matches(scheme) and info.name not in shared_scales:
+            units.extend(copy_layer_units(layer, scheme))
+        elif layer.kind == "int" and not allow_requantize:
+            raise BadInputError(
+                f"{layer.values.file.name}: {module} is already quantized ({layer.label}, {layer.layout}); "
+                f"requantizing integer weights into {scheme.name} loses quality: pass --allow-requantize"
+            )
+        else:
+            units.append(requantize_unit(layer, scheme, layout, shared_scales.get(info.name)))
+    notes = []
+    if dropped:
+        notes.append(f"note: dropping {len(dropped)} static activation scales (e.g. {dropped[0]}): the output "
+                     "schemes quantize activations dynamically")
+    return units, notes

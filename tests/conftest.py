@@ -86,3 +86,44 @@ def tiny_llama_copy(tiny_llama: Path, tmp_path: Path) -> Path:
 
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
+
+
+def build_deepseek_fp8(source: Path, folder: Path) -> Path:
+    """A DeepSeek-V3-style FP8 checkpoint made from a bf16 one: every linear weight as e4m3fn with fp32
+    per-128x128-block ``weight_scale_inv`` (amax / 448), quantization_config ``quant_method: fp8``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = {}
+        with safe_open(source / shard, "pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                linear = name.endswith("_proj.weight")
+                if not linear:
+                    tensors[name] = tensor
+                    continue
+                rows, cols = tensor.shape
+                padded = torch.zeros(-(-rows // 128) * 128, -(-cols // 128) * 128)
+                padded[:rows, :cols] = tensor.float()
+                blocks = padded.reshape(padded.shape[0] // 128, 128, padded.shape[1] // 128, 128)
+                scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+                expanded = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]
+                tensors[name] = (tensor.float() / expanded).clamp(-448, 448).to(torch.float8_e4m3fn)
+                tensors[name.removesuffix(".weight") + ".weight_scale_inv"] = scale
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def deepseek_fp8(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_deepseek_fp8(tiny_llama, tmp_path_factory.mktemp("ds") / "tiny-fp8")

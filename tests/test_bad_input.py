@@ -149,11 +149,12 @@ def test_bad_options(tiny_llama: Path, tmp_path: Path, args: list[str], needle: 
     assert not (tmp_path / "out").exists()
 
 
-def test_already_quantized_input_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+def test_requantizing_integer_weights_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
     first = run_cli("quantize", tiny_llama, "-o", tmp_path / "q", "-q")
     assert first.code == 0
-    again = run_cli("quantize", tmp_path / "q", "-o", tmp_path / "qq")
-    _assert_clean_failure(again, "already quantized")
+    again = run_cli("quantize", tmp_path / "q", "-s", "rtn8", "-o", tmp_path / "qq")
+    _assert_clean_failure(again, "already quantized", "--allow-requantize")
+    assert not (tmp_path / "qq").exists()
 
 
 def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
