@@ -114,6 +114,9 @@ def quantize(
     allow_requantize: Annotated[
         bool, typer.Option("--allow-requantize", help="Requantize integer-quantized inputs (loses quality).")
     ] = False,
+    fnuz: Annotated[
+        bool, typer.Option("--fnuz", help="Write fp8 weights as e4m3fnuz (ROCm MI300), scales doubled.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -139,6 +142,7 @@ def quantize(
         revision=revision,
         dry_run=dry_run,
         allow_requantize=allow_requantize,
+        fnuz=fnuz,
         show_progress=not quiet and not as_json,
     )
 
@@ -197,6 +201,54 @@ def _print_plan(summary: dict) -> None:
         f"{summary['bits_per_param_overall']:.2f} bits per parameter overall",
         markup=False,
     )
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="Quantized checkpoint folder, or a Hugging Face hub id.")],
+    op: Annotated[str, typer.Option("--op", help="fnuz | shared-scale | pack | dequantize")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output folder (default: MODEL-OP beside the input).")
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="dequantize: dtype of the rebuilt weights.")] = "",
+    fuse: Annotated[
+        list[str] | None,
+        typer.Option("--fuse", help="shared-scale: regex whose first group names a fused module (repeatable)."),
+    ] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard.")] = "5GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a quantized checkpoint: fnuz (ROCm), shared-scale (fused FP8), pack (int8 -> int32), dequantize."""
+    from qconvert.errors import BadInputError
+    from qconvert.pipeline import ConvertRequest
+    from qconvert.pipeline import convert as run
+    from qconvert.units import DEFAULT_FUSED_PATTERNS
+    from qconvert.writing import parse_size
+
+    dtypes = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+              "fp32": "float32", "float32": "float32"}
+    if dtype and dtype not in dtypes:
+        raise BadInputError(f"--dtype {dtype!r}: choose from bf16, fp16, fp32")
+    import torch
+
+    request = ConvertRequest(
+        model=model, op=op, output=output,
+        fused_patterns=_fuse_patterns(fuse) if fuse else list(DEFAULT_FUSED_PATTERNS),
+        dtype=getattr(torch, dtypes[dtype]) if dtype else (torch.bfloat16 if op == "dequantize" else None),
+        max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision,
+        show_progress=not quiet and not as_json,
+    )
+    summary = run(request, lambda message: None if quiet else err.print(message, markup=False))
+    if as_json:
+        _emit_json(summary)
+        return
+    out.print(f"wrote {summary['output']}: --op {op} on {len(summary['converted'])} layers, "
+              f"{_human_bytes(summary['bytes_before'])} -> {_human_bytes(summary['bytes_after'])}, "
+              f"{summary['seconds']:.1f} s", markup=False)
 
 
 @app.command("inspect")

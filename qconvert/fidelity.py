@@ -33,16 +33,18 @@ SENTENCES = [
 
 def embedding_fidelity(original: str, quantized: str, sentences: list[str] | None = None) -> float:
     """Mean cosine similarity between the two models' sentence embeddings (1.0 is identical)."""
+    import json
+    from pathlib import Path
+
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers import CompressedTensorsConfig
 
     sentences = sentences or SENTENCES
     reference = SentenceTransformer(original, device="cpu")
-    candidate = SentenceTransformer(
-        quantized, device="cpu",
-        model_kwargs={"quantization_config": CompressedTensorsConfig(dequantize=True)},
-    )
+    quantized_config = json.loads((Path(quantized) / "config.json").read_text()).get("quantization_config")
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if quantized_config else {}
+    candidate = SentenceTransformer(quantized, device="cpu", model_kwargs=kwargs)
     a = reference.encode(sentences, convert_to_tensor=True)
     b = candidate.encode(sentences, convert_to_tensor=True)
     return float(torch.nn.functional.cosine_similarity(a, b).mean())

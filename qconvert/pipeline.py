@@ -19,6 +19,7 @@ import torch
 
 from qconvert import __version__
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
+from qconvert.conversions import plan_conversion
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.planning import Plan, make_plan
@@ -26,7 +27,7 @@ from qconvert.progress import Progress
 from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
 from qconvert.schemes import Scheme
 from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_layers
-from qconvert.units import DEFAULT_FUSED_PATTERNS, Unit, quantize_units, shared_tensor_scales
+from qconvert.units import DEFAULT_FUSED_PATTERNS, Unit, apply_fnuz, quantize_units, shared_tensor_scales
 from qconvert.writing import (
     OutputFolder,
     check_output_location,
@@ -54,6 +55,7 @@ class QuantizeRequest:
     revision: str | None = None
     dry_run: bool = False
     allow_requantize: bool = False
+    fnuz: bool = False
     show_progress: bool = True
 
 
@@ -88,11 +90,44 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
         if not request.dry_run:
             shared = shared_tensor_scales(plan, partial(load_weight, view, stored, reader), request.fused_patterns)
             units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize)
+    if request.fnuz:
+        units = apply_fnuz(units)
     if request.dry_run:
         return summarize(checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True)
     shards = write_checkpoint(checkpoint, units, target, config, request.max_shard_bytes,
                               request.show_progress, notice)
     return summarize(checkpoint, units, target, shards, time.perf_counter() - started, plan=plan)
+
+
+@dataclass
+class ConvertRequest:
+    model: str
+    op: str
+    output: Path | None = None
+    fused_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_FUSED_PATTERNS))
+    dtype: torch.dtype | None = None
+    max_shard_bytes: int = 5 * 10**9
+    overwrite: bool = False
+    revision: str | None = None
+    show_progress: bool = True
+
+
+def convert(request: ConvertRequest, notice: Notice) -> dict:
+    started = time.perf_counter()
+    source = resolve_source(request.model, request.revision)
+    target = (request.output or default_output(request.model, source, request.op)).expanduser()
+    check_output_location(source, target, request.overwrite)
+    checkpoint = open_checkpoint(source)
+    with TensorReader() as reader:
+        layers = stored_layers(checkpoint, reader)
+        plan = plan_conversion(request.op, checkpoint.tensors, layers, checkpoint.config or {}, reader,
+                               request.fused_patterns, request.dtype)
+    for note in plan.notes:
+        notice(note)
+    shards = write_checkpoint(checkpoint, plan.units, target, plan.config, request.max_shard_bytes,
+                              request.show_progress, notice)
+    return summarize(checkpoint, plan.units, target, shards, time.perf_counter() - started, op=request.op,
+                     converted=plan.converted)
 
 
 def load_weight(view: dict[str, TensorInfo], stored: dict[str, StoredLayer], reader: TensorReader,

@@ -167,12 +167,14 @@ def dequantize_tiles(values: torch.Tensor, scales: torch.Tensor, tile: tuple[int
 def e4m3fn_to_e4m3fnuz(values: torch.Tensor) -> torch.Tensor:
     """Same bits reinterpreted as e4m3fnuz (a new tensor; the input is never modified).
 
-    0x80 is -0 in e4m3fn but NaN in e4m3fnuz, so it becomes 0. Every code's value halves, which the
-    caller compensates by doubling the scales.
+    0x80 is -0 in e4m3fn but NaN in e4m3fnuz, so it becomes 0; e4m3fn's NaNs (0x7F, 0xFF) would read
+    as ±240 in e4m3fnuz, so they become its NaN, 0x80. Every other code's value halves, which the
+    caller compensates by doubling the scales: then all 256 codes dequantize as before.
     """
-    bits = values.view(torch.int8).clone()
-    bits[bits == -128] = 0
-    return bits.view(torch.float8_e4m3fnuz)
+    bits = values.view(torch.uint8)
+    converted = torch.where(bits == 0x80, 0, bits)
+    converted = torch.where((bits & 0x7F) == 0x7F, 0x80, converted).to(torch.uint8)
+    return converted.view(torch.float8_e4m3fnuz)
 
 
 def packed_columns(in_features: int, num_bits: int) -> int:

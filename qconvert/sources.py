@@ -70,18 +70,23 @@ class StoredLayer:
                 and same_tile and self.values.dtype != torch.float8_e4m3fnuz)
 
 
-def _group_args(config: dict, module: str) -> dict | None:
-    """The ``weights`` args of the compressed-tensors config group that targets ``module``."""
-    qconfig = config.get("quantization_config") or {}
+def config_group(config: dict | None, module: str) -> dict | None:
+    """The compressed-tensors config group that targets ``module`` (by name first, then by class)."""
+    qconfig = (config or {}).get("quantization_config") or {}
     groups = list((qconfig.get("config_groups") or {}).values())
     for group in groups:
         targets = group.get("targets") or []
         if any(t == module or (t.startswith("re:") and re.match(t[3:], module)) for t in targets):
-            return group.get("weights")
+            return group
     for group in groups:  # class-name targets ("Linear") cover every remaining layer
         if any(not t.startswith("re:") and "." not in t for t in group.get("targets") or []):
-            return group.get("weights")
+            return group
     return None
+
+
+def _group_args(config: dict, module: str) -> dict | None:
+    group = config_group(config, module)
+    return group.get("weights") if group else None
 
 
 def _strategy_and_tile(shape: tuple[int, int], scale: TensorInfo, args: dict | None,

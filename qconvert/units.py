@@ -207,3 +207,38 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: str,
         notes.append(f"note: dropping {len(dropped)} static activation scales (e.g. {dropped[0]}): the output "
                      "schemes quantize activations dynamically")
     return units, notes
+
+
+def apply_fnuz(units: list[Unit]) -> list[Unit]:
+    """``--fnuz``: every e4m3fn weight written as e4m3fnuz, and its layer's scale doubled, so each code
+    dequantizes as before. Works on each tensor alone, so copied layers stay copies in spirit."""
+    from qconvert.conversions import fnuz_values
+
+    fp8_modules = {spec.name.removesuffix(".weight") for unit in units for spec in unit.outputs
+                   if spec.dtype == torch.float8_e4m3fn and spec.name.endswith(".weight")}
+    if not fp8_modules:
+        return units
+
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        module, _, leaf = name.rpartition(".")
+        if module not in fp8_modules:
+            return tensor
+        if leaf == "weight":
+            return fnuz_values(tensor)
+        return tensor * 2 if leaf in ("weight_scale", "weight_scale_inv") else tensor
+
+    result = []
+    for unit in units:
+        touched = [s for s in unit.outputs if s.name.rpartition(".")[0] in fp8_modules]
+        if not touched:
+            result.append(unit)
+            continue
+        outputs = [TensorSpec(s.name, torch.float8_e4m3fnuz if s.dtype == torch.float8_e4m3fn else s.dtype, s.shape)
+                   for s in unit.outputs]
+        inner = unit.produce or (lambda tensors, name=unit.outputs[0].name: {name: tensors[0]})
+
+        def produce(tensors: list[torch.Tensor], inner=inner) -> dict[str, torch.Tensor]:
+            return {name: transform(name, tensor) for name, tensor in inner(tensors).items()}
+
+        result.append(Unit(unit.inputs, outputs, produce, unit.layer, unit.notes))
+    return result
