@@ -11,13 +11,7 @@ import torch
 
 from qconvert import __version__
 from qconvert.errors import BadInputError
-from qconvert.quantizers import (
-    packed_columns,
-    quantize_and_pack_symmetric,
-    quantize_tiles,
-    scale_divisor,
-    tile_scales,
-)
+from qconvert.quantizers import packed_columns, quantize_and_pack_symmetric, quantize_tiled
 from qconvert.safetensors_io import TensorSpec
 from qconvert.schemes import Scheme
 
@@ -70,10 +64,7 @@ def compress_weight(name: str, weight: torch.Tensor, scheme: Scheme, layout: str
             f"{prefix}.weight_scale": scales,
             f"{prefix}.weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
         }
-    tile = scheme.tile(tuple(weight.shape))
-    scales = tile_scales(weight, tile, scale_divisor(scheme.kind, scheme.num_bits)) if scale is None else scale
-    scales = scales.to(weight.dtype).reshape(-(-weight.shape[0] // tile[0]), -(-weight.shape[1] // tile[1]))
-    values = quantize_tiles(weight, scales, tile, scheme.kind, scheme.num_bits)
+    values, scales = quantize_tiled(weight, scheme.tile(tuple(weight.shape)), scheme.kind, scheme.num_bits, scale)
     stored_scale = scales.reshape(scale_shape(tuple(weight.shape), scheme))
     if layout == "sglang":
         return {name: values, f"{prefix}.weight_scale_inv": stored_scale.to(torch.float32)}

@@ -28,6 +28,7 @@ __all__ = [
     "packed_columns",
     "quantize_and_pack_symmetric",
     "quantize_symmetric_int",
+    "quantize_tiled",
     "quantize_tiles",
     "scale_divisor",
     "symmetric_int_scales",
@@ -151,6 +152,43 @@ def quantize_tiles(weight: torch.Tensor, scales: torch.Tensor, tile: tuple[int, 
         qmin, qmax = int_range(num_bits)
         q = q.clamp_(qmin, qmax).round_().to(torch.int8)
     return q.reshape(tiles.shape[0] * tile[0], tiles.shape[2] * tile[1])[:out_features, :in_features].contiguous()
+
+
+def quantize_tiled(weight: torch.Tensor, tile: tuple[int, int], kind: str, num_bits: int = 8,
+                   scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, scales [R, C])``: :func:`tile_scales` then :func:`quantize_tiles`, run over bands of
+    whole tile rows so that temporaries stay small; bit-identical to the unbanded pair.
+
+    ``scale`` (one value) forces a single scale on the whole weight: a per-tensor scale shared by the
+    parts of a fused module. A per-tensor tile is handled the same way, its scale found first.
+    """
+    out_features, in_features = weight.shape
+    th, tw = tile
+    per_tensor = (th, tw) == (out_features, in_features)
+    stored = torch.float8_e4m3fn if kind == "float" else torch.int8
+    values = torch.empty(weight.shape, dtype=stored, device=weight.device)
+    band_rows = max(1, (1 << 20) // max(1, in_features))
+    if per_tensor or scale is not None:
+        if scale is None:
+            amax = max((weight[r : r + band_rows].abs().amax().to(torch.float32)
+                        for r in range(0, out_features, band_rows)), default=torch.tensor(0.0))
+            scale = (amax / scale_divisor(kind, num_bits)).to(weight.dtype)
+            scale = scale.masked_fill(scale == 0, torch.finfo(weight.dtype).eps)
+        scale = scale.to(weight.dtype).reshape(1, 1)
+        for r in range(0, out_features, band_rows):
+            band = weight[r : r + band_rows]
+            values[r : r + band_rows] = quantize_tiles(band, scale, tuple(band.shape), kind, num_bits)
+        return values, scale
+    rows, cols = -(-out_features // th), -(-in_features // tw)
+    scales = torch.empty(rows, cols, dtype=weight.dtype, device=weight.device)
+    step = max(1, band_rows // th)
+    for first in range(0, rows, step):
+        last = min(rows, first + step)
+        band = weight[first * th : last * th]
+        band_scales = tile_scales(band, tile, scale_divisor(kind, num_bits))
+        scales[first:last] = band_scales
+        values[first * th : last * th] = quantize_tiles(band, band_scales, tile, kind, num_bits)
+    return values, scales
 
 
 def dequantize_tiles(values: torch.Tensor, scales: torch.Tensor, tile: tuple[int, int],

@@ -178,12 +178,21 @@ def rebuild_weight(layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torc
         values = unpack_int32(tensors["weight_packed"], layer.num_bits, layer.shape[1])
     else:
         values = tensors["weight"]
-    rows = -(-layer.shape[0] // layer.tile[0])
-    cols = -(-layer.shape[1] // layer.tile[1])
+    th, tw = layer.tile
+    rows, cols = -(-layer.shape[0] // th), -(-layer.shape[1] // tw)
     if scale.numel() != rows * cols:
         raise BadInputError(f"{layer.scale.file.name}: {layer.module} has {scale.numel()} scales; its "
                             f"{layer.strategy} layout needs {rows}x{cols}")
-    return dequantize_tiles(values, scale.reshape(rows, cols), layer.tile, layer.dtype)
+    scale = scale.reshape(rows, cols)
+    weight = torch.empty(layer.shape, dtype=layer.dtype, device=values.device)
+    # Bands of whole tile rows keep the (often float32) intermediates small: memory stays near the
+    # size of the weight itself rather than several float32 copies of it.
+    tiles_per_band = max(1, (1 << 20) // (th * layer.shape[1]))
+    for first in range(0, rows, tiles_per_band):
+        last = min(rows, first + tiles_per_band)
+        weight[first * th : last * th] = dequantize_tiles(
+            values[first * th : last * th], scale[first:last], layer.tile, layer.dtype)
+    return weight
 
 
 def logical_view(checkpoint: Checkpoint, layers: dict[str, StoredLayer]) -> dict[str, TensorInfo]:

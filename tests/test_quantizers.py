@@ -13,11 +13,17 @@ from hypothesis import strategies as st
 
 from qconvert.quantizers import (
     dequantize_int,
+    dequantize_tiles,
     int_range,
     pack_int32,
     quantize_and_pack_symmetric,
     quantize_symmetric_int,
+    quantize_tiled,
+    quantize_tiles,
+    scale_divisor,
     symmetric_int_scales,
+    tile_scales,
+    tile_shape,
     unpack_int32,
 )
 
@@ -129,3 +135,30 @@ def test_quantizers_run_on_any_device_tensor_meta() -> None:
     packed, scales = quantize_and_pack_symmetric(w, 4, 128)
     assert packed.shape == (64, 32) and packed.dtype == torch.int32 and packed.device.type == "meta"
     assert scales.shape == (64, 2) and scales.dtype == torch.bfloat16
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["int", "float"]),
+    strategy=st.sampled_from(["block", "channel", "tensor"]),
+    out=st.integers(1, 300),
+    inp=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31),
+)
+def test_banded_tiled_quantization_equals_the_plain_pair(
+    kind: str, strategy: str, out: int, inp: int, dtype: torch.dtype, seed: int
+) -> None:
+    w = _weight(seed, out, inp, dtype, zero_rows=min(out, 3))
+    tile = tile_shape((out, inp), strategy, block=(128, 128))
+    scales = tile_scales(w, tile, scale_divisor(kind, 8))
+    values = quantize_tiles(w, scales, tile, kind, 8)
+    banded_values, banded_scales = quantize_tiled(w, tile, kind, 8)
+    assert torch.equal(banded_scales.reshape(scales.shape), scales)
+    assert torch.equal(banded_values.view(torch.int8), values.view(torch.int8))
+    args = QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy=strategy,
+                            **({"block_structure": [128, 128]} if strategy == "block" else {}))
+    reference = quantize(w, scales.reshape(1) if strategy == "tensor" else scales, None, args, dtype=values.dtype)
+    assert torch.equal(reference.view(torch.int8), values.view(torch.int8))
+    assert torch.equal(dequantize_tiles(values, scales, tile),
+                       dequantize(values, scales.reshape(1) if strategy == "tensor" else scales, None, args))
