@@ -167,7 +167,7 @@ def main() -> None:
     print(f"checkpoint: {size / 1e9:.2f} GB bf16, 4 shards; {platform.node()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, median of {args.repeats}")
     print()
-    print("| tool | time (s) | peak RSS (MB) | speed-up vs model_free_ptq |")
+    print("| tool | time (s) | peak RSS (MiB) | speed-up vs model_free_ptq |")
     print("| --- | --- | --- | --- |")
     print(f"| `cp -r` + sync | {med['cp']:.2f} | – | {med['llmc'] / med['cp']:.1f}x |")
     print(f"| llm-compressor model_free_ptq, whole process | {med['llmc']:.2f} | {rss['llmc']:.0f} | 1.0x |")
@@ -175,7 +175,7 @@ def main() -> None:
           f"| {med['llmc'] / med['qconvert']:.2f}x |")
     print()
     print(f"outputs bit-identical to model_free_ptq: {'yes' if identical else 'NO'} ({count} tensors compared)")
-    print(f"all runs (s, MB): {json.dumps({k: [(round(s, 2), round(r)) for s, r in v] for k, v in results.items()})}")
+    print(f"all runs (s, MiB): {json.dumps({k: [(round(s, 2), round(r)) for s, r in v] for k, v in results.items()})}")
 
 
 if __name__ == "__main__":

@@ -86,12 +86,12 @@ def main() -> None:
     rss = max(r for _, r in runs["qconvert"])
     print(f"DeepSeek-style FP8 checkpoint: {size / 1e9:.2f} GB, 4 shards; median of {args.repeats}")
     print()
-    print("| run | time (s) | peak RSS (MB) |")
+    print("| run | time (s) | peak RSS (MiB) |")
     print("| --- | --- | --- |")
     print(f"| `cp -r` + sync of the FP8 checkpoint | {cp_s:.2f} | – |")
     print(f"| qconvert quantize FP8 --scheme int8-block, whole process | {q_s:.2f} | {rss:.0f} |")
     print()
-    print(f"all runs (s, MB): {json.dumps({k: [(round(s, 2), round(r)) for s, r in v] for k, v in runs.items()})}")
+    print(f"all runs (s, MiB): {json.dumps({k: [(round(s, 2), round(r)) for s, r in v] for k, v in runs.items()})}")
 
 
 if __name__ == "__main__":
