@@ -123,7 +123,11 @@ def test_float_inputs_are_requantized(tiny_llama: Path, tmp_path: Path) -> None:
 def test_inspect_names_each_input_format(tiny_llama: Path, deepseek_fp8: Path, tmp_path: Path) -> None:
     assert run_cli("quantize", tiny_llama, "-s", "int8-block", "--layout", "sglang", "-o", tmp_path / "sgl").code == 0
     assert run_cli("quantize", tiny_llama, "-s", "w8a8-int8", "-o", tmp_path / "w8a8").code == 0
+    assert run_cli("quantize", tiny_llama, "-s", "fp8-block", "--fnuz", "-o", tmp_path / "fnuz").code == 0
+    assert run_cli("quantize", tiny_llama, "-s", "rtn4", "--group-size", "64", "-o", tmp_path / "rtn4").code == 0
     expected = {
+        tmp_path / "fnuz": ("compressed-tensors float-quantized (e4m3fnuz)", "fp8 e4m3fnuz block 128x128"),
+        tmp_path / "rtn4": ("compressed-tensors pack-quantized", "int4 g64"),
         tiny_llama: ("bf16 (unquantized)", None),
         deepseek_fp8: ("DeepSeek-style FP8", "fp8 block 128x128"),
         tmp_path / "sgl": ("SGLang blockwise_int8", "int8 block 128x128"),
