@@ -37,11 +37,6 @@ class ConversionPlan:
     converted: list[str] = field(default_factory=list)  # modules changed by the op
 
 
-def fnuz_values(values: torch.Tensor) -> torch.Tensor:
-    """e4m3fnuz values that, with the scale doubled, dequantize exactly as the e4m3fn ones did."""
-    return e4m3fn_to_e4m3fnuz(values)
-
-
 def _zero_scales(reader: TensorReader, layers: dict[str, StoredLayer], tensors: dict[str, TensorInfo]) -> set[str]:
     """Static activation scales that are entirely zero (uncalibrated), by tensor name."""
     zero = set()
@@ -103,7 +98,7 @@ def _fnuz(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str
 
         def convert(ts: dict[str, torch.Tensor], v=values.name, s=scale.name,
                     i=input_scale.name if input_scale else None) -> dict[str, torch.Tensor]:
-            result = {v: fnuz_values(ts[v]), s: ts[s] * 2}
+            result = {v: e4m3fn_to_e4m3fnuz(ts[v]), s: ts[s] * 2}
             if i is not None:
                 result[i] = ts[i] * 2
             return result

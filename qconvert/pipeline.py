@@ -80,6 +80,8 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
         plan = make_plan(replace(checkpoint, tensors=view), request.scheme, request.ignore, request.targets,
                          request.overrides)
         config = quantization_config(plan.schemes_by_module, plan.ignore, request.layout)
+        # Units are built first without shared scales, so that a refusal (--allow-requantize) comes
+        # before the pre-pass reads every fused tensor; building them again later costs no I/O.
         units, notes = quantize_units(view, plan, request.layout, stored, {}, request.allow_requantize)
         _report_skips(plan, notice)
         if stored:

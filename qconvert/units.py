@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from qconvert.errors import BadInputError
 from qconvert.format import compress_weight, output_specs
 from qconvert.planning import Plan, module_of
-from qconvert.quantizers import scale_divisor
+from qconvert.quantizers import e4m3fn_to_e4m3fnuz, scale_divisor
 from qconvert.safetensors_io import TensorInfo, TensorSpec
 from qconvert.schemes import Scheme
 from qconvert.sources import ACTIVATION_LEAVES, StoredLayer, rebuild_weight
@@ -40,7 +40,6 @@ class Unit:
     outputs: list[TensorSpec]
     produce: Produce | None = None  # None: copy inputs[0]'s bytes to outputs[0]
     layer: dict | None = None  # the per-layer line of the summary, for units that quantize a layer
-    notes: list[str] = field(default_factory=list)
 
     @property
     def input_bytes(self) -> int:
@@ -212,8 +211,6 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: str,
 def apply_fnuz(units: list[Unit]) -> list[Unit]:
     """``--fnuz``: every e4m3fn weight written as e4m3fnuz, and its layer's scale doubled, so each code
     dequantizes as before. Works on each tensor alone, so copied layers stay copies in spirit."""
-    from qconvert.conversions import fnuz_values
-
     fp8_modules = {spec.name.removesuffix(".weight") for unit in units for spec in unit.outputs
                    if spec.dtype == torch.float8_e4m3fn and spec.name.endswith(".weight")}
     if not fp8_modules:
@@ -224,7 +221,7 @@ def apply_fnuz(units: list[Unit]) -> list[Unit]:
         if module not in fp8_modules:
             return tensor
         if leaf == "weight":
-            return fnuz_values(tensor)
+            return e4m3fn_to_e4m3fnuz(tensor)
         return tensor * 2 if leaf in ("weight_scale", "weight_scale_inv") else tensor
 
     result = []
@@ -240,5 +237,5 @@ def apply_fnuz(units: list[Unit]) -> list[Unit]:
         def produce(tensors: list[torch.Tensor], inner=inner) -> dict[str, torch.Tensor]:
             return {name: transform(name, tensor) for name, tensor in inner(tensors).items()}
 
-        result.append(Unit(unit.inputs, outputs, produce, unit.layer, unit.notes))
+        result.append(Unit(unit.inputs, outputs, produce, unit.layer))
     return result
