@@ -119,7 +119,8 @@ def inspect_checkpoint(checkpoint: Checkpoint) -> dict:
     quantized = [layer for layer in layers if layer.quantized]
     q_params = sum(layer.params for layer in quantized)
     params = sum(layer.params for layer in layers)
-    other = [t for t in checkpoint.tensors.values() if _split(t.name)[0] not in {lay.module for lay in layers}]
+    layer_modules = {layer.module for layer in layers}
+    other = [t for t in checkpoint.tensors.values() if _split(t.name)[0] not in layer_modules]
     return {
         "path": str(checkpoint.root),
         "format": checkpoint_format(checkpoint, layers),
