@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from qconvert.errors import BadInputError
@@ -41,6 +42,7 @@ class Checkpoint:
     def tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @cached_property
     def other_files(self) -> list[Path]:
         """Files (relative to root) that are not weights, the index or config.json: copied as they are."""
         skip = {p.relative_to(self.root) for p in self.weight_files + self.unindexed_weight_files}

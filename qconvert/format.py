@@ -56,7 +56,9 @@ def compress_weight(name: str, weight: torch.Tensor, scheme: Scheme, layout: str
     ``scale`` forces a given scale (a per-tensor scale shared by the parts of a fused module).
     """
     prefix = base_name(name)
-    if scheme.format == "pack-quantized" and scale is None:
+    if scheme.format == "pack-quantized":
+        if scale is not None:
+            raise ValueError(f"{scheme.name}: pack-quantized schemes compute their own group scales")
         group = -1 if scheme.strategy == "channel" else scheme.group_size
         packed, scales = quantize_and_pack_symmetric(weight, scheme.num_bits, group)
         return {

@@ -14,12 +14,10 @@ import torch
 
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
 from qconvert.safetensors_io import TensorInfo, TensorReader, read_header
-from qconvert.sources import StoredLayer, stored_layers
+from qconvert.sources import ACTIVATION_LEAVES, WEIGHT_LEAVES, StoredLayer, stored_layers
 
-_QUANT_SUFFIXES = (
-    "weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx",
-    "weight_scale_inv", "input_scale", "output_scale", "weight_global_scale", "input_global_scale",
-)
+# A layer's tensors: what sources.py reads, plus leaves of formats we only describe.
+_LAYER_LEAVES = (*WEIGHT_LEAVES, *ACTIVATION_LEAVES, "weight_g_idx", "weight_global_scale", "input_global_scale")
 _DTYPE_NAMES = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
     torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e4m3fnuz: "fp8_e4m3fnuz", torch.int8: "int8",
@@ -104,7 +102,7 @@ def inspect_checkpoint(checkpoint: Checkpoint) -> dict:
     modules: dict[str, dict[str, TensorInfo]] = {}
     for info in checkpoint.tensors.values():
         module, leaf = _split(info.name)
-        if leaf in _QUANT_SUFFIXES or leaf == "weight":
+        if leaf in _LAYER_LEAVES:
             modules.setdefault(module, {})[leaf] = info
     layers: list[LayerReport] = []
     with TensorReader() as reader:

@@ -156,7 +156,7 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
         notice(f"note: {path.name} is not in the index; it is not part of the model and is not copied")
     layout = layout_shards([unit.outputs for unit in units], max_shard_bytes)
     names = shard_names(len(layout))
-    other_files = checkpoint.other_files()
+    other_files = checkpoint.other_files
     copy_bytes = sum((checkpoint.root / rel).stat().st_size for rel in other_files)
     total = sum(unit.input_bytes for unit in units) + copy_bytes
 
@@ -284,7 +284,7 @@ def summarize(checkpoint: Checkpoint, units: list[Unit], target: Path | None, sh
         "output": str(target) if target else None,
         "dry_run": dry_run,
         "shards": shards,
-        "files_copied": [str(rel) for rel in checkpoint.other_files()],
+        "files_copied": [str(rel) for rel in checkpoint.other_files],
         "tensors": len(checkpoint.tensors),
         "quantized_layers": len(layers),
         "schemes": sorted({layer["scheme"] for layer in layers}),

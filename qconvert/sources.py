@@ -14,6 +14,7 @@ the scale's shape.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -96,7 +97,7 @@ def _strategy_and_tile(shape: tuple[int, int], scale: TensorInfo, args: dict | N
         strategy = args["strategy"]
         if strategy == "block":
             block = tuple(args.get("block_structure") or block or (128, 128))  # type: ignore[assignment]
-    elif math_prod(scale.shape) == 1:
+    elif math.prod(scale.shape) == 1:
         strategy = "tensor"
     elif scale.shape[0] == out_features and (len(scale.shape) == 1 or scale.shape[1] == 1):
         strategy = "channel"
@@ -111,13 +112,6 @@ def _strategy_and_tile(shape: tuple[int, int], scale: TensorInfo, args: dict | N
     if strategy == "group":
         return strategy, (1, in_features // scale.shape[-1])
     return strategy, tuple(block or (128, 128))  # type: ignore[return-value]
-
-
-def math_prod(shape: tuple[int, ...]) -> int:
-    result = 1
-    for d in shape:
-        result *= d
-    return result
 
 
 def stored_layers(checkpoint: Checkpoint, reader: TensorReader) -> dict[str, StoredLayer]:

@@ -17,7 +17,7 @@ import torch
 from qconvert.errors import BadInputError
 from qconvert.format import compress_weight, output_specs
 from qconvert.planning import Plan, module_of
-from qconvert.quantizers import e4m3fn_to_e4m3fnuz, scale_divisor
+from qconvert.quantizers import e4m3fn_to_e4m3fnuz, scale_divisor, scales_from_amax
 from qconvert.safetensors_io import TensorInfo, TensorSpec
 from qconvert.schemes import Scheme
 from qconvert.sources import ACTIVATION_LEAVES, StoredLayer, rebuild_weight
@@ -71,14 +71,20 @@ def require_finite(info: TensorInfo, weight: torch.Tensor, scales: torch.Tensor)
     )
 
 
+def checked_compress(source: TensorInfo, name: str, weight: torch.Tensor, scheme: Scheme, layout: str,
+                     scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """:func:`compress_weight`, refusing weights with NaN/Inf (named after the ``source`` tensor)."""
+    result = compress_weight(name, weight, scheme, layout, scale)
+    scales = next(t for n, t in result.items() if n.rpartition(".")[2].startswith("weight_scale"))
+    require_finite(source, weight, scales)
+    return result
+
+
 def quantize_unit(info: TensorInfo, scheme: Scheme, layout: str, scale: torch.Tensor | None = None) -> Unit:
     outputs = output_specs(info.name, info.shape, info.dtype, scheme, layout)
 
     def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        (weight,) = tensors
-        result = compress_weight(info.name, weight, scheme, layout, scale)
-        require_finite(info, weight, next(t for n, t in result.items() if "scale" in n.rsplit(".", 1)[-1]))
-        return result
+        return checked_compress(info, info.name, tensors[0], scheme, layout, scale)
 
     layer = layer_entry(module_of(info.name), scheme, info.shape, info.dtype, info.nbytes, outputs)
     return Unit([info], outputs, produce, layer)
@@ -118,8 +124,8 @@ def shared_tensor_scales(plan: Plan, load_weight: WeightLoader, patterns: list[s
             dtype = weight.dtype
             del weight
         scheme = shared[names[0]]
-        scale = (torch.stack(amaxes).max() / scale_divisor(scheme.kind, scheme.num_bits)).to(dtype).reshape(1, 1)
-        scale.masked_fill_(scale == 0, torch.finfo(dtype).eps)
+        scale = scales_from_amax(torch.stack(amaxes).max(), scale_divisor(scheme.kind, scheme.num_bits), dtype)
+        scale = scale.reshape(1, 1)
         scales.update(dict.fromkeys(names, scale))
     return scales
 
@@ -140,9 +146,7 @@ def requantize_unit(layer: StoredLayer, scheme: Scheme, layout: str, scale: torc
 
     def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         weight = rebuild_weight(layer, _stored_tensors(layer, tensors))
-        result = compress_weight(name, weight, scheme, layout, scale)
-        require_finite(layer.values, weight, next(t for n, t in result.items() if "scale" in n.rsplit(".", 1)[-1]))
-        return result
+        return checked_compress(layer.values, name, weight, scheme, layout, scale)
 
     before = sum(i.nbytes for i in inputs)
     return Unit(inputs, outputs, produce, layer_entry(layer.module, scheme, layer.shape, layer.dtype, before, outputs))

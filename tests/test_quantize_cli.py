@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qconvert.quantizers import dequantize_int, unpack_int32
+from qconvert.quantizers import dequantize_tiles, unpack_int32
 from tests.conftest import build_tiny_llama, read_config, run_cli, tree_digest
 
 
@@ -29,8 +29,8 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def _our_dequantized(tensors: dict[str, torch.Tensor], module: str, bits: int) -> torch.Tensor:
     packed, scale = tensors[f"{module}.weight_packed"], tensors[f"{module}.weight_scale"]
     _, in_features = tensors[f"{module}.weight_shape"].tolist()
-    group_size = -1 if scale.shape[1] == 1 else in_features // scale.shape[1]
-    return dequantize_int(unpack_int32(packed, bits, in_features), scale, group_size)
+    tile = (1, in_features // scale.shape[1])  # per channel: one group spanning the row
+    return dequantize_tiles(unpack_int32(packed, bits, in_features), scale, tile)
 
 
 def _load_with_compressed_tensors(folder: Path) -> torch.nn.Module:

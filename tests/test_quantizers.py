@@ -12,22 +12,37 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qconvert.quantizers import (
-    dequantize_int,
     dequantize_tiles,
     int_range,
     pack_int32,
     quantize_and_pack_symmetric,
-    quantize_symmetric_int,
     quantize_tiled,
     quantize_tiles,
     scale_divisor,
-    symmetric_int_scales,
     tile_scales,
     tile_shape,
     unpack_int32,
 )
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _group(weight: torch.Tensor, group_size: int) -> tuple[int, int]:
+    """The tile of one group (``-1``: a whole row)."""
+    return (1, weight.shape[1] if group_size == -1 else group_size)
+
+
+def symmetric_int_scales(weight: torch.Tensor, num_bits: int, group_size: int) -> torch.Tensor:
+    return tile_scales(weight, tile_shape(weight.shape, "group" if group_size != -1 else "channel", group_size),
+                       scale_divisor("int", num_bits))
+
+
+def quantize_symmetric_int(weight: torch.Tensor, scales: torch.Tensor, num_bits: int, group_size: int) -> torch.Tensor:
+    return quantize_tiles(weight, scales, _group(weight, group_size), "int", num_bits)
+
+
+def dequantize_int(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    return dequantize_tiles(codes, scales, _group(codes, group_size))
 
 
 def _args(bits: int, group_size: int) -> QuantizationArgs:
@@ -127,6 +142,8 @@ def test_rounding_is_half_to_even_after_division_in_weight_dtype() -> None:
 def test_groups_never_straddle_rows() -> None:
     with pytest.raises(ValueError, match="not a multiple of the group size"):
         symmetric_int_scales(torch.ones(4, 100), 4, 128)
+    with pytest.raises(ValueError, match="not a multiple of the group size"):
+        quantize_and_pack_symmetric(torch.ones(4, 100), 4, 128)
 
 
 def test_quantizers_run_on_any_device_tensor_meta() -> None:

@@ -14,7 +14,7 @@ from compressed_tensors.utils.match import is_match
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qconvert.quantizers import dequantize_int, dequantize_tiles, unpack_int32
+from qconvert.quantizers import dequantize_tiles, unpack_int32
 from tests.conftest import read_config, run_cli
 from tests.test_quantize_cli import _load_tensors, _load_with_compressed_tensors
 
@@ -43,8 +43,7 @@ def our_dequantize(tensors: dict[str, torch.Tensor], module: str) -> torch.Tenso
         packed, scale = tensors[f"{module}.weight_packed"], tensors[f"{module}.weight_scale"]
         _, in_features = tensors[f"{module}.weight_shape"].tolist()
         bits = 32 * packed.shape[1] // in_features if in_features % 8 == 0 else 4
-        group = -1 if scale.shape[1] == 1 else in_features // scale.shape[1]
-        return dequantize_int(unpack_int32(packed, bits, in_features), scale, group)
+        return dequantize_tiles(unpack_int32(packed, bits, in_features), scale, (1, in_features // scale.shape[1]))
     values, scale = tensors[f"{module}.weight"], tensors[f"{module}.weight_scale"]
     rows, cols = values.shape
     if scale.numel() == 1:
