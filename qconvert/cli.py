@@ -283,6 +283,82 @@ def inspect_cmd(
 
 
 @app.command()
+def verify(
+    path: Annotated[str, typer.Argument(help="Quantized checkpoint folder, or a hub id.")],
+    original: Annotated[
+        str | None, typer.Option("--original", help="The unquantized checkpoint: also check the stored weights.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cuda or cpu (default: cuda when a GPU is visible). "
+                                 "cpu runs the Triton kernels in the interpreter: small checkpoints only.")
+    ] = None,
+    tokens: Annotated[str, typer.Option("--tokens", help="Token counts (GEMM M) to run, comma-separated.")] = "1,16,128",
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="Only layers whose module name matches this regex (re.search).")
+    ] = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run each quantized layer's serving kernels on a GPU against dequantized references.
+
+    Exit 0 when every check passes, 1 when any fails, 2 for bad input.
+    """
+    from qconvert.verification import parse_tokens, resolve_device
+
+    token_counts = parse_tokens(tokens)
+    target = resolve_device(device)
+    if target.type == "cpu":
+        # Triton reads this when kernels are defined, so it must be set before they are imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from tqdm import tqdm
+
+    from qconvert.verification import verify as run_verify
+    from qconvert.verification import worst_first
+
+    bar = tqdm(desc="verify", unit="layer", disable=quiet or as_json or not sys.stderr.isatty(), leave=False)
+    report = run_verify(path, original, target, token_counts, layers, on_layer=lambda _: bar.update())
+    bar.close()
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        _print_verify(report, worst_first(report.layers))
+    if not report.ok:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_verify(report: object, ordered: object) -> None:
+    with_original = report.original is not None
+    table = Table(title=f"verify {report.path} on {report.device}, tokens {','.join(map(str, report.tokens))}")
+    for column in ("layer", "scheme", "kernel path", "kernel ratio", "rel err", "ok"):
+        table.add_column(column, justify="right" if column in ("kernel ratio", "rel err") else "left")
+    if with_original:
+        for column in ("weight SNR dB", "output SNR dB", "weight bound"):
+            table.add_column(column, justify="right")
+    for layer in ordered:
+        row = [layer.module, layer.scheme, layer.path, _fmt(layer.kernel_ratio, ".3f"),
+               _fmt(layer.kernel_rel_error, ".1e"), "PASS" if layer.ok else "FAIL"]
+        if with_original:
+            row += [_fmt(layer.weight_snr_db, ".1f"), _fmt(layer.output_snr_db, ".1f"),
+                    _fmt(layer.weight_bound_ratio, ".3f")]
+        table.add_row(*row)
+    out.print(table)
+    failed = [layer for layer in report.layers if not layer.ok]
+    for layer in failed:
+        why = "; ".join(layer.notes) or f"kernel ratio {layer.kernel_ratio:.3g} > 1"
+        out.print(f"FAIL {layer.module}: {why}")
+    summary = f"{len(report.layers) - len(failed)}/{len(report.layers)} layers pass"
+    if with_original and report.layers:
+        worst = min(report.layers, key=lambda layer: layer.output_snr_db)
+        summary += f"; worst output SNR {worst.output_snr_db:.1f} dB ({worst.module})"
+    out.print(summary)
+
+
+@app.command()
 def schemes(as_json: JsonOpt = False) -> None:
     """List the schemes and what each one writes."""
     from qconvert.schemes import SCHEMES

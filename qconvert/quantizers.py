@@ -18,12 +18,16 @@ import sys
 import torch
 
 __all__ = [
+    "ACTIVATION_INT8_DIVISOR",
     "FP8_E4M3_MAX",
+    "dequantize_activation_groups",
     "dequantize_tiles",
     "e4m3fn_to_e4m3fnuz",
+    "fake_quant_static_int8",
     "int_range",
     "pack_int32",
     "packed_columns",
+    "quantize_activation_groups",
     "quantize_and_pack_symmetric",
     "quantize_tiled",
     "quantize_tiles",
@@ -267,3 +271,50 @@ def unpack_int32(packed: torch.Tensor, num_bits: int, in_features: int) -> torch
         raw = torch.stack((raw & 0xF, raw >> 4), dim=-1).flatten(start_dim=1)
     values = raw[:, :in_features].to(torch.int16) - (1 << (num_bits - 1))
     return values.to(torch.int8)
+
+
+# Activations are quantized at run time by the serving kernels, which map amax onto 127 (not 127.5 as
+# the weight quantizers do) so that codes stay symmetric in [-127, 127], as vLLM's and SGLang's
+# per-token(-group) int8 quantizers do.
+ACTIVATION_INT8_DIVISOR = 127.0
+
+
+def quantize_activation_groups(x: torch.Tensor, group_size: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric quantization of activations ``[..., K]``, one float32 scale per row per
+    ``group_size`` channels (``group_size >= K``: one per row, i.e. per token).
+
+    float32 throughout: ``scale = amax / 127`` (int8) or ``amax / 448`` (fp8), a zero scale replaced by
+    float32's eps; ``q = round_half_even(clamp(x / scale))`` or the e4m3fn cast of the clamped
+    quotient. The last group of a row may be short (K not a multiple of the group). This is the
+    reference the Triton kernel in ``qconvert.kernels`` must match bit for bit.
+    """
+    k = x.shape[-1]
+    group_size = min(group_size, k)
+    rows = x.reshape(-1, k).to(torch.float32)
+    groups = -(-k // group_size)
+    padded = torch.nn.functional.pad(rows, (0, groups * group_size - k)).reshape(rows.shape[0], groups, group_size)
+    divisor = FP8_E4M3_MAX if kind == "float" else ACTIVATION_INT8_DIVISOR
+    scales = padded.abs().amax(dim=2) / divisor
+    scales = scales.masked_fill_(scales == 0, torch.finfo(torch.float32).eps)
+    q = padded / scales.unsqueeze(2)
+    if kind == "float":
+        values = q.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    else:
+        values = q.clamp_(-128, 127).round_().to(torch.int8)
+    values = values.reshape(rows.shape[0], groups * group_size)[:, :k].reshape(x.shape)
+    return values, scales.reshape(*x.shape[:-1], groups)
+
+
+def dequantize_activation_groups(values: torch.Tensor, scales: torch.Tensor, group_size: int,
+                                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``values * scale`` in float32 per row and group (see :func:`quantize_activation_groups`), as ``dtype``."""
+    k = values.shape[-1]
+    expanded = scales.to(torch.float32).repeat_interleave(min(group_size, k), dim=-1)[..., :k]
+    return (values.to(torch.float32) * expanded).to(dtype)
+
+
+def fake_quant_static_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor int8 quantize-dequantize in ``x``'s dtype (the wNa8o8 scheme's activation
+    arithmetic): ``clamp(round(x / s), -128, 127) * s`` with ``s`` cast to ``x``'s dtype first."""
+    scale = scale.to(x.dtype)
+    return torch.clamp(torch.round(x / scale), -128, 127) * scale

@@ -1,0 +1,203 @@
+"""Scaled GEMMs on int8 or fp8 operands: ``C = (A * sa) @ (B * sb)^T (+ bias)``.
+
+``A [M, K]`` are quantized activations with float32 scales per token, or per token per ``group_k``
+channels; ``B [N, K]`` are quantized weights with scales per tensor, per output channel or per
+``block_n x group_k`` block. One kernel serves all of them:
+
+* when any scale changes along K (the block schemes), each K step of ``group_k`` is an exact
+  int8 x int8 → int32 (or fp8 → fp32) dot, promoted to float32 and multiplied by that step's
+  activation and weight scales (the DeepSeek/Jetfire recipe);
+* otherwise the whole K accumulates in int32/float32 and the scales are applied once at the end.
+
+Rows, columns and K are masked (any M, N, K), the output dtype is the caller's, a bias is fused, and
+:func:`scaled_gemm_quant` quantizes the result per token per 128 channels inside the epilogue, so the
+full-precision output never reaches memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qconvert.kernels.configs import TileConfig, gemm_config
+from qconvert.kernels.rounding import cast_rne, round_half_even, round_to_e4m3, swizzle_tile
+
+_TL_OUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _scaled_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr,
+    M, N, K,
+    stride_am, stride_bn, stride_cm,
+    stride_asm, stride_ask, stride_bsn, stride_bsk, stride_csm,
+    B_SCALE_ROWS,
+    GROUP_K: tl.constexpr, IS_INT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QUANT_OUT: tl.constexpr, OUT_FP8: tl.constexpr, OUT_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None]
+    as_ptrs = as_ptr + offs_m * stride_asm
+    bs_ptrs = bs_ptr + (offs_n // B_SCALE_ROWS) * stride_bsn
+    if GROUP_K == 0 and IS_INT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IS_INT:
+            part = tl.dot(a, b, out_dtype=tl.int32)
+        else:
+            part = tl.dot(a, b, out_dtype=tl.float32)
+        if GROUP_K == 0:
+            acc += part
+        else:
+            group = k0 // GROUP_K
+            sa = tl.load(as_ptrs + group * stride_ask, mask=m_ok, other=0.0)
+            sb = tl.load(bs_ptrs + group * stride_bsk, mask=n_ok, other=0.0).to(tl.float32)
+            acc += part.to(tl.float32) * (sa[:, None] * sb[None, :])
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if GROUP_K == 0:
+        sa = tl.load(as_ptrs, mask=m_ok, other=0.0)
+        sb = tl.load(bs_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc.to(tl.float32) * (sa[:, None] * sb[None, :])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if QUANT_OUT:
+        # Columns past N hold exact zeros (masked operands, masked bias), so they never raise an amax.
+        groups: tl.constexpr = BLOCK_N // OUT_GROUP
+        tiles = tl.reshape(acc, (BLOCK_M, groups, OUT_GROUP))
+        if OUT_FP8:
+            scale = tl.math.div_rn(tl.max(tl.abs(tiles), axis=2), 448.0)
+        else:
+            scale = tl.math.div_rn(tl.max(tl.abs(tiles), axis=2), 127.0)
+        scale = tl.where(scale == 0.0, 1.1920928955078125e-07, scale)
+        q = tl.math.div_rn(tiles, tl.reshape(scale, (BLOCK_M, groups, 1)))
+        if OUT_FP8:
+            q = round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
+        else:
+            q = round_half_even(tl.minimum(tl.maximum(q, -128.0), 127.0))
+        tl.store(c_ptrs, tl.reshape(q, (BLOCK_M, BLOCK_N)).to(c_ptr.dtype.element_ty), mask=c_mask)
+        offs_g = pid_n * groups + tl.arange(0, groups)
+        tl.store(cs_ptr + offs_m[:, None] * stride_csm + offs_g[None, :], scale,
+                 mask=m_ok[:, None] & (offs_g[None, :] < tl.cdiv(N, OUT_GROUP)))
+    else:
+        tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _scale_layout(scales: torch.Tensor, rows: int, k_groups: int, what: str) -> tuple[torch.Tensor, int, int, int]:
+    """``(scales as float-contiguous 2-D, row stride, K-group stride, rows per scale row)``.
+
+    Accepts one scale (per tensor), one per row (``[rows, 1]``), one per row per K group
+    (``[rows, k_groups]``) or, for weights, one per 128-row block (``[ceil(rows/128), k_groups or 1]``).
+    """
+    s = scales.reshape(1, 1) if scales.numel() == 1 else scales.reshape(scales.shape[0], -1)
+    s = s.contiguous()
+    r, c = s.shape
+    if c not in (1, k_groups):
+        raise ValueError(f"{what} scales {list(scales.shape)}: {c} columns, expected 1 or {k_groups}")
+    col_stride = 0 if c == 1 else 1
+    if r == 1:
+        return s, 0, col_stride, 1
+    if r == rows:
+        return s, s.stride(0), col_stride, 1
+    if r == triton.cdiv(rows, 128):
+        return s, s.stride(0), col_stride, 128
+    raise ValueError(f"{what} scales {list(scales.shape)} do not fit {rows} rows")
+
+
+def _launch(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+            bias: torch.Tensor | None, out: torch.Tensor, out_scales: torch.Tensor | None, out_kind: str | None,
+            group_k: int, config: TileConfig | None) -> None:
+    m, k = a.shape
+    n = b.shape[0]
+    if a.dtype != b.dtype or a.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"operands must both be int8 or both float8_e4m3fn, not {a.dtype} and {b.dtype}")
+    if b.shape[1] != k:
+        raise ValueError(f"activations [{m}, {k}] and weight {list(b.shape)} disagree on K")
+    k_groups = triton.cdiv(k, group_k)
+    sa, asm, ask, _ = _scale_layout(a_scales.to(torch.float32), m, k_groups, "activation")
+    if sa.shape[0] == triton.cdiv(m, 128) and sa.shape[0] not in (1, m):
+        raise ValueError("activation scales are per row (token), not per block")
+    sb, bsn, bsk, b_rows = _scale_layout(b_scales, n, k_groups, "weight")
+    grouped = ask != 0 or bsk != 0
+    kernel = "int8" if a.dtype == torch.int8 else "fp8"
+    cfg = config or gemm_config(f"{kernel}-{'block' if grouped else 'channel'}", m, n, k, a.device)
+    block_k = min(cfg.block_k, group_k) if grouped else cfg.block_k
+    if grouped and group_k % block_k:
+        raise ValueError(f"BLOCK_K {block_k} must divide the scale group {group_k}")
+    block_n = cfg.block_n
+    if out_kind is not None:
+        block_n = max(128, block_n - block_n % 128)
+    if not (m and n):
+        return
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, block_n),)
+    _scaled_gemm_kernel[grid](
+        a, b, out, sa, sb, bias if bias is not None else sa, out_scales if out_scales is not None else sa,
+        m, n, k, a.stride(0), b.stride(0), out.stride(0), asm, ask, bsn, bsk,
+        out_scales.stride(0) if out_scales is not None else 0, b_rows,
+        GROUP_K=group_k if grouped else 0, IS_INT=a.dtype == torch.int8, EVEN_K=k % block_k == 0,
+        HAS_BIAS=bias is not None, QUANT_OUT=out_kind is not None, OUT_FP8=out_kind == "float", OUT_GROUP=128,
+        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _as_rows(a: torch.Tensor) -> torch.Tensor:
+    rows = a.reshape(-1, a.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def scaled_gemm(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, group_k: int = 128,
+                config: TileConfig | None = None) -> torch.Tensor:
+    """``(a * a_scales) @ (b * b_scales)^T + bias`` as ``out_dtype`` (bf16, fp16 or fp32).
+
+    ``a [..., K]`` int8 or fp8 with float32 scales ``[..., ceil(K/group_k)]`` or ``[..., 1]``; ``b [N, K]``
+    of the same dtype with scales ``[ceil(N/128), ceil(K/group_k)]`` (block), ``[N, 1]`` (channel) or one
+    value (tensor). fp16 output saturates as fp16 does (±inf past 65504); ask for bf16 or fp32 where
+    outputs can be that large.
+    """
+    if out_dtype not in _TL_OUT:
+        raise ValueError(f"out_dtype must be bf16, fp16 or fp32, not {out_dtype}")
+    rows = _as_rows(a)
+    out = torch.empty((rows.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
+    _launch(rows, a_scales.reshape(rows.shape[0], -1) if a_scales.numel() > 1 else a_scales, b.contiguous(),
+            b_scales, bias, out, None, None, group_k, config)
+    return out.reshape(*a.shape[:-1], b.shape[0])
+
+
+def scaled_gemm_quant(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                      bias: torch.Tensor | None = None, out_kind: str = "int", group_k: int = 128,
+                      config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scaled_gemm` whose output is quantized in the epilogue, per token per 128 channels, as
+    :func:`qconvert.kernels.quantize_activations` would quantize the float32 result: ``(codes [..., N],
+    float32 scales [..., ceil(N/128)])``, ready to feed the next layer's GEMM."""
+    rows = _as_rows(a)
+    m, n = rows.shape[0], b.shape[0]
+    stored = torch.float8_e4m3fn if out_kind == "float" else torch.int8
+    out = torch.empty((m, n), dtype=stored, device=a.device)
+    out_scales = torch.empty((m, triton.cdiv(n, 128)), dtype=torch.float32, device=a.device)
+    _launch(rows, a_scales.reshape(m, -1) if a_scales.numel() > 1 else a_scales, b.contiguous(), b_scales,
+            bias, out, out_scales, out_kind, group_k, config)
+    return out.reshape(*a.shape[:-1], n), out_scales.reshape(*a.shape[:-1], out_scales.shape[-1])
+
+
+__all__ = ["scaled_gemm", "scaled_gemm_quant"]

@@ -1,0 +1,67 @@
+"""Rounding helpers shared by the kernels, written so that the GPU and Triton's CPU interpreter agree
+with torch bit for bit.
+
+Two hardware/interpreter shortcuts are avoided on purpose:
+
+* ``libdevice.rint`` does not exist under ``TRITON_INTERPRET=1``; adding and subtracting 1.5 * 2**23
+  rounds a float32 half-to-even in any IEEE implementation (exact for |x| < 2**22, and every caller
+  has clamped first);
+* the interpreter's float32 → bfloat16 cast truncates (the GPU's rounds to nearest even), so
+  :func:`cast_rne` rounds to bfloat16 in integer arithmetic first;
+* the interpreter's float32 → float8 cast mis-rounds when the mantissa carries into the exponent
+  (1.94 → 1.0), so values are first rounded to the e4m3 grid in float32 arithmetic; the cast that
+  follows is then exact everywhere.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_ROUNDING_MAGIC = 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def round_half_even(x):
+    """Round float32 ``x`` (|x| < 2**22) to the nearest integer, ties to even, as torch.round does."""
+    return (x + _ROUNDING_MAGIC) - _ROUNDING_MAGIC
+
+
+@triton.jit
+def cast_rne(x, DTYPE: tl.constexpr):
+    """float32 ``x`` cast to ``DTYPE`` rounding to nearest even on every backend (torch's rounding)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """Round float32 ``x`` (already clamped to ±448) to the nearest float8 e4m3fn value, ties to even.
+
+    The spacing of e4m3 values is 2**(e - 3) for a number of binary exponent e >= -6 and 2**-9 below
+    (subnormals); dividing by a power of two is exact, so the magic-number rounding applies.
+    """
+    biased = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    step_biased = tl.maximum(biased, 127 - 6) - 3
+    step = (step_biased << 23).to(tl.float32, bitcast=True)
+    inverse_step = ((254 - step_biased) << 23).to(tl.float32, bitcast=True)
+    return round_half_even(x * inverse_step) * step
+
+
+@triton.jit
+def swizzle_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map a 1-D program id onto (tile row, tile column), walking GROUP_M tile rows down a column band
+    before moving right, so that consecutive programs share operand tiles in L2."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    return pid_m, pid_n
