@@ -292,7 +292,9 @@ def verify(
         str | None, typer.Option("--device", help="cuda or cpu (default: cuda when a GPU is visible). "
                                  "cpu runs the Triton kernels in the interpreter: small checkpoints only.")
     ] = None,
-    tokens: Annotated[str, typer.Option("--tokens", help="Token counts (GEMM M) to run, comma-separated.")] = "1,16,128",
+    tokens: Annotated[
+        str, typer.Option("--tokens", help="Token counts (GEMM M) to run, comma-separated.")
+    ] = "1,16,128",
     layers: Annotated[
         str | None, typer.Option("--layers", help="Only layers whose module name matches this regex (re.search).")
     ] = None,

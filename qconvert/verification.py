@@ -169,7 +169,7 @@ def kernel_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], config: di
     from qconvert import kernels
 
     ref_dtype = torch.float64 if device.type == "cpu" else torch.float32
-    n, k = layer.shape
+    k = layer.shape[1]
     scales = tensors.get("weight_scale", tensors.get("weight_scale_inv"))
     input_scale, output_scale = tensors.get("input_scale"), tensors.get("output_scale")
 

@@ -14,7 +14,36 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; it must be chosen before any
+# kernel is defined (at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parent.parent
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def poison_device_memory() -> None:
+    """Fill the CUDA caching allocator's free blocks with NaN, so that an output element a kernel
+    forgets to write shows up as NaN instead of a plausible stale value (no-op on the CPU)."""
+    if DEVICE.type != "cuda":
+        return
+    torch.cuda.synchronize()
+    free, _ = torch.cuda.mem_get_info()
+    large = [torch.full((64 << 20,), float("nan"), dtype=torch.float32, device=DEVICE)
+             for _ in range(min(8, max(1, free // (1 << 30))))]
+    # Allocations up to 1 MB come from a separate pool of small segments: poison those too.
+    small = [torch.full((128 << 10,), float("nan"), dtype=torch.float32, device=DEVICE) for _ in range(256)]
+    del large, small
 
 
 @dataclass

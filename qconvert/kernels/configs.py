@@ -60,7 +60,7 @@ def fallback(kernel: str, m: int, n: int, k: int) -> TileConfig:
     """
     weight_only = kernel in ("w4a16", "w8a16")
     if m <= 16:
-        return TileConfig(16, 32 if n <= 8192 else 64, 128 if weight_only else 128, 1, 4, 4)
+        return TileConfig(16, 32 if n <= 8192 else 64, 128, 1, 4, 4)
     if m <= 64:
         return TileConfig(32 if m <= 32 else 64, 64, 128, 8, 4, 4)
     if m <= 256:

@@ -103,10 +103,7 @@ def quantize_activations(x: torch.Tensor, group_size: int = 128, kind: str = "in
     scales = torch.empty((m, groups), dtype=torch.float32, device=x.device)
     block_g = min(triton.next_power_of_2(group), 1024)
     block_m = max(1, min(16, 4096 // block_g))
-    if static_scale is not None:
-        static = static_scale.reshape(1).to(device=x.device, dtype=torch.float32)
-    else:
-        static = scales
+    static = scales if static_scale is None else static_scale.reshape(1).to(device=x.device, dtype=torch.float32)
     qmin, qmax = (-FP8_E4M3_MAX, FP8_E4M3_MAX) if kind == "float" else int_range(8)
     grid = (triton.cdiv(m, block_m), groups)
     if m:
@@ -274,7 +271,8 @@ def _gelu_requant_kernel(q_ptr, s_ptr, y_ptr, t_ptr, M, N, GROUP, stride_q, stri
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], codes.to(tl.int8), mask=mask)
 
 
-def gelu_requant(values: torch.Tensor, scales: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def gelu_requant(values: torch.Tensor, scales: torch.Tensor,
+                 group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 activations in, GELU (erf form) applied in float32, int8 activations out, per token per
     ``group_size`` channels on both sides: the MLP's activation without a full-precision round trip."""
     q = _rows(values)

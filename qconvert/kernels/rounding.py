@@ -30,7 +30,7 @@ def round_half_even(x):
 @triton.jit
 def cast_rne(x, DTYPE: tl.constexpr):
     """float32 ``x`` cast to ``DTYPE`` rounding to nearest even on every backend (torch's rounding)."""
-    if DTYPE == tl.bfloat16:
+    if tl.bfloat16 == DTYPE:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
@@ -49,7 +49,9 @@ def round_to_e4m3(x):
     step_biased = tl.maximum(biased, 127 - 6) - 3
     step = (step_biased << 23).to(tl.float32, bitcast=True)
     inverse_step = ((254 - step_biased) << 23).to(tl.float32, bitcast=True)
-    return round_half_even(x * inverse_step) * step
+    # Rounding the magnitude and restoring the sign keeps -0 for tiny negatives, as the cast does.
+    magnitude = round_half_even(tl.abs(x) * inverse_step) * step
+    return tl.where(x < 0, -magnitude, magnitude)
 
 
 @triton.jit

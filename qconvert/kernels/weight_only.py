@@ -49,7 +49,7 @@ def _packed_gemm_kernel(
         scale = tl.load(s_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
         w = cast_rne(codes.to(tl.float32) * scale.to(tl.float32)[None, :], s_ptr.dtype.element_ty)
         w = w.to(x_ptr.dtype.element_ty)
-        if DOT_FP32:
+        if DOT_FP32:  # noqa: SIM108
             # Triton's CPU interpreter multiplies bf16 operands as their raw uint16 bits; the values
             # are exact in float32, so widening changes nothing but the interpreter's answer.
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
