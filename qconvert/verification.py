@@ -188,13 +188,13 @@ def kernel_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], config: di
                                       out_dtype=torch.float32)
             exact = True
             if input_scale is not None:
-                exact = torch.equal(x_in, fake_quant_static_int8(x, input_scale))
+                exact = torch.equal(x_in.cpu(), fake_quant_static_int8(x.cpu(), input_scale.cpu()))
             if output_scale is not None:
                 # The output fake-quant is checked bit for bit; the GEMM is compared before it, since
                 # requantizing would turn the GEMM's last-bit differences into whole steps.
                 y = out.to(x.dtype)
-                exact &= torch.equal(kernels.fake_quant_static_int8(y, output_scale),
-                                     fake_quant_static_int8(y, output_scale))
+                exact &= torch.equal(kernels.fake_quant_static_int8(y, output_scale).cpu(),
+                                     fake_quant_static_int8(y.cpu(), output_scale.cpu()))
             return KernelRun(out, x_in, None, k, exact, weight_ref, gamma)
 
         name = f"W{bits}A16 packed GEMM (Triton)" + (" + static int8 fake-quant (wNa8o8)" if wna8o8 else "")
@@ -224,17 +224,19 @@ def kernel_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], config: di
         if strategy == "static":
             static = input_scale.to(torch.float32).reshape(1)
             q, s = kernels.quantize_activations(x, kind=kind, static_scale=static)
-            ref_q = _static_reference(x, static, kind)
-            return q, s, torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+            ref_q = _static_reference(x.cpu(), static.cpu(), kind)
+            return q, s, torch.equal(q.view(torch.uint8).cpu(), ref_q.view(torch.uint8))
         if strategy == "tensor":
             amax = x.abs().amax().to(torch.float32)
             static = (amax / (FP8_E4M3_MAX if kind == "float" else 127.0)).clamp_min(torch.finfo(torch.float32).eps)
             q, s = kernels.quantize_activations(x, kind=kind, static_scale=static.reshape(1))
-            ref_q = _static_reference(x, static.reshape(1), kind)
-            return q, s, torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+            ref_q = _static_reference(x.cpu(), static.reshape(1).cpu(), kind)
+            return q, s, torch.equal(q.view(torch.uint8).cpu(), ref_q.view(torch.uint8))
         q, s = kernels.quantize_activations(x, act_group, kind)
-        ref_q, ref_s = quantize_activation_groups(x, act_group, kind)
-        return q, s, torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+        # The torch reference runs on the CPU: on CUDA, torch divides by a Python scalar as a multiply
+        # by its reciprocal, which is not the quantizer arithmetic the converter and readers use.
+        ref_q, ref_s = quantize_activation_groups(x.cpu(), act_group, kind)
+        return q, s, torch.equal(q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(s.cpu(), ref_s)
 
     grouped = layer.strategy == "block" or strategy == "group"
     use_scaled_mm = kind == "float" and not grouped

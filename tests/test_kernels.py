@@ -43,12 +43,14 @@ def test_activation_quant_is_bit_exact(kind: str, dtype: torch.dtype, shape: tup
     x[0, : min(128, shape[1])] = 0  # an all-zero group: a tiny scale, zeros, never NaN
     poison_device_memory()
     values, scales = kernels.quantize_activations(x, group, kind)
-    ref_values, ref_scales = Q.quantize_activation_groups(x, group, kind)
-    assert same_bits(values, ref_values)
-    assert torch.equal(scales, ref_scales)
+    # The reference runs on the CPU, as the converter does: torch on CUDA divides by a scalar as a
+    # multiplication by its reciprocal, which is not the converter's (or compressed-tensors') arithmetic.
+    ref_values, ref_scales = Q.quantize_activation_groups(x.cpu(), group, kind)
+    assert same_bits(values.cpu(), ref_values)
+    assert torch.equal(scales.cpu(), ref_scales)
     assert torch.isfinite(scales).all() and (scales > 0).all()
     back = kernels.dequantize_activations(values, scales, group, torch.float32)
-    assert torch.equal(back, Q.dequantize_activation_groups(ref_values, ref_scales, group))
+    assert torch.equal(back.cpu(), Q.dequantize_activation_groups(ref_values, ref_scales, group))
 
 
 @pytest.mark.parametrize("kind", ["int", "float"])
@@ -56,9 +58,9 @@ def test_activation_quant_static_scale(kind: str) -> None:
     x = randn(9, 300, scale=2.0)
     scale = torch.tensor([0.01], device=DEVICE)
     values, scales = kernels.quantize_activations(x, kind=kind, static_scale=scale)
-    q = x.float() / scale
+    q = x.cpu().float() / scale.cpu()
     ref = (q.clamp(-448, 448).to(torch.float8_e4m3fn) if kind == "float" else q.clamp(-128, 127).round().to(torch.int8))
-    assert same_bits(values, ref)
+    assert same_bits(values.cpu(), ref)
     assert torch.equal(scales.reshape(-1), scale.expand(9))
 
 
@@ -80,8 +82,8 @@ def test_seed_defect_clamp_and_zero_blocks_in_weight_quant() -> None:
     assert values[0, 0].item() == 127
     assert torch.isfinite(scales.float()).all() and (scales.float() > 0).all()
     assert scales[0, 1].item() == torch.finfo(torch.bfloat16).eps and (values[:128, 128:] == 0).all()
-    ref_values, ref_scales = Q.quantize_tiled(w, (128, 128), "int")
-    assert same_bits(values, ref_values) and torch.equal(scales, ref_scales)
+    ref_values, ref_scales = Q.quantize_tiled(w.cpu(), (128, 128), "int")
+    assert same_bits(values.cpu(), ref_values) and torch.equal(scales.cpu(), ref_scales)
 
 
 WEIGHT_SHAPES = [(128, 128), (300, 200), (256, 384), (130, 1000)] + ([(4096, 4096), (28672, 4096)] if GPU else [])
@@ -96,11 +98,11 @@ def test_weight_block_quant_matches_converter(kind: str, dtype: torch.dtype, sha
     w[-1, -1] = 7.5  # one outlier block
     poison_device_memory()
     values, scales = kernels.quantize_weight_blocks(w, (128, 128), kind)
-    ref_values, ref_scales = Q.quantize_tiled(w, (128, 128), kind)
-    assert same_bits(values, ref_values)
-    assert torch.equal(scales, ref_scales)
+    ref_values, ref_scales = Q.quantize_tiled(w.cpu(), (128, 128), kind)  # CPU: see above
+    assert same_bits(values.cpu(), ref_values)
+    assert torch.equal(scales.cpu(), ref_scales)
     back = kernels.dequantize_weight_blocks(values, scales, (128, 128))
-    assert torch.equal(back, Q.dequantize_tiles(ref_values, ref_scales, (128, 128)))
+    assert torch.equal(back.cpu(), Q.dequantize_tiles(ref_values, ref_scales, (128, 128)))
 
 
 def test_fake_quant_static_int8_is_bit_exact() -> None:
@@ -108,7 +110,8 @@ def test_fake_quant_static_int8_is_bit_exact() -> None:
         x = randn(33, 257, dtype=dtype, scale=4.0)
         x[0, 0] = 1e4  # clamps
         scale = torch.tensor([0.03], device=DEVICE)
-        assert torch.equal(kernels.fake_quant_static_int8(x, scale), Q.fake_quant_static_int8(x, scale))
+        expected = Q.fake_quant_static_int8(x.cpu(), scale.cpu())
+        assert torch.equal(kernels.fake_quant_static_int8(x, scale).cpu(), expected)
 
 
 def test_e4m3fnuz_read_back_exactly() -> None:
@@ -219,18 +222,19 @@ def test_gemm_quant_fuses_the_output_quantization(kind: str) -> None:
     bias = randn(n, seed=7)
     codes, scales = kernels.scaled_gemm_quant(a_values, a_scales, b_values, b_scales, bias=bias, out_kind=kind)
     full = kernels.scaled_gemm(a_values, a_scales, b_values, b_scales, bias=bias, out_dtype=torch.float32)
-    ref_codes, ref_scales = Q.quantize_activation_groups(full, 128, kind)
+    ref_codes, ref_scales = Q.quantize_activation_groups(full.cpu(), 128, kind)
     # Same arithmetic as the unfused GEMM + quantizer: identical scales and codes.
-    assert torch.equal(scales, ref_scales)
-    assert same_bits(codes, ref_codes)
+    assert torch.equal(scales.cpu(), ref_scales)
+    assert same_bits(codes.cpu(), ref_codes)
 
 
 def test_gelu_requant() -> None:
     x = randn(19, 300, scale=3.0)
     values, scales = kernels.quantize_activations(x, 128, "int")
     codes, out_scales = kernels.gelu_requant(values, scales)
-    dequantized = Q.dequantize_activation_groups(values, scales, 128)
+    dequantized = Q.dequantize_activation_groups(values.cpu(), scales.cpu(), 128)
     ref_codes, ref_scales = Q.quantize_activation_groups(torch.nn.functional.gelu(dequantized), 128, "int")
+    codes, out_scales = codes.cpu(), out_scales.cpu()
     # erf may differ in its last bit between libdevice and torch: scales to 1e-6, codes by at most 1.
     assert torch.allclose(out_scales, ref_scales, rtol=1e-6, atol=0)
     assert (codes.int() - ref_codes.int()).abs().max().item() <= 1

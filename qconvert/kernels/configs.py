@@ -8,8 +8,10 @@ chosen from the same measurements to be reasonable everywhere. Nothing is autotu
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -36,9 +38,22 @@ def m_bucket(m: int) -> int:
     return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
 
 
-# (gpu name, kernel, N, K, M bucket) -> config. Kernels: "int8-block", "fp8-block", "int8-channel",
-# "w4a16", "w8a16". Filled from benchmarks/gemm.py --tune (see BENCHMARKS.md).
-TUNED: dict[tuple[str, str, int, int, int], TileConfig] = {}
+TUNED_FILE = Path(__file__).with_name("tuned_configs.json")
+
+
+def load_tuned(path: Path = TUNED_FILE) -> dict[tuple[str, str, int, int, int], TileConfig]:
+    """``(gpu name, kernel, N, K, M bucket) -> config`` from the committed table (kernels: int8-block,
+    fp8-block, w4a16, ...), written by ``benchmarks/gemm.py --tune`` on the GPU (see BENCHMARKS.md)."""
+    if not path.is_file():
+        return {}
+    table = {}
+    for row in json.loads(path.read_text()):
+        key = (row["gpu"], row["kernel"], row["n"], row["k"], row["m_bucket"])
+        table[key] = TileConfig(**row["config"])
+    return table
+
+
+TUNED = load_tuned()
 
 
 def interpreting() -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_ROUNDING_MAGIC = 12582912.0  # 1.5 * 2**23
+_ROUNDING_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 
 
 @triton.jit

@@ -1,0 +1,208 @@
+"""GEMM kernel benchmark (and tuner) on a CUDA GPU: qconvert's Triton kernels against cuBLAS in the same run.
+
+    python benchmarks/gemm.py --out DIR            # the table: ours, the baselines, the ratios
+    python benchmarks/gemm.py --tune --out DIR     # search tile configs; writes DIR/tuned_configs.json
+
+Shapes are ANCHORS.md's (weights N x K; activations M x K). Times are medians of triton.testing.do_bench.
+TFLOP/s (TOP/s for int8) count 2*M*N*K. The int8 block GEMM includes nothing but the GEMM (activation
+quantization is timed separately, as its own kernel), like the seed figure in ANCHORS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from qconvert import kernels
+from qconvert.kernels.configs import TileConfig, gemm_config, m_bucket
+from qconvert.quantizers import quantize_and_pack_symmetric
+
+SHAPES = [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (8192, 8192)]
+MS = [1, 16, 128, 1024, 4096]
+
+
+def bench(fn, rep: int = 60) -> float:
+    return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def tflops(m: int, n: int, k: int, ms: float) -> float:
+    return 2 * m * n * k / ms / 1e9
+
+
+def operands(m: int, n: int, k: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    ops = {"x": x, "w": w}
+    ops["a8"], ops["as8"] = kernels.quantize_activations(x, 128, "int")
+    ops["w8"], ops["ws8"] = kernels.quantize_weight_blocks(w, (128, 128), "int")
+    ops["af"], ops["asf"] = kernels.quantize_activations(x, 128, "float")
+    ops["wf"], ops["wsf"] = kernels.quantize_weight_blocks(w, (128, 128), "float")
+    ops["p4"], ops["ps4"] = quantize_and_pack_symmetric(w, 4, 128)
+    ops["afr"], ops["asfr"] = kernels.quantize_activations(x, 10**9, "float")
+    wfr = (w.float() / (w.float().abs().amax(1, keepdim=True) / 448)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ops["wfr"], ops["wsfr"] = wfr, (w.float().abs().amax(1, keepdim=True) / 448)
+    return ops
+
+
+def our_kernels(ops: dict, k: int) -> dict:
+    return {
+        "int8-block": lambda cfg=None: kernels.scaled_gemm(ops["a8"], ops["as8"], ops["w8"], ops["ws8"], config=cfg),
+        "fp8-block": lambda cfg=None: kernels.scaled_gemm(ops["af"], ops["asf"], ops["wf"], ops["wsf"], config=cfg),
+        "w4a16": lambda cfg=None: kernels.packed_gemm(ops["x"], ops["p4"], ops["ps4"], 4, k, config=cfg),
+    }
+
+
+def candidates(kernel: str, m: int) -> list[TileConfig]:
+    weight_only = kernel == "w4a16"
+    bks = (64, 128) if weight_only else (128,)
+    out = []
+    if m <= 16:
+        for bn in (16, 32, 64, 128):
+            for bk in bks:
+                for stages in (3, 4, 6):
+                    out.append(TileConfig(16, bn, bk, 1, 4, stages))
+    elif m <= 256:
+        for bm in (64, 128):
+            for bn in (64, 128):
+                for bk in bks:
+                    for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                        out.append(TileConfig(bm, bn, bk, 8, warps, stages))
+    else:
+        for bm, bn in ((128, 128), (128, 256), (256, 128)):
+            for bk in bks:
+                for warps, stages in ((8, 3), (8, 4), (4, 4)):
+                    out.append(TileConfig(bm, bn, bk, 8, warps, stages))
+    return out
+
+
+def tune(out_dir: Path) -> None:
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    for n, k in SHAPES:
+        for m in MS:
+            ops = operands(m, n, k)
+            for kernel, fn in our_kernels(ops, k).items():
+                best = None
+                for cfg in candidates(kernel, m):
+                    try:
+                        ms = bench(lambda cfg=cfg, fn=fn: fn(cfg), rep=25)
+                    except Exception as exc:  # out of shared memory / registers: skip that config
+                        print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg)
+                if best is None:
+                    continue
+                rows.append({"gpu": gpu, "kernel": kernel, "n": n, "k": k, "m_bucket": m_bucket(m),
+                             "config": best[1].__dict__, "ms": best[0]})
+                print(f"tune {kernel} M={m} N={n} K={k}: {best[1]} {tflops(m, n, k, best[0]):.0f} TFLOP/s", flush=True)
+                (out_dir / "tuned_configs.json").write_text(json.dumps(rows, indent=1))
+            del ops
+            torch.cuda.empty_cache()
+    (out_dir / "tuned_configs.json").write_text(json.dumps(rows, indent=1))
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6  # GB/s, read + write
+
+
+def wgmma_instructions() -> list[str]:
+    """The wgmma instruction shapes/types in the PTX of every block GEMM compiled so far (Hopper's
+    warpgroup MMA: Triton issues it only for suitable tiles; mma.sync otherwise)."""
+    import re
+
+    from qconvert.kernels.gemm import _scaled_gemm_kernel
+
+    found = set()
+    for caches in _scaled_gemm_kernel.device_caches.values():
+        for compiled in caches[0].values():
+            found.update(re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", compiled.asm.get("ptx", "")))
+    return sorted(found)
+
+
+def table(out_dir: Path) -> None:
+    gpu = torch.cuda.get_device_name()
+    lines = [f"GPU {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
+             f"{datetime.date.today().isoformat()}, `python benchmarks/gemm.py --out DIR`", ""]
+    header = ("| M | N×K | bf16 | _int_mm | fp8 tensor | fp8 rowwise | ours int8 block | ours fp8 block | "
+              "ours W4A16 | int8/_int_mm | int8/bf16 | fp8/rowwise | fp8/bf16 | W4A16/bf16 | gemm_quant/gemm |")
+    lines += [header, "|" + " --- |" * 15]
+    results = []
+    one = torch.ones((), device="cuda")
+    for n, k in SHAPES:
+        for m in MS:
+            ops = operands(m, n, k)
+            mine = our_kernels(ops, k)
+            r = {"m": m, "n": n, "k": k}
+            r["bf16"] = tflops(m, n, k, bench(lambda: ops["x"] @ ops["w"].T))
+            if m > 16:
+                w8t = ops["w8"].T
+                r["int_mm"] = tflops(m, n, k, bench(lambda: torch._int_mm(ops["a8"], w8t)))
+            r["fp8_tensor"] = tflops(m, n, k, bench(lambda: torch._scaled_mm(
+                ops["afr"], ops["wfr"].T, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)))
+            sa, sb = ops["asfr"].reshape(m, 1).contiguous(), ops["wsfr"].reshape(1, n).contiguous()
+            r["fp8_rowwise"] = tflops(m, n, k, bench(lambda: torch._scaled_mm(
+                ops["afr"], ops["wfr"].T, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)))
+            for name, fn in mine.items():
+                r[name] = tflops(m, n, k, bench(fn))
+            gemm_ms = bench(mine["int8-block"])
+            quant_ms = bench(lambda: kernels.scaled_gemm_quant(ops["a8"], ops["as8"], ops["w8"], ops["ws8"]))
+            r["gemm_quant_over_gemm"] = quant_ms / gemm_ms
+            r["config_int8"] = gemm_config("int8-block", m, n, k, ops["x"].device).__dict__
+            results.append(r)
+
+            def ratio(a: str, b: str, r: dict = r) -> str:
+                return f"{r[a] / r[b]:.2f}" if a in r and b in r else "–"
+
+            lines.append(
+                f"| {m} | {n}×{k} | {r['bf16']:.0f} | {r.get('int_mm', float('nan')):.0f} | {r['fp8_tensor']:.0f} | "
+                f"{r['fp8_rowwise']:.0f} | {r['int8-block']:.0f} | {r['fp8-block']:.0f} | {r['w4a16']:.0f} | "
+                f"{ratio('int8-block', 'int_mm')} | {ratio('int8-block', 'bf16')} | {ratio('fp8-block', 'fp8_rowwise')} | "
+                f"{ratio('fp8-block', 'bf16')} | {ratio('w4a16', 'bf16')} | {r['gemm_quant_over_gemm']:.2f} |")
+            print(lines[-1], flush=True)
+            del ops
+            torch.cuda.empty_cache()
+    copy = copy_bandwidth()
+    quant_rows = []
+    for m, k in ((4096, 4096), (4096, 14336), (16384, 8192)):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        for kind in ("int", "float"):
+            ms = bench(lambda x=x, kind=kind: kernels.quantize_activations(x, 128, kind))
+            moved = m * k * 2 + m * k + m * (-(-k // 128)) * 4
+            quant_rows.append(f"| {m}×{k} | {kind} | {moved / ms / 1e6:.0f} GB/s | {moved / ms / 1e6 / copy:.2f} |")
+    lines += ["", f"Activation quantization (per token per 128, bf16 in), device copy bandwidth {copy:.0f} GB/s "
+              "(read + write):", "", "| M×K | codes | bandwidth | / copy |", "| --- | --- | --- | --- |", *quant_rows]
+    lines += ["", f"wgmma in the PTX of the compiled block GEMMs: {wgmma_instructions()}"]
+    text = "\n".join(lines)
+    print(text)
+    (out_dir / "gemm_table.md").write_text(text + "\n")
+    (out_dir / "gemm_results.json").write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--tune", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{platform.node()} {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    if args.tune:
+        tune(args.out)
+    else:
+        table(args.out)
+
+
+if __name__ == "__main__":
+    main()
