@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from qconvert.kernels.configs import TileConfig, gemm_config
-from qconvert.kernels.rounding import cast_rne, round_half_even, round_to_e4m3, swizzle_tile
+from qconvert.kernels.rounding import cast_rne, e4m3_bits, round_half_even, round_to_e4m3, swizzle_tile
 
 _TL_OUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -90,10 +90,10 @@ def _scaled_gemm_kernel(
             scale = tl.math.div_rn(tl.max(tl.abs(tiles), axis=2), 127.0)
         scale = tl.where(scale == 0.0, 1.1920928955078125e-07, scale)
         q = tl.math.div_rn(tiles, tl.reshape(scale, (BLOCK_M, groups, 1)))
-        if OUT_FP8:
-            q = round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
+        if OUT_FP8:  # bit patterns into a uint8 view (see rounding.e4m3_bits)
+            q = e4m3_bits(round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)))
         else:
-            q = round_half_even(tl.minimum(tl.maximum(q, -128.0), 127.0))
+            q = round_half_even(tl.minimum(tl.maximum(q, -128.0), 127.0)).to(tl.int32)
         tl.store(c_ptrs, tl.reshape(q, (BLOCK_M, BLOCK_N)).to(c_ptr.dtype.element_ty), mask=c_mask)
         offs_g = pid_n * groups + tl.arange(0, groups)
         tl.store(cs_ptr + offs_m[:, None] * stride_csm + offs_g[None, :], scale,
@@ -150,7 +150,7 @@ def _launch(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: 
         return
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, block_n),)
     _scaled_gemm_kernel[grid](
-        a, b, out, sa, sb, bias if bias is not None else sa, out_scales if out_scales is not None else sa,
+        a, b, out.view(torch.uint8) if out.dtype == torch.float8_e4m3fn else out, sa, sb, bias if bias is not None else sa, out_scales if out_scales is not None else sa,
         m, n, k, a.stride(0), b.stride(0), out.stride(0), asm, ask, bsn, bsk,
         out_scales.stride(0) if out_scales is not None else 0, b_rows,
         GROUP_K=group_k if grouped else 0, IS_INT=a.dtype == torch.int8, EVEN_K=k % block_k == 0,

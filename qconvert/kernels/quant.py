@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qconvert.kernels.rounding import cast_rne, round_half_even, round_to_e4m3
+from qconvert.kernels.rounding import cast_rne, e4m3_bits, round_half_even, round_to_e4m3
 from qconvert.quantizers import ACTIVATION_INT8_DIVISOR, FP8_E4M3_MAX, int_range, scale_divisor
 
 _FP32_EPS = float(torch.finfo(torch.float32).eps)
@@ -22,11 +22,14 @@ _FP32_EPS = float(torch.finfo(torch.float32).eps)
 
 @triton.jit
 def _to_codes(q, IS_FP8: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """Clamp a float32 quotient and round it onto the stored grid (float32 result, exactly representable)."""
+    """Clamp a float32 quotient and round it onto the stored grid: int32 values for int8 outputs, the
+    e4m3fn bit patterns for fp8 outputs (which the wrappers pass as uint8 views)."""
     q = tl.minimum(tl.maximum(q, QMIN), QMAX)
     if IS_FP8:
-        return round_to_e4m3(q)
-    return round_half_even(q)
+        codes = e4m3_bits(round_to_e4m3(q))
+    else:
+        codes = round_half_even(q).to(tl.int32)
+    return codes
 
 
 @triton.jit
@@ -81,6 +84,11 @@ def _stored_dtype(kind: str) -> torch.dtype:
     return torch.float8_e4m3fn if kind == "float" else torch.int8
 
 
+def _storage(values: torch.Tensor) -> torch.Tensor:
+    """fp8 outputs are written as their bit patterns (see ``rounding.e4m3_bits``)."""
+    return values.view(torch.uint8) if values.dtype == torch.float8_e4m3fn else values
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1]).contiguous()
 
@@ -108,7 +116,7 @@ def quantize_activations(x: torch.Tensor, group_size: int = 128, kind: str = "in
     grid = (triton.cdiv(m, block_m), groups)
     if m:
         _activation_quant_kernel[grid](
-            rows, values, scales, static, m, k, group, rows.stride(0), values.stride(0), scales.stride(0),
+            rows, _storage(values), scales, static, m, k, group, rows.stride(0), values.stride(0), scales.stride(0),
             DIVISOR=FP8_E4M3_MAX if kind == "float" else ACTIVATION_INT8_DIVISOR, IS_FP8=kind == "float",
             QMIN=float(qmin), QMAX=float(qmax), STATIC=static_scale is not None, SINGLE_CHUNK=group <= block_g,
             BLOCK_M=block_m, BLOCK_G=block_g, num_warps=4,
@@ -189,7 +197,7 @@ def quantize_weight_blocks(weight: torch.Tensor, block: tuple[int, int] = (128, 
     qmin, qmax = (-FP8_E4M3_MAX, FP8_E4M3_MAX) if kind == "float" else int_range(num_bits)
     if n and k:
         _weight_block_quant_kernel[(rows, cols)](
-            w, values, scales, n, k, w.stride(0), values.stride(0), scales.stride(0),
+            w, _storage(values), scales, n, k, w.stride(0), values.stride(0), scales.stride(0),
             float(torch.finfo(w.dtype).eps), DIVISOR=scale_divisor(kind, num_bits), IS_FP8=kind == "float",
             QMIN=float(qmin), QMAX=float(qmax), BLOCK_N=block[0], BLOCK_K=block[1], num_warps=8,
         )

@@ -55,6 +55,21 @@ def round_to_e4m3(x):
 
 
 @triton.jit
+def e4m3_bits(v):
+    """The float8 e4m3fn bit pattern (int32, 0..255) of float32 ``v`` that is exactly an e4m3 value.
+
+    Stores go through these bits rather than a float32 → fp8 cast, because the GPU conversion turns
+    -0.0 (a tiny negative that rounds to zero) into +0, while torch keeps 0x80.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    sign = (bits >> 31) & 1
+    exponent = ((bits >> 23) & 0xFF) - 127
+    normal = ((exponent + 7) << 3) | ((bits >> 20) & 0x7)
+    subnormal = (tl.abs(v) * 512.0).to(tl.int32)  # 0..7 steps of 2**-9, exact
+    return (sign << 7) | tl.where(exponent >= -6, normal, subnormal)
+
+
+@triton.jit
 def swizzle_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Map a 1-D program id onto (tile row, tile column), walking GROUP_M tile rows down a column band
     before moving right, so that consecutive programs share operand tiles in L2."""
