@@ -150,7 +150,8 @@ def _launch(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: 
         return
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, block_n),)
     _scaled_gemm_kernel[grid](
-        a, b, out.view(torch.uint8) if out.dtype == torch.float8_e4m3fn else out, sa, sb, bias if bias is not None else sa, out_scales if out_scales is not None else sa,
+        a, b, out.view(torch.uint8) if out.dtype == torch.float8_e4m3fn else out, sa, sb,
+        bias if bias is not None else sa, out_scales if out_scales is not None else sa,
         m, n, k, a.stride(0), b.stride(0), out.stride(0), asm, ask, bsn, bsk,
         out_scales.stride(0) if out_scales is not None else 0, b_rows,
         GROUP_K=group_k if grouped else 0, IS_INT=a.dtype == torch.int8, EVEN_K=k % block_k == 0,

@@ -25,7 +25,7 @@ def _to_codes(q, IS_FP8: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
     """Clamp a float32 quotient and round it onto the stored grid: int32 values for int8 outputs, the
     e4m3fn bit patterns for fp8 outputs (which the wrappers pass as uint8 views)."""
     q = tl.minimum(tl.maximum(q, QMIN), QMAX)
-    if IS_FP8:
+    if IS_FP8:  # noqa: SIM108
         codes = e4m3_bits(round_to_e4m3(q))
     else:
         codes = round_half_even(q).to(tl.int32)
