@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_speed import generate_checkpoint  # noqa: E402
+from convert_speed import generate_checkpoint
 
 SCHEMES = ["rtn4", "rtn8", "int8-block", "w8a8-int8", "fp8", "fp8-block", "fp8-tensor"]
 
