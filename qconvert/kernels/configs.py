@@ -2,7 +2,7 @@
 
 Keys are ``(gpu, kernel, N, K, M bucket)``. The table is filled by ``benchmarks/gemm.py --tune`` on the
 GPU and committed (``TUNED`` below); a shape or GPU that is not in it gets :func:`fallback`, which is
-chosen from the same measurements to be reasonable everywhere. Nothing is autotuned at run time, so
+a rule of thumb (not yet tuned from measurements: BENCHMARKS.md). Nothing is autotuned at run time, so
 ``qconvert verify`` never pauses to search configurations.
 """
 

@@ -102,7 +102,8 @@ def _scaled_gemm_kernel(
         tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _scale_layout(scales: torch.Tensor, rows: int, k_groups: int, what: str) -> tuple[torch.Tensor, int, int, int]:
+def _scale_layout(scales: torch.Tensor, rows: int, k_groups: int, what: str,
+                  block_rows: bool = True) -> tuple[torch.Tensor, int, int, int]:
     """``(scales as float-contiguous 2-D, row stride, K-group stride, rows per scale row)``.
 
     Accepts one scale (per tensor), one per row (``[rows, 1]``), one per row per K group
@@ -118,7 +119,7 @@ def _scale_layout(scales: torch.Tensor, rows: int, k_groups: int, what: str) -> 
         return s, 0, col_stride, 1
     if r == rows:
         return s, s.stride(0), col_stride, 1
-    if r == triton.cdiv(rows, 128):
+    if block_rows and r == triton.cdiv(rows, 128):
         return s, s.stride(0), col_stride, 128
     raise ValueError(f"{what} scales {list(scales.shape)} do not fit {rows} rows")
 
@@ -133,9 +134,7 @@ def _launch(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: 
     if b.shape[1] != k:
         raise ValueError(f"activations [{m}, {k}] and weight {list(b.shape)} disagree on K")
     k_groups = triton.cdiv(k, group_k)
-    sa, asm, ask, _ = _scale_layout(a_scales.to(torch.float32), m, k_groups, "activation")
-    if sa.shape[0] == triton.cdiv(m, 128) and sa.shape[0] not in (1, m):
-        raise ValueError("activation scales are per row (token), not per block")
+    sa, asm, ask, _ = _scale_layout(a_scales.to(torch.float32), m, k_groups, "activation", block_rows=False)
     sb, bsn, bsk, b_rows = _scale_layout(b_scales, n, k_groups, "weight")
     grouped = ask != 0 or bsk != 0
     kernel = "int8" if a.dtype == torch.int8 else "fp8"
