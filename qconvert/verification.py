@@ -45,6 +45,12 @@ from qconvert.sources import StoredLayer, config_group, stored_layers
 
 DEFAULT_TOKENS = (1, 16, 128)
 _U32 = 2.0**-24  # float32 unit roundoff
+# Hopper's fp8 tensor cores do not accumulate in full float32: each k32 MMA step adds its products
+# into the accumulator keeping about 14 significant bits (DeepSeek-V3 report, section 3.3.2), i.e. a
+# relative error up to 2**-13 of the magnitudes summed. A 128-wide K group is 4 such steps; every group
+# is then promoted to float32, so the error stays within 4 * 2**-13 of sum |a||b| over all of K. An
+# empirical model of the hardware, not an IEEE guarantee; on the CPU the float32 terms alone apply.
+FP8_MMA_GAMMA = 4 * 2.0**-13
 _UNIT_ROUNDOFF = {torch.float32: _U32, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
 
 
@@ -242,14 +248,20 @@ def kernel_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], config: di
     use_scaled_mm = kind == "float" and not grouped
     if use_scaled_mm:
         name = "FP8 torch._scaled_mm dispatch"
-        # cuBLAS accumulates fp8 products (exact in float32) in float32 over K; float32 epilogue.
+        # fp8 products are exact in float32; on the CPU they are summed in float32 over K. On a GPU the
+        # tensor cores sum them (see FP8_MMA_GAMMA) and the row-wise kernels may not promote per
+        # 128-wide step, so the bound allows that error over every K group.
         gamma = (k + 4) * _U32
+        if device.type == "cuda":
+            gamma += FP8_MMA_GAMMA * _k_groups(k, 128)
     elif grouped:
         name = f"block-scaled {stored_name} GEMM (Triton)"
         # Per K group: an exact int32 (int8) or float32 (fp8: products of 4-bit mantissas, exact;
         # sums of at most 128 such terms carry at most 128 roundings) dot, then two multiplies and
         # one add per group in float32.
         gamma = (_k_groups(k, layer.tile[1]) * 4 + (0 if kind == "int" else 128)) * _U32
+        if kind == "float" and device.type == "cuda":
+            gamma += FP8_MMA_GAMMA
     else:
         name = f"{stored_name} GEMM, per-token x per-channel scales (Triton)"
         gamma = 4 * _U32  # one exact int32 dot over K, then two multiplies
@@ -432,14 +444,33 @@ def _compare_original(result: LayerResult, layer: StoredLayer, tensors: dict[str
         result.notes.append(f"{result.weight_violations} weight elements outside the round-to-nearest bound")
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run here, if it cannot: before Triton 3.7 it converts
+    one-element arrays to loop bounds with ``int()``, which recent NumPy refuses."""
+    import numpy
+    import triton
+
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if version >= (3, 7):
+        return None
+    try:
+        int(numpy.zeros(1))
+    except TypeError:
+        return (f"--device cpu: Triton {triton.__version__}'s CPU interpreter does not run with NumPy "
+                f"{numpy.__version__} (Triton 3.7 fixed it); use --device cuda, Triton >= 3.7 or an older NumPy")
+    return None
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise BadInputError(f"--device {name!r}: expected cpu or cuda[:N]")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda: no CUDA GPU is visible to torch")
+    if device.type == "cpu" and (problem := interpreter_problem()):
+        raise BadInputError(problem)
     return device
 
 
@@ -487,5 +518,5 @@ def worst_first(layers: list[LayerResult]) -> Iterator[LayerResult]:
     return iter(sorted(layers, key=key))
 
 
-__all__ = ["DEFAULT_TOKENS", "LayerResult", "VerifyReport", "error_bound", "kernel_path", "parse_tokens",
-           "resolve_device", "verify", "weight_error_bound", "worst_first"]
+__all__ = ["DEFAULT_TOKENS", "FP8_MMA_GAMMA", "LayerResult", "VerifyReport", "error_bound", "interpreter_problem",
+           "kernel_path", "parse_tokens", "resolve_device", "verify", "weight_error_bound", "worst_first"]

@@ -10,7 +10,8 @@ import torch
 
 from qconvert import kernels
 from qconvert import quantizers as Q
-from qconvert.verification import error_bound
+from qconvert.kernels.configs import TileConfig
+from qconvert.verification import FP8_MMA_GAMMA, error_bound
 from tests.conftest import DEVICE, poison_device_memory
 
 GPU = DEVICE.type == "cuda"
@@ -105,6 +106,22 @@ def test_weight_block_quant_matches_converter(kind: str, dtype: torch.dtype, sha
     assert torch.equal(back.cpu(), Q.dequantize_tiles(ref_values, ref_scales, (128, 128)))
 
 
+def test_fp8_small_negatives_keep_their_sign() -> None:
+    # A negative quotient that rounds to zero is e4m3fn -0 (0x80) in torch's cast; on the GPU, Triton's
+    # negation of +0 gives +0, so a kernel that rounds |x| and negates writes 0x00 instead.
+    x = torch.zeros(4, 256)
+    x[:, 0] = 448.0
+    x[:, 1:100] = -torch.linspace(1e-5, 9e-4, 99)  # below half the smallest e4m3 step (2**-10): -0
+    x[:, 100:200] = torch.linspace(-300.0, 300.0, 100)
+    x = x.to(DEVICE)
+    values, _ = kernels.quantize_activations(x, 128, "float")
+    ref_values, _ = Q.quantize_activation_groups(x.cpu(), 128, "float")
+    assert (ref_values.view(torch.uint8)[:, 1:100] == 0x80).all()
+    assert same_bits(values.cpu(), ref_values)
+    w_values, _ = kernels.quantize_weight_blocks(x.to(torch.bfloat16), (128, 128), "float")
+    assert same_bits(w_values.cpu(), Q.quantize_tiled(x.cpu().to(torch.bfloat16), (128, 128), "float")[0])
+
+
 def test_fake_quant_static_int8_is_bit_exact() -> None:
     for dtype in FLOATS:
         x = randn(33, 257, dtype=dtype, scale=4.0)
@@ -164,13 +181,8 @@ def test_block_scaled_gemm(kind: str, shape: tuple[int, int, int], out_dtype: to
     ref, abs_dot = gemm_reference(a_values, a_scales, 128, b_values, b_scales, (128, 128), bias)
     gamma = (-(-k // 128) * 4 + 128) * U32 if kind == "float" else -(-k // 128) * 4 * U32
     if GPU and kind == "float":
-        gamma = FP8_TENSOR_CORE_GAMMA * -(-k // 128)
+        gamma += FP8_MMA_GAMMA
     assert_within_bound(out, ref, abs_dot, gamma)
-
-
-# Hopper's fp8 tensor cores keep fewer accumulator bits than float32 inside one MMA chain
-# (DeepSeek-V3 report: about 14); per 128-wide K step the partial sum is promoted to float32.
-FP8_TENSOR_CORE_GAMMA = 2.0**-13
 
 
 @pytest.mark.parametrize("kind", ["int", "float"])
@@ -183,7 +195,9 @@ def test_channel_scaled_gemm(kind: str, shape: tuple[int, int, int]) -> None:
     b_values, b_scales = Q.quantize_tiled(w, (1, k), kind)
     out = kernels.scaled_gemm(a_values, a_scales, b_values, b_scales, out_dtype=torch.float32)
     ref, abs_dot = gemm_reference(a_values, a_scales, k, b_values, b_scales, (1, k))
-    gamma = (k * (1 if kind == "float" else 0) + 4) * (FP8_TENSOR_CORE_GAMMA if GPU and kind == "float" else U32)
+    gamma = 4 * U32  # one exact int32 dot, two multiplies
+    if kind == "float":  # one float32 (GPU: fp8 tensor-core) accumulation over the whole of K
+        gamma += FP8_MMA_GAMMA * -(-k // 128) if GPU else k * U32
     assert_within_bound(out, ref, abs_dot, gamma)
 
 
@@ -214,18 +228,49 @@ def test_seed_defect_rows_past_m_are_masked_not_wrapped() -> None:
 
 
 @pytest.mark.parametrize("kind", ["int", "float"])
+@pytest.mark.parametrize("block", [True, False])
+def test_split_k_gemm(kind: str, block: bool) -> None:
+    # K = 5 groups cut into 3 ranges (2 + 2 + 1 groups) and a K tail: partials summed in float32.
+    m, n, k = 5, 200, 600
+    x = randn(m, k, seed=11)
+    w = randn(n, k, scale=0.05, seed=12)
+    bias = randn(n, seed=13)
+    if block:
+        a_values, a_scales = kernels.quantize_activations(x, 128, kind)
+        b_values, b_scales = kernels.quantize_weight_blocks(w, (128, 128), kind)
+        ref, abs_dot = gemm_reference(a_values, a_scales, 128, b_values, b_scales, (128, 128), bias)
+    else:
+        a_values, a_scales = kernels.quantize_activations(x, 10**9, kind)
+        b_values, b_scales = (t.to(DEVICE) for t in Q.quantize_tiled(w.cpu(), (1, k), kind))  # per channel
+        ref, abs_dot = gemm_reference(a_values, a_scales, k, b_values, b_scales, (1, k), bias)
+    config = TileConfig(16, 64, 128, 1, 4, 2, split_k=3)
+    poison_device_memory()
+    out = kernels.scaled_gemm(a_values, a_scales, b_values, b_scales, bias=bias, out_dtype=torch.float32,
+                              config=config)
+    groups = -(-k // 128)
+    gamma = (groups * 4 + 3 + (128 if kind == "float" else 0)) * U32  # + 3: summing the partials
+    if GPU and kind == "float":
+        gamma += FP8_MMA_GAMMA
+    assert_within_bound(out, ref, abs_dot, gamma)
+
+
+@pytest.mark.parametrize("kind", ["int", "float"])
 def test_gemm_quant_fuses_the_output_quantization(kind: str) -> None:
     m, n, k = 37, 384, 256
     x = randn(m, k, seed=5)
     a_values, a_scales = kernels.quantize_activations(x, 128, kind)
     b_values, b_scales = kernels.quantize_weight_blocks(randn(n, k, scale=0.05, seed=6), (128, 128), kind)
     bias = randn(n, seed=7)
-    codes, scales = kernels.scaled_gemm_quant(a_values, a_scales, b_values, b_scales, bias=bias, out_kind=kind)
-    full = kernels.scaled_gemm(a_values, a_scales, b_values, b_scales, bias=bias, out_dtype=torch.float32)
-    ref_codes, ref_scales = Q.quantize_activation_groups(full.cpu(), 128, kind)
-    # Same arithmetic as the unfused GEMM + quantizer: identical scales and codes.
-    assert torch.equal(scales.cpu(), ref_scales)
-    assert same_bits(codes.cpu(), ref_codes)
+    for split in (1, 2):  # split-K moves the quantization into the reduction of the partials
+        config = TileConfig(16, 64, 128, 1, 4, 2, split_k=split)
+        codes, scales = kernels.scaled_gemm_quant(a_values, a_scales, b_values, b_scales, bias=bias,
+                                                  out_kind=kind, config=config)
+        full = kernels.scaled_gemm(a_values, a_scales, b_values, b_scales, bias=bias, out_dtype=torch.float32,
+                                   config=config)
+        ref_codes, ref_scales = Q.quantize_activation_groups(full.cpu(), 128, kind)
+        # Same arithmetic as the unfused GEMM + quantizer: identical scales and codes.
+        assert torch.equal(scales.cpu(), ref_scales)
+        assert same_bits(codes.cpu(), ref_codes)
 
 
 def test_gelu_requant() -> None:
@@ -260,6 +305,37 @@ def test_packed_weight_only_gemm(bits: int, group: int, m: int) -> None:
     assert_within_bound(out, ref, abs_dot, k * U32)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 128, -1])
+def test_packed_gemm_wide_tiles(bits: int, group: int) -> None:
+    # BLOCK_M = 64 unpacks whole K steps into K order (the wgmma path), groups narrower than the step
+    # or not tiling it included; K = 320 leaves a tail.
+    m, n, k = 70, 64, 320 if group != 128 else 384
+    x = randn(m, k, seed=31)
+    packed, scales = Q.quantize_and_pack_symmetric(randn(n, k, scale=0.05, seed=32).cpu(), bits, group)
+    out = kernels.packed_gemm(x, packed.to(DEVICE), scales.to(DEVICE), bits, k, out_dtype=torch.float32,
+                              config=TileConfig(64, 32, 256, 1, 4, 2))
+    weight = Q.dequantize_tiles(Q.unpack_int32(packed, bits, k), scales, (1, k if group == -1 else group))
+    ref = x.cpu().double() @ weight.double().T
+    assert_within_bound(out, ref, x.cpu().double().abs() @ weight.double().abs().T, k * U32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_gemm_split_k(bits: int) -> None:
+    # 3 ranges over K = 200 in BLOCK_K = 32 steps (7 steps: 3 + 3 + 1, the last one a tail).
+    m, n, k = 3, 96, 200
+    x = randn(m, k, seed=21)
+    packed, scales = Q.quantize_and_pack_symmetric(randn(n, k, scale=0.05, seed=22).cpu(), bits, -1)
+    bias = randn(n, seed=23)
+    poison_device_memory()
+    out = kernels.packed_gemm(x, packed.to(DEVICE), scales.to(DEVICE), bits, k, bias=bias, out_dtype=torch.float32,
+                              config=TileConfig(16, 32, 32, 1, 4, 2, split_k=3))
+    weight = Q.dequantize_tiles(Q.unpack_int32(packed, bits, k), scales, (1, k))
+    ref = x.cpu().double() @ weight.double().T + bias.cpu().double()
+    abs_dot = x.cpu().double().abs() @ weight.double().abs().T + bias.cpu().double().abs()
+    assert_within_bound(out, ref, abs_dot, (k + 3) * U32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m", [1, 16, 128, 4097])
@@ -275,6 +351,64 @@ def test_packed_gemm_anchor_shapes(bits: int, m: int, n: int, k: int) -> None:
     abs_dot = x.float().abs() @ weight.abs().T
     bound = error_bound(ref, abs_dot, k * U32, torch.float32, (k + 2) * U32)
     assert torch.isfinite(out).all() and ((out - ref).abs() <= bound).all()
+
+
+def test_config_lookup_prefers_the_tuned_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qconvert.kernels import configs
+
+    tuned = {("GPU X", "int8-block", 4096, 4096, 16): TileConfig(16, 64, 128, 1, 4, 4, 4),
+             ("GPU X", "int8-block", 4096, 4096, 1024): TileConfig(128, 256, 128, 8, 8, 3)}
+    monkeypatch.setattr(configs, "TUNED", tuned)
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "gpu_name", lambda _device: "GPU X")
+    cuda = torch.device("cuda")
+    assert configs.gemm_config("int8-block", 7, 4096, 4096, cuda).split_k == 4  # bucket 16
+    assert configs.gemm_config("int8-block", 300, 4096, 4096, cuda).block_n == 256  # next tuned: 1024
+    assert configs.gemm_config("int8-block", 10**5, 4096, 4096, cuda).block_n == 256  # past the largest
+    assert configs.gemm_config("int8-block", 7, 4096, 8192, cuda) == configs.fallback("int8-block", 7, 4096, 8192)
+    # The fallback splits K for small M so that narrow tiles still cover the SMs.
+    assert configs.fallback("int8-block", 1, 4096, 4096).split_k > 1
+    assert configs.fallback("int8-block", 1, 28672, 4096).split_k == 1
+    assert configs.fallback("int8-block", 4096, 4096, 4096).split_k == 1
+
+
+def _shipped_configs() -> list:
+    if not GPU:
+        return []
+    from qconvert.kernels.configs import TUNED, gpu_name
+
+    return [pytest.param(key, cfg, id="-".join(map(str, key[1:]))) for key, cfg in TUNED.items()
+            if key[0] == gpu_name(DEVICE)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("key", "config"), _shipped_configs())
+def test_every_shipped_config(key: tuple, config: TileConfig) -> None:
+    # Each committed tile configuration, on its own N and K, within the same bounds as the other tests
+    # (float64 reference on the GPU: products of codes and scales are exact there).
+    _, kernel, n, k, bucket = key
+    m = min(bucket, 300)
+    x = randn(m, k, seed=bucket)
+    w = randn(n, k, scale=0.02, seed=n)
+    groups = -(-k // 128)
+    poison_device_memory()
+    if kernel == "w4a16":
+        packed, scales = Q.quantize_and_pack_symmetric(w, 4, 128)
+        out = kernels.packed_gemm(x, packed, scales, 4, k, out_dtype=torch.float32, config=config)
+        a = x.double()
+        b = Q.dequantize_tiles(Q.unpack_int32(packed, 4, k), scales, (1, 128)).double()
+        gamma = (k + config.split_k) * U32
+    else:
+        kind = "float" if kernel.startswith("fp8") else "int"
+        a_values, a_scales = kernels.quantize_activations(x, 128, kind)
+        b_values, b_scales = kernels.quantize_weight_blocks(w, (128, 128), kind)
+        out = kernels.scaled_gemm(a_values, a_scales, b_values, b_scales, out_dtype=torch.float32, config=config)
+        a = Q.dequantize_activation_groups(a_values, a_scales, 128, torch.float64)
+        b = Q.dequantize_tiles(b_values.double(), b_scales.double(), (128, 128))
+        gamma = (groups * 4 + config.split_k + (128 if kind == "float" else 0)) * U32
+        gamma += FP8_MMA_GAMMA if kind == "float" else 0.0
+    ref = a @ b.T
+    assert_within_bound(out, ref.cpu(), (a.abs() @ b.abs().T).cpu(), gamma)
 
 
 @pytest.mark.parametrize("rowwise", [True, False])
@@ -300,6 +434,6 @@ def test_fp8_dispatch(monkeypatch: pytest.MonkeyPatch, rowwise: bool, per_tensor
     ref, abs_dot = gemm_reference(a_values, a_scales.expand(m, 1) if a_scales.numel() == 1 else a_scales, k,
                                   b_values, b_scales.reshape(-1, 1).expand(n, 1) if b_scales.numel() == 1
                                   else b_scales, (1, k), bias)
-    gamma = (k + 4) * (FP8_TENSOR_CORE_GAMMA if GPU else U32)
+    gamma = (k + 4) * U32 + (FP8_MMA_GAMMA * -(-k // 128) if GPU else 0.0)
     # The row-wise path adds the bias after a bf16 output: one more bf16 rounding of the product.
     assert_within_bound(out.float(), ref, abs_dot * (1 + 2 * 2.0**-8), gamma + 2 * 2.0**-8)

@@ -191,12 +191,12 @@ def test_table_output_and_layer_filter(quantized: dict[str, Path], tiny_llama: P
 
 def test_verify_bad_input(quantized: dict[str, Path], tiny_llama: Path, tmp_path: Path) -> None:
     cases = [
-        (("verify", tiny_llama, "--device", "cpu"), "no quantized layers"),
-        (("verify", quantized["rtn4"], "--device", "cpu", "--tokens", "0"), "--tokens"),
-        (("verify", quantized["rtn4"], "--device", "cpu", "--layers", "nothing-matches"), "matches none"),
-        (("verify", quantized["rtn4"], "--device", "cpu", "--layers", "("), "not a regular expression"),
+        (("verify", tiny_llama, "--device", DEVICE.type), "no quantized layers"),
+        (("verify", quantized["rtn4"], "--device", DEVICE.type, "--tokens", "0"), "--tokens"),
+        (("verify", quantized["rtn4"], "--device", DEVICE.type, "--layers", "nothing-matches"), "matches none"),
+        (("verify", quantized["rtn4"], "--device", DEVICE.type, "--layers", "("), "not a regular expression"),
         (("verify", quantized["rtn4"], "--device", "tpu"), "--device"),
-        (("verify", tmp_path / "missing", "--device", "cpu"), "missing"),
+        (("verify", tmp_path / "missing", "--device", DEVICE.type), "missing"),
     ]
     if not torch.cuda.is_available():
         cases.append((("verify", quantized["rtn4"], "--device", "cuda"), "no CUDA GPU"))
@@ -211,5 +211,27 @@ def test_verify_bad_input(quantized: dict[str, Path], tiny_llama: Path, tmp_path
     shard, tensors = _layer_tensors(wrong, name)
     tensors[name] = torch.zeros(4, 4, dtype=torch.bfloat16)
     save_file(tensors, shard, metadata={"format": "pt"})
-    result = run_cli("verify", quantized["rtn4"], "--device", "cpu", "--tokens", "1", "--original", wrong)
+    result = run_cli("verify", quantized["rtn4"], "--device", DEVICE.type, "--tokens", "1", "--original", wrong)
     assert result.code == 2 and name in result.stderr and len(result.stderr_lines) == 1
+
+
+def test_cpu_device_refused_where_the_interpreter_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Triton < 3.7's interpreter calls int() on one-element arrays; NumPy >= 2.4 refuses that. Such a
+    # host gets one clear line for --device cpu instead of an interpreter traceback.
+    import numpy
+    import triton
+
+    from qconvert.errors import BadInputError
+    from qconvert.verification import interpreter_problem, resolve_device
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    try:
+        int(numpy.zeros(1))
+    except TypeError:
+        assert "Triton 3.6.0" in (interpreter_problem() or "")
+        with pytest.raises(BadInputError, match="--device cpu"):
+            resolve_device("cpu")
+    else:
+        assert interpreter_problem() is None
+    monkeypatch.setattr(triton, "__version__", "3.7.0")
+    assert interpreter_problem() is None

@@ -24,10 +24,7 @@ class TileConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-
-    def launch(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m,
-                "num_warps": self.num_warps, "num_stages": self.num_stages}
+    split_k: int = 1  # K ranges computed by separate programs, summed by split_k.reduce_partials
 
 
 M_BUCKETS = (1, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -73,21 +70,28 @@ def fallback(kernel: str, m: int, n: int, k: int) -> TileConfig:
     wgmma on Hopper (per-program M a multiple of 64, warps a multiple of 4). Small M is bound by
     reading weights: narrow N tiles give enough programs to keep every SM streaming.
     """
-    weight_only = kernel in ("w4a16", "w8a16")
     if m <= 16:
-        return TileConfig(16, 32 if n <= 8192 else 64, 128, 1, 4, 4)
+        block_n = 32 if n <= 8192 else 64
+        # Split K until about two programs per SM of a 132-SM GPU stream weights, at least 4 K steps each.
+        splits = max(1, min(8, 264 // -(-n // block_n), k // (4 * 128)))
+        return TileConfig(16, block_n, 128, 1, 4, 4, splits)
     if m <= 64:
         return TileConfig(32 if m <= 32 else 64, 64, 128, 8, 4, 4)
     if m <= 256:
-        return TileConfig(64, 128, 128 if not weight_only else 64, 8, 4, 4)
-    return TileConfig(128, 128, 128 if not weight_only else 64, 8, 8, 3)
+        return TileConfig(64, 128, 128, 8, 4, 4)
+    return TileConfig(128, 128, 128, 8, 8, 3)
 
 
 def gemm_config(kernel: str, m: int, n: int, k: int, device: torch.device) -> TileConfig:
-    """The committed configuration for this GPU and shape, else :func:`fallback`.
+    """The committed configuration for this GPU, N, K and M bucket, else :func:`fallback`.
 
     Under the CPU interpreter, tiles are kept small: its cost grows with tile area, not program count.
     """
     if interpreting() or device.type != "cuda":
-        return TileConfig(16, 32, 32 if kernel in ("w4a16", "w8a16") else 64, 4, 4, 1)
-    return TUNED.get((gpu_name(device), kernel, n, k, m_bucket(m))) or fallback(kernel, m, n, k)
+        return TileConfig(16, 32, 64, 4, 4, 1)
+    gpu = gpu_name(device)
+    tuned = [bucket for bucket in M_BUCKETS if (gpu, kernel, n, k, bucket) in TUNED]
+    if not tuned:
+        return fallback(kernel, m, n, k)
+    # The nearest tuned bucket at or above M (the largest for anything bigger).
+    return TUNED[(gpu, kernel, n, k, next((b for b in tuned if m <= b), tuned[-1]))]

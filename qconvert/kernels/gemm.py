@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from qconvert.kernels.configs import TileConfig, gemm_config
-from qconvert.kernels.rounding import cast_rne, e4m3_bits, round_half_even, round_to_e4m3, swizzle_tile
+from qconvert.kernels.rounding import cast_rne, quantize_row_groups, swizzle_tile
+from qconvert.kernels.split_k import k_ranges, reduce_partials
 
 _TL_OUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -29,34 +30,36 @@ _TL_OUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32
 @triton.jit
 def _scaled_gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr,
-    M, N, K,
-    stride_am, stride_bn, stride_cm,
+    M, N, K, K_SPLIT,
+    stride_am, stride_bn, stride_cm, stride_cs,
     stride_asm, stride_ask, stride_bsn, stride_bsk, stride_csm,
     B_SCALE_ROWS,
     GROUP_K: tl.constexpr, IS_INT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    QUANT_OUT: tl.constexpr, OUT_FP8: tl.constexpr, OUT_GROUP: tl.constexpr,
+    QUANT_OUT: tl.constexpr, OUT_FP8: tl.constexpr, OUT_GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_start = tl.program_id(1) * K_SPLIT
+    k_end = tl.minimum(k_start + K_SPLIT, K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None]
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :]
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + (k_start + offs_k)[:, None]
     as_ptrs = as_ptr + offs_m * stride_asm
     bs_ptrs = bs_ptr + (offs_n // B_SCALE_ROWS) * stride_bsn
     if GROUP_K == 0 and IS_INT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
         else:
-            k_ok = offs_k < K - k0
+            k_ok = offs_k < k_end - k0
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if IS_INT:  # noqa: SIM108 (constexpr branches read better in a kernel)
@@ -76,30 +79,23 @@ def _scaled_gemm_kernel(
         sa = tl.load(as_ptrs, mask=m_ok, other=0.0)
         sb = tl.load(bs_ptrs, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc.to(tl.float32) * (sa[:, None] * sb[None, :])
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    c_mask = m_ok[:, None] & n_ok[None, :]
-    if QUANT_OUT:
-        # Columns past N hold exact zeros (masked operands, masked bias), so they never raise an amax.
-        groups: tl.constexpr = BLOCK_N // OUT_GROUP
-        tiles = tl.reshape(acc, (BLOCK_M, groups, OUT_GROUP))
-        if OUT_FP8:
-            scale = tl.math.div_rn(tl.max(tl.abs(tiles), axis=2), 448.0)
-        else:
-            scale = tl.math.div_rn(tl.max(tl.abs(tiles), axis=2), 127.0)
-        scale = tl.where(scale == 0.0, 1.1920928955078125e-07, scale)
-        q = tl.math.div_rn(tiles, tl.reshape(scale, (BLOCK_M, groups, 1)))
-        if OUT_FP8:  # bit patterns into a uint8 view (see rounding.e4m3_bits)
-            q = e4m3_bits(round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)))
-        else:
-            q = round_half_even(tl.minimum(tl.maximum(q, -128.0), 127.0)).to(tl.int32)
-        tl.store(c_ptrs, tl.reshape(q, (BLOCK_M, BLOCK_N)).to(c_ptr.dtype.element_ty), mask=c_mask)
-        offs_g = pid_n * groups + tl.arange(0, groups)
-        tl.store(cs_ptr + offs_m[:, None] * stride_csm + offs_g[None, :], scale,
-                 mask=m_ok[:, None] & (offs_g[None, :] < tl.cdiv(N, OUT_GROUP)))
+    if SPLIT_K > 1:  # a float32 partial; split_k.reduce_partials adds the bias and rounds
+        c_ptrs = c_ptr + tl.program_id(1) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
     else:
-        tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty), mask=c_mask)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        c_mask = m_ok[:, None] & n_ok[None, :]
+        if QUANT_OUT:
+            # Columns past N hold exact zeros (masked operands, masked bias), so they never raise an amax.
+            q, scale = quantize_row_groups(acc, BLOCK_M, BLOCK_N, OUT_GROUP, OUT_FP8)
+            tl.store(c_ptrs, q.to(c_ptr.dtype.element_ty), mask=c_mask)
+            offs_g = pid_n * (BLOCK_N // OUT_GROUP) + tl.arange(0, BLOCK_N // OUT_GROUP)
+            tl.store(cs_ptr + offs_m[:, None] * stride_csm + offs_g[None, :], scale,
+                     mask=m_ok[:, None] & (offs_g[None, :] < tl.cdiv(N, OUT_GROUP)))
+        else:
+            tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty), mask=c_mask)
 
 
 def _scale_layout(scales: torch.Tensor, rows: int, k_groups: int, what: str,
@@ -142,22 +138,27 @@ def _launch(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: 
     block_k = min(cfg.block_k, group_k) if grouped else cfg.block_k
     if grouped and group_k % block_k:
         raise ValueError(f"BLOCK_K {block_k} must divide the scale group {group_k}")
-    block_n = cfg.block_n
-    if out_kind is not None:
-        block_n = max(128, block_n - block_n % 128)
     if not (m and n):
         return
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, block_n),)
+    # With split-K, the output quantization moves into the reduction of the partials; in the GEMM's own
+    # epilogue it needs whole 128-column groups per tile.
+    per_split, splits = k_ranges(k, block_k, cfg.split_k)
+    quant_here = out_kind is not None and splits == 1
+    block_n = max(128, cfg.block_n - cfg.block_n % 128) if quant_here else cfg.block_n
+    target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, block_n), splits)
     _scaled_gemm_kernel[grid](
-        a, b, out.view(torch.uint8) if out.dtype == torch.float8_e4m3fn else out, sa, sb,
+        a, b, target.view(torch.uint8) if target.dtype == torch.float8_e4m3fn else target, sa, sb,
         bias if bias is not None else sa, out_scales if out_scales is not None else sa,
-        m, n, k, a.stride(0), b.stride(0), out.stride(0), asm, ask, bsn, bsk,
-        out_scales.stride(0) if out_scales is not None else 0, b_rows,
+        m, n, k, per_split, a.stride(0), b.stride(0), target.stride(-2), target.stride(0) if splits > 1 else 0,
+        asm, ask, bsn, bsk, out_scales.stride(0) if out_scales is not None else 0, b_rows,
         GROUP_K=group_k if grouped else 0, IS_INT=a.dtype == torch.int8, EVEN_K=k % block_k == 0,
-        HAS_BIAS=bias is not None, QUANT_OUT=out_kind is not None, OUT_FP8=out_kind == "float", OUT_GROUP=128,
-        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        HAS_BIAS=bias is not None, QUANT_OUT=quant_here, OUT_FP8=out_kind == "float", OUT_GROUP=128,
+        SPLIT_K=splits, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits > 1:
+        reduce_partials(target, bias, out, out_scales, out_kind)
 
 
 def _as_rows(a: torch.Tensor) -> torch.Tensor:

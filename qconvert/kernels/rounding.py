@@ -15,9 +15,13 @@ Two hardware/interpreter shortcuts are avoided on purpose:
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
+# Read once, like Triton itself: the interpreter is chosen before the kernels are first imported.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 _ROUNDING_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 
 
@@ -29,8 +33,12 @@ def round_half_even(x):
 
 @triton.jit
 def cast_rne(x, DTYPE: tl.constexpr):
-    """float32 ``x`` cast to ``DTYPE`` rounding to nearest even on every backend (torch's rounding)."""
-    if tl.bfloat16 == DTYPE:
+    """float32 ``x`` cast to ``DTYPE`` rounding to nearest even on every backend (torch's rounding).
+
+    The GPU's own conversion already rounds to nearest even; the integer rounding is only compiled
+    in under the interpreter, so the weight-only GEMM's dequantization costs no extra instructions.
+    """
+    if tl.bfloat16 == DTYPE and _INTERPRETED:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
@@ -45,13 +53,16 @@ def round_to_e4m3(x):
     The spacing of e4m3 values is 2**(e - 3) for a number of binary exponent e >= -6 and 2**-9 below
     (subnormals); dividing by a power of two is exact, so the magic-number rounding applies.
     """
-    biased = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    bits = x.to(tl.int32, bitcast=True)
+    biased = (bits >> 23) & 0xFF
     step_biased = tl.maximum(biased, 127 - 6) - 3
     step = (step_biased << 23).to(tl.float32, bitcast=True)
     inverse_step = ((254 - step_biased) << 23).to(tl.float32, bitcast=True)
-    # Rounding the magnitude and restoring the sign keeps -0 for tiny negatives, as the cast does.
     magnitude = round_half_even(tl.abs(x) * inverse_step) * step
-    return tl.where(x < 0, -magnitude, magnitude)
+    # The sign bit is copied, not applied by negation: a small negative that rounds to zero must stay
+    # -0 (0x80), as torch's cast keeps it, and Triton on the GPU negates +0 into +0 (0 - x).
+    sign = (bits >> 31) << 31
+    return (magnitude.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -82,3 +93,24 @@ def swizzle_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     pid_m = first_m + (pid % per_group) % rows_in_group
     pid_n = (pid % per_group) // rows_in_group
     return pid_m, pid_n
+
+
+@triton.jit
+def quantize_row_groups(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                        IS_FP8: tl.constexpr):
+    """Per row per GROUP columns of a float32 tile: ``(codes [BLOCK_M, BLOCK_N] int32 — e4m3fn bit
+    patterns for fp8 — , scales [BLOCK_M, BLOCK_N // GROUP])``, the arithmetic of
+    ``qconvert.quantizers.quantize_activation_groups`` (amax / 127 or / 448, eps for zero groups)."""
+    groups: tl.constexpr = BLOCK_N // GROUP
+    tiles = tl.reshape(acc, (BLOCK_M, groups, GROUP))
+    if IS_FP8:
+        scale = tl.math.div_rn(tl.max(tl.abs(tiles), axis=2), 448.0)
+    else:
+        scale = tl.math.div_rn(tl.max(tl.abs(tiles), axis=2), 127.0)
+    scale = tl.where(scale == 0.0, 1.1920928955078125e-07, scale)
+    q = tl.math.div_rn(tiles, tl.reshape(scale, (BLOCK_M, groups, 1)))
+    if IS_FP8:
+        q = e4m3_bits(round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)))
+    else:
+        q = round_half_even(tl.minimum(tl.maximum(q, -128.0), 127.0)).to(tl.int32)
+    return tl.reshape(q, (BLOCK_M, BLOCK_N)), scale

@@ -15,52 +15,97 @@ import triton.language as tl
 
 from qconvert.kernels.configs import TileConfig, gemm_config, interpreting
 from qconvert.kernels.rounding import cast_rne, swizzle_tile
+from qconvert.kernels.split_k import k_ranges, reduce_partials
 from qconvert.quantizers import packed_columns
 
 
 @triton.jit
+def _dot(x, w, acc, DOT_FP32: tl.constexpr):
+    if DOT_FP32:
+        # Triton's CPU interpreter multiplies bf16 operands as their raw uint16 bits; the values are
+        # exact in float32, so widening changes nothing but the interpreter's answer.
+        return tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, w, acc)
+
+
+@triton.jit
 def _packed_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, GROUP,
-    stride_xm, stride_wn, stride_sn, stride_cm,
+    x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, GROUP, K_SPLIT,
+    stride_xm, stride_wn, stride_sn, stride_cm, stride_cs,
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    SCALE_PER_WORD: tl.constexpr, UNPACK_BY_DOTS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
     pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_start = tl.program_id(1) * K_SPLIT
+    k_end = tl.minimum(k_start + K_SPLIT, K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, WORDS)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    shifts = ((offs_k % PER_WORD) * BITS)[:, None]
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (offs_k // PER_WORD)[:, None]
+    # Words are read as they lie (a row of N is contiguous along K); value i of word j holds
+    # k = j * PER_WORD + i. Two ways to unpack them:
+    # - UNPACK_BY_DOTS (small M, mma.sync): the K step is PER_WORD dots, the i-th values of all words
+    #   against the activations at k = i, i + PER_WORD, ...: a shift and a mask per dot, no shuffles;
+    # - otherwise (wgmma tiles): all values are unpacked into [N, WORDS, PER_WORD], reshaped into K
+    #   order and fed to one dot per K step (separate small dots would each wait on their wgmma).
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_w * PER_WORD)[None, :]
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs_k = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    shifts = tl.arange(0, PER_WORD) * BITS
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k_start // PER_WORD + offs_w)[None, :]
     s_ptrs = s_ptr + offs_n * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-            words = tl.load(w_ptrs, mask=n_ok[None, :], other=0)
+            words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
         else:
-            k_ok = offs_k < K - k0
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            words = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        codes = ((words >> shifts) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
-        scale = tl.load(s_ptrs + k0 // GROUP, mask=n_ok, other=0.0)
-        w = cast_rne(codes.to(tl.float32) * scale.to(tl.float32)[None, :], s_ptr.dtype.element_ty)
-        w = w.to(x_ptr.dtype.element_ty)
-        if DOT_FP32:  # noqa: SIM108
-            # Triton's CPU interpreter multiplies bf16 operands as their raw uint16 bits; the values
-            # are exact in float32, so widening changes nothing but the interpreter's answer.
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            # Past K, activations are zero, so whatever a word holds there adds nothing.
+            words = tl.load(w_ptrs, mask=n_ok[:, None] & (offs_w * PER_WORD < k_end - k0)[None, :], other=0)
+        if SCALE_PER_WORD:  # groups do not tile the K step: one scale per word (a word never straddles)
+            # Masked past K as well: a scale read from beyond the row could be inf or NaN, and 0 * NaN
+            # would poison the sum even though those activations are zero.
+            k_word = k0 + offs_w * PER_WORD
+            scale = tl.load(s_ptrs[:, None] + k_word[None, :] // GROUP, mask=n_ok[:, None] & (k_word < K)[None, :],
+                            other=0.0).to(tl.float32)
         else:
-            acc = tl.dot(x, w, acc)
+            scale = tl.load(s_ptrs + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None] + tl.zeros(
+                (1, WORDS), dtype=tl.float32)
+        if UNPACK_BY_DOTS:
+            for i in tl.static_range(PER_WORD):
+                if EVEN_K:
+                    x = tl.load(x_ptrs + i, mask=m_ok[:, None], other=0.0)
+                else:
+                    x = tl.load(x_ptrs + i, mask=m_ok[:, None] & (offs_w * PER_WORD + i < k_end - k0)[None, :],
+                                other=0.0)
+                codes = ((words >> (i * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+                w = cast_rne(codes.to(tl.float32) * scale, s_ptr.dtype.element_ty)
+                acc = _dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_FP32)
+        else:
+            if EVEN_K:
+                x = tl.load(x_ptrs_k, mask=m_ok[:, None], other=0.0)
+            else:
+                x = tl.load(x_ptrs_k, mask=m_ok[:, None] & (offs_k < k_end - k0)[None, :], other=0.0)
+            codes = ((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+            w = cast_rne(codes.to(tl.float32) * scale[:, :, None], s_ptr.dtype.element_ty)
+            w = tl.reshape(w.to(x_ptr.dtype.element_ty), (BLOCK_N, BLOCK_K))
+            acc = _dot(x, tl.trans(w), acc, DOT_FP32)
+            x_ptrs_k += BLOCK_K
         x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K // PER_WORD
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], cast_rne(acc, c_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+        w_ptrs += WORDS
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K > 1:  # a float32 partial; split_k.reduce_partials adds the bias and rounds
+        c_ptrs = c_ptr + tl.program_id(1) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc, mask=c_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], cast_rne(acc, c_ptr.dtype.element_ty),
+                 mask=c_mask)
 
 
 def packed_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, num_bits: int, in_features: int,
@@ -85,17 +130,25 @@ def packed_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, num
     m = rows.shape[0]
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     cfg = config or gemm_config(f"w{num_bits}a16", m, n, k, x.device)
-    block_k = cfg.block_k if groups == 1 else min(cfg.block_k, group)
     per_word = 32 // num_bits
-    if (groups > 1 and group % block_k) or block_k % per_word or block_k < 16:
-        raise ValueError(f"group size {group} is not supported by the weight-only kernel (needs a multiple of 16)")
-    if m and n:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _packed_gemm_kernel[grid](
-            rows, packed.contiguous(), s, bias if bias is not None else s, out, m, n, k, group,
-            rows.stride(0), packed.stride(0), s.stride(0), out.stride(0),
-            BITS=num_bits, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, DOT_FP32=interpreting(),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    # Each of a K step's per_word dots needs at least 16 words (the MMA's K).
+    block_k = max(cfg.block_k, 16 * per_word)
+    if groups > 1 and group % per_word:
+        raise ValueError(f"group size {group} is not supported by the weight-only kernel (needs a multiple of "
+                         f"{per_word} for {num_bits}-bit weights)")
+    if not (m and n):
+        return out.reshape(*x.shape[:-1], n)
+    per_split, splits = k_ranges(k, block_k, cfg.split_k)
+    target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
+    _packed_gemm_kernel[grid](
+        rows, packed.contiguous(), s, bias if bias is not None else s, target, m, n, k, group, per_split,
+        rows.stride(0), packed.stride(0), s.stride(0), target.stride(-2), target.stride(0) if splits > 1 else 0,
+        BITS=num_bits, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, DOT_FP32=interpreting(),
+        SCALE_PER_WORD=groups > 1 and group % block_k != 0, UNPACK_BY_DOTS=cfg.block_m < 64, SPLIT_K=splits,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        reduce_partials(target, bias, out)
     return out.reshape(*x.shape[:-1], n)
