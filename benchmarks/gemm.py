@@ -93,14 +93,20 @@ def candidates(kernel: str, m: int) -> list[TileConfig]:
     fill the SMs); large M is compute bound (wgmma tiles: per-program M a multiple of 64, 4 or 8 warps)."""
     weight_only = kernel == "w4a16"
     bks = (128, 256) if weight_only else (128,)
+    defer = (False,) if weight_only else (False, True)
+    if m <= 16 and weight_only:
+        return [TileConfig(16, bn, bk, 1, 4, 4, split, unpack_by_dots=by_dots) for bn in (32, 64, 128) for bk in bks
+                for split in (1, 2, 4) for by_dots in ((True,) if bn < 64 else (True, False))]
     if m <= 16:
-        return [TileConfig(16, bn, bk, 1, 4, 4, split) for bn in (32, 64, 128) for bk in bks
-                for split in ((1, 2, 4) if weight_only else (1, 2, 4, 8))]
+        return [TileConfig(16, bn, 128, 1, 4, 4, split, d) for bn in (32, 64, 128) for split in (1, 2, 4, 8)
+                for d in defer]
     if m <= 256:
-        return [TileConfig(bm, bn, bk, 8, warps, stages, split) for bm, bn in ((64, 64), (64, 128), (128, 128))
-                for bk in bks for warps, stages in ((4, 4), (8, 3)) for split in ((1,) if weight_only else (1, 2))]
-    return [TileConfig(bm, bn, 128, 8, warps, stages)
-            for bm, bn in ((128, 128), (128, 256), (256, 128)) for warps, stages in ((8, 3), (8, 4), (4, 4))]
+        return [TileConfig(bm, bn, bk, 8, warps, stages, split, d)
+                for bm, bn in ((64, 64), (64, 128), (128, 128)) for bk in bks for warps, stages in ((4, 4), (8, 3))
+                for split in ((1,) if weight_only else (1, 2)) for d in defer]
+    return [TileConfig(bm, bn, 128, 8, warps, stages, 1, d)
+            for bm, bn in ((128, 128), (128, 256), (256, 128)) for warps, stages in ((8, 3), (8, 4), (4, 4))
+            for d in defer]
 
 
 def tune(out_dir: Path) -> None:
@@ -131,10 +137,12 @@ def tune(out_dir: Path) -> None:
 
 
 def copy_bandwidth() -> float:
+    """GB/s (read + write) of an elementwise kernel over 1 GiB: the device's achievable copy bandwidth.
+    (Not ``copy_``: inside a CUDA graph that becomes a memcpy node served by the copy engines, slower.)"""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() / ms / 1e6  # GB/s, read + write
+    ms = bench(lambda: torch.bitwise_not(src, out=dst))
+    return 2 * src.numel() / ms / 1e6
 
 
 def compile_report() -> list[str]:
@@ -144,8 +152,8 @@ def compile_report() -> list[str]:
     from qconvert.kernels.gemm import _scaled_gemm_kernel
     from qconvert.kernels.weight_only import _packed_gemm_kernel
 
-    lines = ["| kernel | operands | BM×BN×BK | warps | stages | split-K | regs | spills | shared KiB | MMA | "
-             "wgmma waits |", "|" + " --- |" * 11]
+    lines = ["| kernel | operands | BM×BN×BK | warps | stages | split-K | deferred scales / unpack by dots | regs | "
+             "spills | shared KiB | MMA | wgmma waits |", "|" + " --- |" * 12]
     for fn in (_scaled_gemm_kernel, _packed_gemm_kernel):
         for caches in fn.device_caches.values():
             for compiled in caches[0].values():
@@ -158,7 +166,9 @@ def compile_report() -> list[str]:
                 lines.append(
                     f"| {compiled.name} | {compiled.src.signature.get('a_ptr', compiled.src.signature.get('x_ptr'))} | "
                     f"{const.get('BLOCK_M')}×{const.get('BLOCK_N')}×{const.get('BLOCK_K')} | {meta.num_warps} | "
-                    f"{meta.num_stages} | {const.get('SPLIT_K')} | {compiled.n_regs} | {compiled.n_spills} | "
+                    f"{meta.num_stages} | {const.get('SPLIT_K')} | "
+                    f"{const.get('DEFER_SCALES', const.get('UNPACK_BY_DOTS'))} | {compiled.n_regs} | "
+                    f"{compiled.n_spills} | "
                     f"{meta.shared / 1024:.0f} | {', '.join(mma) or '–'} | {ptx.count('wgmma.wait_group')} |")
     return lines
 

@@ -255,6 +255,18 @@ def test_split_k_gemm(kind: str, block: bool) -> None:
 
 
 @pytest.mark.parametrize("kind", ["int", "float"])
+def test_deferred_scales_change_nothing(kind: str) -> None:
+    # The software-pipelined promotion adds the same scaled group products in the same order.
+    m, n, k = 20, 160, 520
+    a_values, a_scales = kernels.quantize_activations(randn(m, k, seed=41), 128, kind)
+    b_values, b_scales = kernels.quantize_weight_blocks(randn(n, k, scale=0.05, seed=42), (128, 128), kind)
+    outs = [kernels.scaled_gemm(a_values, a_scales, b_values, b_scales, out_dtype=torch.float32,
+                                config=TileConfig(16, 64, 128, 1, 4, 2, split_k=split, defer_scales=defer))
+            for split in (1, 2) for defer in (False, True)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
+
+
+@pytest.mark.parametrize("kind", ["int", "float"])
 def test_gemm_quant_fuses_the_output_quantization(kind: str) -> None:
     m, n, k = 37, 384, 256
     x = randn(m, k, seed=5)

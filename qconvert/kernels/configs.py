@@ -25,6 +25,8 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1  # K ranges computed by separate programs, summed by split_k.reduce_partials
+    defer_scales: bool = False  # block GEMMs: scale K group k-1 while group k's MMAs run
+    unpack_by_dots: bool | None = None  # weight-only GEMMs (see weight_only.py); None: when block_m < 64
 
 
 M_BUCKETS = (1, 16, 32, 64, 128, 256, 512, 1024, 4096)

@@ -28,6 +28,31 @@ _TL_OUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32
 
 
 @triton.jit
+def _step(a_ptrs, b_ptrs, m_ok, n_ok, offs_k, k_left, EVEN_K: tl.constexpr, IS_INT: tl.constexpr):
+    """One K step: the masked operand tiles and their exact dot (int32 for int8, float32 for fp8)."""
+    if EVEN_K:
+        a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+    else:
+        k_ok = offs_k < k_left
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    if IS_INT:  # noqa: SIM108 (constexpr branches read better in a kernel)
+        part = tl.dot(a, b, out_dtype=tl.int32)
+    else:
+        part = tl.dot(a, b, out_dtype=tl.float32)
+    return part
+
+
+@triton.jit
+def _group_scales(as_ptrs, bs_ptrs, group, stride_ask, stride_bsk, m_ok, n_ok):
+    """activation scale x weight scale of one K group, per output element (float32)."""
+    sa = tl.load(as_ptrs + group * stride_ask, mask=m_ok, other=0.0)
+    sb = tl.load(bs_ptrs + group * stride_bsk, mask=n_ok, other=0.0).to(tl.float32)
+    return sa[:, None] * sb[None, :]
+
+
+@triton.jit
 def _scaled_gemm_kernel(
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, cs_ptr,
     M, N, K, K_SPLIT,
@@ -36,7 +61,8 @@ def _scaled_gemm_kernel(
     B_SCALE_ROWS,
     GROUP_K: tl.constexpr, IS_INT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     QUANT_OUT: tl.constexpr, OUT_FP8: tl.constexpr, OUT_GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DEFER_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_start = tl.program_id(1) * K_SPLIT
@@ -54,27 +80,30 @@ def _scaled_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k < k_end - k0
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if IS_INT:  # noqa: SIM108 (constexpr branches read better in a kernel)
-            part = tl.dot(a, b, out_dtype=tl.int32)
-        else:
-            part = tl.dot(a, b, out_dtype=tl.float32)
-        if GROUP_K == 0:
-            acc += part
-        else:
-            group = k0 // GROUP_K
-            sa = tl.load(as_ptrs + group * stride_ask, mask=m_ok, other=0.0)
-            sb = tl.load(bs_ptrs + group * stride_bsk, mask=n_ok, other=0.0).to(tl.float32)
-            acc += part.to(tl.float32) * (sa[:, None] * sb[None, :])
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    if GROUP_K != 0 and DEFER_SCALES:
+        # Software-pipelined promotion: step k's MMAs are issued before step k-1's result is scaled, so
+        # the tensor cores are not idle while the scale epilogue of each K group runs (a fresh
+        # accumulator per group otherwise makes every step wait for its own MMAs). Same sums, same order.
+        part_prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+        scale_prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            part = _step(a_ptrs, b_ptrs, m_ok, n_ok, offs_k, k_end - k0, EVEN_K, IS_INT)
+            acc += part_prev.to(tl.float32) * scale_prev
+            scale_prev = _group_scales(as_ptrs, bs_ptrs, k0 // GROUP_K, stride_ask, stride_bsk, m_ok, n_ok)
+            part_prev = part
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        acc += part_prev.to(tl.float32) * scale_prev
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            part = _step(a_ptrs, b_ptrs, m_ok, n_ok, offs_k, k_end - k0, EVEN_K, IS_INT)
+            if GROUP_K == 0:
+                acc += part
+            else:
+                acc += part.to(tl.float32) * _group_scales(as_ptrs, bs_ptrs, k0 // GROUP_K, stride_ask, stride_bsk,
+                                                           m_ok, n_ok)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
     if GROUP_K == 0:
         sa = tl.load(as_ptrs, mask=m_ok, other=0.0)
         sb = tl.load(bs_ptrs, mask=n_ok, other=0.0).to(tl.float32)
@@ -154,7 +183,8 @@ def _launch(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: 
         asm, ask, bsn, bsk, out_scales.stride(0) if out_scales is not None else 0, b_rows,
         GROUP_K=group_k if grouped else 0, IS_INT=a.dtype == torch.int8, EVEN_K=k % block_k == 0,
         HAS_BIAS=bias is not None, QUANT_OUT=quant_here, OUT_FP8=out_kind == "float", OUT_GROUP=128,
-        SPLIT_K=splits, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        SPLIT_K=splits, DEFER_SCALES=cfg.defer_scales, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:

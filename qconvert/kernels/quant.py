@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qconvert.kernels.rounding import cast_rne, e4m3_bits, round_half_even, round_to_e4m3
+from qconvert.kernels.rounding import cast_rne, e4m3_codes, round_half_even
 from qconvert.quantizers import ACTIVATION_INT8_DIVISOR, FP8_E4M3_MAX, int_range, scale_divisor
 
 _FP32_EPS = float(torch.finfo(torch.float32).eps)
@@ -26,7 +26,7 @@ def _to_codes(q, IS_FP8: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
     e4m3fn bit patterns for fp8 outputs (which the wrappers pass as uint8 views)."""
     q = tl.minimum(tl.maximum(q, QMIN), QMAX)
     if IS_FP8:  # noqa: SIM108
-        codes = e4m3_bits(round_to_e4m3(q))
+        codes = e4m3_codes(q)
     else:
         codes = round_half_even(q).to(tl.int32)
     return codes

@@ -9,8 +9,8 @@ Two hardware/interpreter shortcuts are avoided on purpose:
 * the interpreter's float32 → bfloat16 cast truncates (the GPU's rounds to nearest even), so
   :func:`cast_rne` rounds to bfloat16 in integer arithmetic first;
 * the interpreter's float32 → float8 cast mis-rounds when the mantissa carries into the exponent
-  (1.94 → 1.0), so values are first rounded to the e4m3 grid in float32 arithmetic; the cast that
-  follows is then exact everywhere.
+  (1.94 → 1.0), so there values are rounded on the e4m3 grid in float32 arithmetic and written as bit
+  patterns; the GPU's own conversion is correctly rounded and is used as it is.
 """
 
 from __future__ import annotations
@@ -67,17 +67,27 @@ def round_to_e4m3(x):
 
 @triton.jit
 def e4m3_bits(v):
-    """The float8 e4m3fn bit pattern (int32, 0..255) of float32 ``v`` that is exactly an e4m3 value.
-
-    Stores go through these bits rather than a float32 → fp8 cast, because the GPU conversion turns
-    -0.0 (a tiny negative that rounds to zero) into +0, while torch keeps 0x80.
-    """
+    """The float8 e4m3fn bit pattern (int32, 0..255) of float32 ``v`` that is exactly an e4m3 value
+    (the interpreter's path of :func:`e4m3_codes`: its own float8 cast cannot be trusted)."""
     bits = v.to(tl.int32, bitcast=True)
     sign = (bits >> 31) & 1
     exponent = ((bits >> 23) & 0xFF) - 127
     normal = ((exponent + 7) << 3) | ((bits >> 20) & 0x7)
     subnormal = (tl.abs(v) * 512.0).to(tl.int32)  # 0..7 steps of 2**-9, exact
     return (sign << 7) | tl.where(exponent >= -6, normal, subnormal)
+
+
+@triton.jit
+def e4m3_codes(q):
+    """The e4m3fn bit patterns (int32) of float32 ``q`` already clamped to ±448, rounded to nearest even.
+
+    On the GPU that is the hardware conversion (``cvt.rn.satfinite.e4m3x2.f32``: correctly rounded, sign
+    kept); the interpreter's cast mis-rounds, so there the value is rounded on the e4m3 grid first.
+    """
+    if _INTERPRETED:
+        return e4m3_bits(round_to_e4m3(q))
+    else:
+        return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
 
 
 @triton.jit
@@ -110,7 +120,7 @@ def quantize_row_groups(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     scale = tl.where(scale == 0.0, 1.1920928955078125e-07, scale)
     q = tl.math.div_rn(tiles, tl.reshape(scale, (BLOCK_M, groups, 1)))
     if IS_FP8:
-        q = e4m3_bits(round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)))
+        q = e4m3_codes(tl.minimum(tl.maximum(q, -448.0), 448.0))
     else:
         q = round_half_even(tl.minimum(tl.maximum(q, -128.0), 127.0)).to(tl.int32)
     return tl.reshape(q, (BLOCK_M, BLOCK_N)), scale

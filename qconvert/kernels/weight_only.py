@@ -53,13 +53,16 @@ def _packed_gemm_kernel(
     #   against the activations at k = i, i + PER_WORD, ...: a shift and a mask per dot, no shuffles;
     # - otherwise (wgmma tiles): all values are unpacked into [N, WORDS, PER_WORD], reshaped into K
     #   order and fed to one dot per K step (separate small dots would each wait on their wgmma).
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_w * PER_WORD)[None, :]
+    # The product is computed transposed, C^T = W X^T: the dequantized weights are the dot's first
+    # operand, which the tensor cores take from registers, so Triton unpacks straight into the MMA
+    # operand layout (as the second operand they would take a round trip through shared memory).
+    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_start + offs_w * PER_WORD)[:, None]
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs_k = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    x_ptrs_k = x_ptr + offs_m[None, :] * stride_xm + (k_start + offs_k)[:, None]
     shifts = tl.arange(0, PER_WORD) * BITS
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k_start // PER_WORD + offs_w)[None, :]
     s_ptrs = s_ptr + offs_n * stride_sn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
@@ -78,34 +81,32 @@ def _packed_gemm_kernel(
         if UNPACK_BY_DOTS:
             for i in tl.static_range(PER_WORD):
                 if EVEN_K:
-                    x = tl.load(x_ptrs + i, mask=m_ok[:, None], other=0.0)
+                    x = tl.load(x_ptrs + i, mask=m_ok[None, :], other=0.0)
                 else:
-                    x = tl.load(x_ptrs + i, mask=m_ok[:, None] & (offs_w * PER_WORD + i < k_end - k0)[None, :],
+                    x = tl.load(x_ptrs + i, mask=m_ok[None, :] & (offs_w * PER_WORD + i < k_end - k0)[:, None],
                                 other=0.0)
                 codes = ((words >> (i * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
                 w = cast_rne(codes.to(tl.float32) * scale, s_ptr.dtype.element_ty)
-                acc = _dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, DOT_FP32)
+                acc = _dot(w.to(x_ptr.dtype.element_ty), x, acc, DOT_FP32)
         else:
             if EVEN_K:
-                x = tl.load(x_ptrs_k, mask=m_ok[:, None], other=0.0)
+                x = tl.load(x_ptrs_k, mask=m_ok[None, :], other=0.0)
             else:
-                x = tl.load(x_ptrs_k, mask=m_ok[:, None] & (offs_k < k_end - k0)[None, :], other=0.0)
+                x = tl.load(x_ptrs_k, mask=m_ok[None, :] & (offs_k < k_end - k0)[:, None], other=0.0)
             codes = ((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
             w = cast_rne(codes.to(tl.float32) * scale[:, :, None], s_ptr.dtype.element_ty)
-            w = tl.reshape(w.to(x_ptr.dtype.element_ty), (BLOCK_N, BLOCK_K))
-            acc = _dot(x, tl.trans(w), acc, DOT_FP32)
+            acc = _dot(tl.reshape(w.to(x_ptr.dtype.element_ty), (BLOCK_N, BLOCK_K)), x, acc, DOT_FP32)
             x_ptrs_k += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += WORDS
-    c_mask = m_ok[:, None] & n_ok[None, :]
+    c_mask = n_ok[:, None] & m_ok[None, :]
+    c_ptrs = c_ptr + offs_m[None, :] * stride_cm + offs_n[:, None]
     if SPLIT_K > 1:  # a float32 partial; split_k.reduce_partials adds the bias and rounds
-        c_ptrs = c_ptr + tl.program_id(1) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc, mask=c_mask)
+        tl.store(c_ptrs + tl.program_id(1) * stride_cs, acc, mask=c_mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], cast_rne(acc, c_ptr.dtype.element_ty),
-                 mask=c_mask)
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty), mask=c_mask)
 
 
 def packed_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, num_bits: int, in_features: int,
@@ -139,13 +140,14 @@ def packed_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, num
     if not (m and n):
         return out.reshape(*x.shape[:-1], n)
     per_split, splits = k_ranges(k, block_k, cfg.split_k)
+    by_dots = cfg.block_m < 64 if cfg.unpack_by_dots is None else cfg.unpack_by_dots
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
     _packed_gemm_kernel[grid](
         rows, packed.contiguous(), s, bias if bias is not None else s, target, m, n, k, group, per_split,
         rows.stride(0), packed.stride(0), s.stride(0), target.stride(-2), target.stride(0) if splits > 1 else 0,
         BITS=num_bits, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, DOT_FP32=interpreting(),
-        SCALE_PER_WORD=groups > 1 and group % block_k != 0, UNPACK_BY_DOTS=cfg.block_m < 64, SPLIT_K=splits,
+        SCALE_PER_WORD=groups > 1 and group % block_k != 0, UNPACK_BY_DOTS=by_dots, SPLIT_K=splits,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
