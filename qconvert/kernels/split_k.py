@@ -47,10 +47,11 @@ def reduce_partials(workspace: torch.Tensor, bias: torch.Tensor | None, out: tor
     """``out = sum(workspace[s] for s in splits) + bias``: ``workspace [splits, M, N]`` float32. With
     ``out_kind``, ``out`` receives int8 or e4m3fn codes and ``out_scales`` one scale per row per 128."""
     splits, m, n = workspace.shape
-    grid = (triton.cdiv(m, 16), triton.cdiv(n, 256))
+    # Small tiles: at M <= 16 there are few rows, and the reduction must still spread over the SMs.
+    grid = (triton.cdiv(m, 4), triton.cdiv(n, 128))
     target = out.view(torch.uint8) if out.dtype == torch.float8_e4m3fn else out
     scales = out_scales if out_scales is not None else workspace
     _reduce_kernel[grid](workspace, bias if bias is not None else workspace, target, scales, m, n, out.stride(0),
                          scales.stride(0) if out_scales is not None else 0, SPLITS=splits, HAS_BIAS=bias is not None,
-                         QUANT_OUT=out_kind is not None, OUT_FP8=out_kind == "float", OUT_GROUP=128, BLOCK_M=16,
-                         BLOCK_N=256, num_warps=4)
+                         QUANT_OUT=out_kind is not None, OUT_FP8=out_kind == "float", OUT_GROUP=128, BLOCK_M=4,
+                         BLOCK_N=128, num_warps=4)
