@@ -45,11 +45,31 @@ def _step(a_ptrs, b_ptrs, m_ok, n_ok, offs_k, k_left, EVEN_K: tl.constexpr, IS_I
 
 
 @triton.jit
-def _group_scales(as_ptrs, bs_ptrs, group, stride_ask, stride_bsk, m_ok, n_ok):
-    """activation scale x weight scale of one K group, per output element (float32)."""
+def _group_scales(as_ptrs, bs_ptrs, bs_tile_ptr, group, stride_ask, stride_bsk, m_ok, n_ok, SCALAR_B: tl.constexpr):
+    """activation scale x weight scale of one K group: ``[BLOCK_M, BLOCK_N]``, or ``[BLOCK_M, 1]`` when
+    the tile lies inside one weight scale block (one scalar load, one multiply per element saved)."""
     sa = tl.load(as_ptrs + group * stride_ask, mask=m_ok, other=0.0)
-    sb = tl.load(bs_ptrs + group * stride_bsk, mask=n_ok, other=0.0).to(tl.float32)
-    return sa[:, None] * sb[None, :]
+    if SCALAR_B:
+        sb = tl.load(bs_tile_ptr + group * stride_bsk).to(tl.float32)
+        return sa[:, None] * sb
+    else:
+        sb = tl.load(bs_ptrs + group * stride_bsk, mask=n_ok, other=0.0).to(tl.float32)
+        return sa[:, None] * sb[None, :]
+
+
+@triton.jit
+def _as_float(part, IS_INT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 of one K group's dot, exactly.
+
+    int8: a sum of at most 128 products of int8 codes lies within ±2**21, so adding it to the bits of
+    1.5 * 2**23 in integer arithmetic and subtracting 1.5 * 2**23 in float gives it exactly, with an
+    integer add and a float add instead of an I2F conversion per element and group: conversions run at
+    an eighth of the FMA rate, and this promotion is what bounds the block GEMM at large M.
+    """
+    if IS_INT and BLOCK_K <= 128:
+        return (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        return part.to(tl.float32)
 
 
 @triton.jit
@@ -58,8 +78,8 @@ def _scaled_gemm_kernel(
     M, N, K, K_SPLIT,
     stride_am, stride_bn, stride_cm, stride_cs,
     stride_asm, stride_ask, stride_bsn, stride_bsk, stride_csm,
-    B_SCALE_ROWS,
-    GROUP_K: tl.constexpr, IS_INT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    B_SCALE_ROWS: tl.constexpr, GROUP_K: tl.constexpr, IS_INT: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     QUANT_OUT: tl.constexpr, OUT_FP8: tl.constexpr, OUT_GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
     DEFER_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -76,6 +96,8 @@ def _scaled_gemm_kernel(
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + (k_start + offs_k)[:, None]
     as_ptrs = as_ptr + offs_m * stride_asm
     bs_ptrs = bs_ptr + (offs_n // B_SCALE_ROWS) * stride_bsn
+    SCALAR_B: tl.constexpr = B_SCALE_ROWS % BLOCK_N == 0  # the whole tile shares one weight scale row
+    bs_tile_ptr = bs_ptr + (pid_n * BLOCK_N // B_SCALE_ROWS) * stride_bsn
     if GROUP_K == 0 and IS_INT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
@@ -85,23 +107,24 @@ def _scaled_gemm_kernel(
         # the tensor cores are not idle while the scale epilogue of each K group runs (a fresh
         # accumulator per group otherwise makes every step wait for its own MMAs). Same sums, same order.
         part_prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
-        scale_prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        scale_prev = tl.zeros((BLOCK_M, 1 if SCALAR_B else BLOCK_N), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             part = _step(a_ptrs, b_ptrs, m_ok, n_ok, offs_k, k_end - k0, EVEN_K, IS_INT)
-            acc += part_prev.to(tl.float32) * scale_prev
-            scale_prev = _group_scales(as_ptrs, bs_ptrs, k0 // GROUP_K, stride_ask, stride_bsk, m_ok, n_ok)
+            acc += _as_float(part_prev, IS_INT, BLOCK_K) * scale_prev
+            scale_prev = _group_scales(as_ptrs, bs_ptrs, bs_tile_ptr, k0 // GROUP_K, stride_ask, stride_bsk, m_ok,
+                                       n_ok, SCALAR_B)
             part_prev = part
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        acc += part_prev.to(tl.float32) * scale_prev
+        acc += _as_float(part_prev, IS_INT, BLOCK_K) * scale_prev
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
             part = _step(a_ptrs, b_ptrs, m_ok, n_ok, offs_k, k_end - k0, EVEN_K, IS_INT)
             if GROUP_K == 0:
                 acc += part
             else:
-                acc += part.to(tl.float32) * _group_scales(as_ptrs, bs_ptrs, k0 // GROUP_K, stride_ask, stride_bsk,
-                                                           m_ok, n_ok)
+                acc += _as_float(part, IS_INT, BLOCK_K) * _group_scales(
+                    as_ptrs, bs_ptrs, bs_tile_ptr, k0 // GROUP_K, stride_ask, stride_bsk, m_ok, n_ok, SCALAR_B)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
     if GROUP_K == 0:
