@@ -85,7 +85,7 @@ def _stored_dtype(kind: str) -> torch.dtype:
 
 
 def _storage(values: torch.Tensor) -> torch.Tensor:
-    """fp8 outputs are written as their bit patterns (see ``rounding.e4m3_bits``)."""
+    """fp8 outputs are written as their bit patterns (see ``rounding.e4m3_codes``)."""
     return values.view(torch.uint8) if values.dtype == torch.float8_e4m3fn else values
 
 
