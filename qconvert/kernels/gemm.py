@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from qconvert.kernels.configs import TileConfig, gemm_config
-from qconvert.kernels.rounding import cast_rne, quantize_row_groups, swizzle_tile
+from qconvert.kernels.rounding import cast_rne, program_tile, quantize_row_groups
 from qconvert.kernels.split_k import k_ranges, reduce_partials
 
 _TL_OUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -84,14 +84,8 @@ def _scaled_gemm_kernel(
     DEFER_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_start = tl.program_id(1) * K_SPLIT
-    k_end = tl.minimum(k_start + K_SPLIT, K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, offs_m, offs_n, m_ok, n_ok, k_start, k_end = program_tile(M, N, K, K_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :]
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + (k_start + offs_k)[:, None]
     as_ptrs = as_ptr + offs_m * stride_asm

@@ -124,3 +124,14 @@ def quantize_row_groups(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     else:
         q = round_half_even(tl.minimum(tl.maximum(q, -128.0), 127.0)).to(tl.int32)
     return tl.reshape(q, (BLOCK_M, BLOCK_N)), scale
+
+
+@triton.jit
+def program_tile(M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile and K range in a split-K GEMM grid ``(tiles, splits)``:
+    ``(pid_n, offs_m, offs_n, m_ok, n_ok, k_start, k_end)``."""
+    pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_start = tl.program_id(1) * K_SPLIT
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_n, offs_m, offs_n, offs_m < M, offs_n < N, k_start, tl.minimum(k_start + K_SPLIT, K)

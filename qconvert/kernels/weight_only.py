@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from qconvert.kernels.configs import TileConfig, gemm_config, interpreting
-from qconvert.kernels.rounding import cast_rne, swizzle_tile
+from qconvert.kernels.rounding import cast_rne, program_tile
 from qconvert.kernels.split_k import k_ranges, reduce_partials
 from qconvert.quantizers import packed_columns
 
@@ -51,14 +51,8 @@ def _packed_gemm_kernel(
 ):
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
-    pid_m, pid_n = swizzle_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_start = tl.program_id(1) * K_SPLIT
-    k_end = tl.minimum(k_start + K_SPLIT, K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _pid_n, offs_m, offs_n, m_ok, n_ok, k_start, k_end = program_tile(M, N, K, K_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
     offs_w = tl.arange(0, WORDS)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
     # Words are read as they lie (a row of N is contiguous along K); value i of word j holds
     # k = j * PER_WORD + i. Two ways to unpack them:
     # - UNPACK_BY_DOTS (small M, mma.sync): the K step is PER_WORD dots, the i-th values of all words
