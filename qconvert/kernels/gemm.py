@@ -11,7 +11,8 @@ channels; ``B [N, K]`` are quantized weights with scales per tensor, per output 
 
 Rows, columns and K are masked (any M, N, K), the output dtype is the caller's, a bias is fused, and
 :func:`scaled_gemm_quant` quantizes the result per token per 128 channels inside the epilogue, so the
-full-precision output never reaches memory.
+full-precision output never reaches memory. Small M may split K (``TileConfig.split_k``): float32
+partials, then :mod:`qconvert.kernels.split_k` sums them (and does the bias and the output quantization).
 """
 
 from __future__ import annotations
