@@ -49,10 +49,10 @@ _U32 = 2.0**-24  # float32 unit roundoff
 # the accumulator and keeps about 14 significant bits (DeepSeek-V3 report, section 3.3.2), so each step
 # can lose a few units of 2**-13 of the magnitudes it adds. Our block GEMMs promote every 128-wide K
 # group (4 steps) to float32, which keeps the error a fraction of sum |a||b| over all of K. This is an
-# empirical model of the hardware, not an IEEE guarantee: on an H200 the worst error seen over the
-# ANCHORS.md shapes and every shipped tile was 1.6 * 2**-11 (tests/test_kernels.py), and 2**-9 leaves 2.5x
-# of margin while staying below what a real fault does (a dropped 128-wide K group on a 4096-deep dot:
-# about 2**-8). On the CPU the float32 terms alone apply.
+# empirical model of the hardware, not an IEEE guarantee: on an H200, a constant of 2**-11 was exceeded
+# by up to 1.6x on two shipped fp8 tiles (tests/test_kernels.py::test_every_shipped_config), so 2**-9
+# leaves about 2.5x of margin while staying below what a real fault does (a dropped 128-wide K group on
+# a 4096-deep dot: about 2**-8). On the CPU the float32 terms alone apply.
 FP8_MMA_GAMMA = 2.0**-9
 _UNIT_ROUNDOFF = {torch.float32: _U32, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
 
