@@ -11,6 +11,7 @@ import torch
 from qconvert import kernels
 from qconvert import quantizers as Q
 from qconvert.kernels.configs import TileConfig
+from qconvert.kernels.split_k import k_ranges
 from qconvert.verification import FP8_MMA_GAMMA, error_bound
 from tests.conftest import DEVICE, poison_device_memory
 
@@ -232,6 +233,7 @@ def test_seed_defect_rows_past_m_are_masked_not_wrapped() -> None:
 def test_split_k_gemm(kind: str, block: bool) -> None:
     # K = 5 groups cut into 3 ranges (2 + 2 + 1 groups) and a K tail: partials summed in float32.
     m, n, k = 5, 200, 600
+    assert k_ranges(k, 128, 3) == (256, 3)
     x = randn(m, k, seed=11)
     w = randn(n, k, scale=0.05, seed=12)
     bias = randn(n, seed=13)
@@ -334,8 +336,10 @@ def test_packed_gemm_wide_tiles(bits: int, group: int) -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_packed_gemm_split_k(bits: int) -> None:
-    # 3 ranges over K = 200 in BLOCK_K = 32 steps (7 steps: 3 + 3 + 1, the last one a tail).
-    m, n, k = 3, 96, 200
+    # 3 ranges over K = 600 (int4: 5 steps of 128 as 2 + 2 + 1; int8: 10 steps of 64 as 4 + 4 + 2), the
+    # last step a tail. (Each of a step's per-word dots needs 16 words: BLOCK_K is 128 for int4, 64 for int8.)
+    m, n, k = 3, 96, 600
+    assert k_ranges(k, 16 * 32 // bits, 3) == (256, 3)
     x = randn(m, k, seed=21)
     packed, scales = Q.quantize_and_pack_symmetric(randn(n, k, scale=0.05, seed=22).cpu(), bits, -1)
     bias = randn(n, seed=23)

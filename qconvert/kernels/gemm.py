@@ -64,8 +64,9 @@ def _as_float(part, IS_INT: tl.constexpr, BLOCK_K: tl.constexpr):
 
     int8: a sum of at most 128 products of int8 codes lies within ±2**21, so adding it to the bits of
     1.5 * 2**23 in integer arithmetic and subtracting 1.5 * 2**23 in float gives it exactly, with an
-    integer add and a float add instead of an I2F conversion per element and group: conversions run at
-    an eighth of the FMA rate, and this promotion is what bounds the block GEMM at large M.
+    integer add and a float add instead of an I2F conversion per element and group (the CUDA guide's
+    throughput table gives conversions an eighth of the FP32 rate); this promotion is what bounds the
+    block GEMM at large M (BENCHMARKS.md: block vs channel scales).
     """
     if IS_INT and BLOCK_K <= 128:
         return (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0

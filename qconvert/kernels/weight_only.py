@@ -33,9 +33,10 @@ def _dot(x, w, acc, DOT_FP32: tl.constexpr):
 def _signed_values(shifted, BITS: tl.constexpr):
     """float32 ``code - 2**(BITS-1)`` of the low BITS bits of int32 ``shifted``.
 
-    The unpacking is bound by integer and conversion instructions (Nsight Compute: the ALU pipe is the
-    busiest at small M), so the int → float conversion is done without one: OR-ing the code into the
-    mantissa of 2**23 gives the float 2**23 + code exactly, and one exact subtraction recentres it.
+    The unpacking is bound by integer instructions (Nsight Compute: the ALU pipe is the busiest at
+    small M), so the int → float conversion is done without a conversion instruction: OR-ing the code
+    into the mantissa of 2**23 gives the float 2**23 + code exactly, and one exact subtraction recentres
+    it. (Measured: no change in speed on an H200, BENCHMARKS.md; kept as it is no more instructions.)
     """
     magic = (shifted & ((1 << BITS) - 1)) | 0x4B000000
     return magic.to(tl.float32, bitcast=True) - (8388608.0 + (1 << (BITS - 1)))
@@ -55,8 +56,8 @@ def _packed_gemm_kernel(
     offs_w = tl.arange(0, WORDS)
     # Words are read as they lie (a row of N is contiguous along K); value i of word j holds
     # k = j * PER_WORD + i. Two ways to unpack them:
-    # - UNPACK_BY_DOTS (small M, mma.sync): the K step is PER_WORD dots, the i-th values of all words
-    #   against the activations at k = i, i + PER_WORD, ...: a shift and a mask per dot, no shuffles;
+    # - UNPACK_BY_DOTS (small M): the K step is PER_WORD dots, the i-th values of all words against
+    #   the activations at k = i, i + PER_WORD, ...: a shift and a mask per dot, no shuffles;
     # - otherwise (wgmma tiles): all values are unpacked into [N, WORDS, PER_WORD], reshaped into K
     #   order and fed to one dot per K step (separate small dots would each wait on their wgmma).
     # The product is computed transposed, C^T = W X^T: the dequantized weights are the dot's first
