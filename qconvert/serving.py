@@ -1,0 +1,102 @@
+"""Which engine serves which of our outputs: the one table of truth.
+
+Each entry was observed by the conformance tier (``tests/engines/``, ``make engines``), which runs the
+engines' own config parsing and weight loaders on checkpoints we write and fails when an engine and this
+table disagree. ``qconvert schemes``, the ``serves_in`` field of ``quantize --json`` and the README's
+"loads in" column are all made from it.
+
+An output *kind* is a scheme, optionally with a layout (``int8-block@sglang``) or the ``convert`` op that
+produced it (``fp8+fnuz``). Several entries for one engine give the method it picks from each minimum GPU
+capability upwards (vLLM falls back to weight-only FP8 below sm89, for instance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+
+class Engine(str, Enum):
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    TRANSFORMERS = "transformers"
+    QCONVERT = "qconvert"  # qconvert's own kernels (`qconvert verify`)
+
+
+# The versions the conformance tier pins and tests.
+VLLM_VERSION = "0.33.0"
+SGLANG_VERSION = "0.5.23"
+TRANSFORMERS_VERSION = "5.23"
+
+
+@dataclass(frozen=True)
+class Serving:
+    engine: Engine
+    version: str  # engine version the conformance tier tested
+    method: str  # what the engine picks for linear layers
+    min_capability: int | None  # lowest CUDA capability (80 = sm80) at which it loads; None: not GPU-bound
+    families: tuple[str, ...] = ("*",)  # architecture families it holds for; "*" = every family tested
+    moe_method: str | None = None  # what it picks for MoE experts, where tested
+    note: str = ""
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["engine"] = self.engine.value
+        data["families"] = list(self.families)
+        return data
+
+    def describe(self) -> str:
+        where = "" if self.min_capability is None else f" sm{self.min_capability}+"
+        families = "" if self.families == ("*",) else f" ({', '.join(self.families)} only)"
+        return f"{self.engine.value} {self.version} {self.method}{where}{families}"
+
+
+def _vllm(method: str, capability: int, moe: str | None = None, **kw: object) -> Serving:
+    return Serving(Engine.VLLM, VLLM_VERSION, method, capability, moe_method=moe, **kw)  # type: ignore[arg-type]
+
+
+def _sglang(method: str, capability: int, moe: str | None = None, **kw: object) -> Serving:
+    return Serving(Engine.SGLANG, SGLANG_VERSION, method, capability, moe_method=moe, **kw)  # type: ignore[arg-type]
+
+
+_TRANSFORMERS = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None)
+_QCONVERT = Serving(Engine.QCONVERT, "", "qconvert verify (Triton kernels)", None)
+
+SERVES: dict[str, tuple[Serving, ...]] = {
+    "rtn4": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80), _TRANSFORMERS, _QCONVERT),
+    "rtn8": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80), _TRANSFORMERS, _QCONVERT),
+    "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75), _sglang("CompressedTensorsW8A8Int8", 75), _TRANSFORMERS,
+                  _QCONVERT),
+    "fp8": (_vllm("CompressedTensorsW8A16Fp8", 80), _vllm("CompressedTensorsW8A8Fp8", 89),
+            _sglang("CompressedTensorsW8A8Fp8", 89), _TRANSFORMERS, _QCONVERT),
+    "fp8-block": (_vllm("CompressedTensorsW8A8Fp8", 89), _sglang("CompressedTensorsW8A8Fp8", 89), _TRANSFORMERS,
+                  _QCONVERT),
+    "fp8-tensor": (_vllm("CompressedTensorsW8A16Fp8", 80), _vllm("CompressedTensorsW8A8Fp8", 89),
+                   _sglang("CompressedTensorsW8A8Fp8", 89), _TRANSFORMERS, _QCONVERT),
+    # No engine accepts int8 weights with block scales through compressed-tensors.
+    "int8-block": (_TRANSFORMERS, _QCONVERT),
+    # SGLang's blockwise_int8 reaches the scales only where the model's loader keeps `weight_scale_inv`.
+    "int8-block@sglang": (_sglang("BlockInt8LinearMethod", 80, families=("deepseek",)), _QCONVERT),
+    # Values as stored; vLLM and SGLang load plain e4m3fn and normalize to fnuz on ROCm themselves.
+    "fp8+fnuz": (_QCONVERT,),
+    "fp8-block+fnuz": (_QCONVERT,),
+    "fp8-tensor+fnuz": (_QCONVERT,),
+}
+
+
+def output_kind(scheme: str, layout: str = "compressed-tensors", op: str | None = None) -> str:
+    kind = scheme if layout == "compressed-tensors" else f"{scheme}@{layout}"
+    return f"{kind}+{op}" if op else kind
+
+
+def serving_for(kind: str, family: str = "llama") -> list[Serving]:
+    """The engines that serve ``kind`` for an architecture ``family`` (empty when none is known)."""
+    return [s for s in SERVES.get(kind, ()) if "*" in s.families or family in s.families]
+
+
+def pick(kind: str, engine: Engine, capability: int, family: str = "llama") -> Serving | None:
+    """What ``engine`` picks at ``capability`` for ``kind``: the entry with the highest minimum capability
+    that the GPU meets, or None when the engine does not load it there."""
+    usable = [s for s in serving_for(kind, family) if s.engine == engine
+              and (s.min_capability is None or s.min_capability <= capability)]
+    return max(usable, key=lambda s: s.min_capability or 0, default=None)
