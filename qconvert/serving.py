@@ -167,3 +167,41 @@ def serves_in(kinds: list[str], family: str = "llama") -> list[Serving]:
 def servers_missing(kinds: list[str], family: str = "llama") -> bool:
     """True when no serving engine (vLLM, SGLang) loads such an output."""
     return not any(s.engine in (Engine.VLLM, Engine.SGLANG) for s in serves_in(kinds, family))
+
+
+def markdown_table() -> str:
+    """The README's "loads in" table, made from :data:`SERVES` (a test keeps the README equal to it)."""
+
+    def cell(kind: str, family: str) -> str:
+        parts = []
+        for s in serving_for(kind, family):
+            where = f" sm{s.min_capability}+" if s.min_capability else ""
+            version = f" {s.version}" if s.version else ""
+            parts.append(f"{s.engine.value}{version} `{s.method.removeprefix('CompressedTensors')}`{where}")
+        return "; ".join(parts) or "–"
+
+    lines = ["| output | Llama-family (Llama, Qwen, Mistral, ...) | DeepSeek-family (V2/V3) |", "| --- | --- | --- |"]
+    lines += [f"| `{kind}` | {cell(kind, 'llama')} | {cell(kind, 'deepseek')} |" for kind in SERVES]
+    return "\n".join(lines) + "\n"
+
+
+README_MARKERS = ("<!-- serving-table -->\n", "<!-- /serving-table -->")
+
+
+def readme_with_table(readme: str) -> str:
+    """``readme`` with the text between :data:`README_MARKERS` replaced by :func:`markdown_table`."""
+    start, end = README_MARKERS
+    head, _, rest = readme.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}{markdown_table()}{end}{tail}"
+
+
+if __name__ == "__main__":  # python -m qconvert.serving [README.md]: print the table, or write it into the README
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) > 1:
+        path = Path(sys.argv[1])
+        path.write_text(readme_with_table(path.read_text()))
+    else:
+        print(markdown_table(), end="")

@@ -206,3 +206,9 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         with safe_open(shard, "pt") as f:
             files.update(dict.fromkeys(f.keys(), shard))
     return files
+
+
+def test_readme_table_is_the_serving_table() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert serving.README_MARKERS[0] in readme
+    assert readme == serving.readme_with_table(readme), "run: python -m qconvert.serving README.md"
