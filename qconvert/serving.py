@@ -60,7 +60,7 @@ def _sglang(method: str, capability: int, moe: str | None = None, **kw: object) 
 
 
 _TRANSFORMERS = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None)
-_QCONVERT = Serving(Engine.QCONVERT, "", "qconvert verify (Triton kernels)", None)
+_QCONVERT = Serving(Engine.QCONVERT, "", "verify (Triton kernels)", None)
 
 SERVES: dict[str, tuple[Serving, ...]] = {
     "rtn4": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80), _TRANSFORMERS, _QCONVERT),
@@ -100,3 +100,108 @@ def pick(kind: str, engine: Engine, capability: int, family: str = "llama") -> S
     usable = [s for s in serving_for(kind, family) if s.engine == engine
               and (s.min_capability is None or s.min_capability <= capability)]
     return max(usable, key=lambda s: s.min_capability or 0, default=None)
+
+
+# How vLLM and SGLang fuse a checkpoint's separate layers into one at load (their packed-modules maps):
+# fused leaf name → the leaves it is made of. A fused layer has one scheme, so its parts must share one,
+# and a config written for the separate names must also name the fused layer (SGLang matches targets and
+# ignore entries against the fused name for models that define no packed-modules map, e.g. Llama).
+ENGINE_FUSIONS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA with a q LoRA rank
+}
+
+# Architecture families, by the `architectures` entry of config.json (prefix match).
+_FAMILIES = {
+    "deepseek": ("DeepseekV2", "DeepseekV3", "DeepseekV32", "KimiK2"),
+}
+
+
+def family_of(config: dict | None) -> str:
+    """The architecture family the table's entries are keyed by ("llama" for every other decoder)."""
+    for architecture in (config or {}).get("architectures") or []:
+        for family, prefixes in _FAMILIES.items():
+            if str(architecture).startswith(prefixes):
+                return family
+    return "llama"
+
+
+def fused_modules(modules: list[str]) -> dict[str, list[str]]:
+    """The fused layers an engine builds from ``modules``: fused module name → its parts present here
+    (every part of the engine's fusion, or none, in a well-formed checkpoint)."""
+    present = set(modules)
+    fused: dict[str, list[str]] = {}
+    for module in modules:
+        prefix, _, leaf = module.rpartition(".")
+        for fused_leaf, parts in ENGINE_FUSIONS.items():
+            if leaf == parts[0]:
+                members = [f"{prefix}.{part}" if prefix else part for part in parts]
+                if any(m in present for m in members[1:]):
+                    fused[f"{prefix}.{fused_leaf}" if prefix else fused_leaf] = members
+    return fused
+
+
+def serves_in(kinds: list[str], family: str = "llama") -> list[Serving]:
+    """The engines that serve an output made of layers of every kind in ``kinds`` (a mixed-precision
+    checkpoint needs each kind served): per engine, the entry with the highest minimum capability."""
+    result = []
+    for engine in Engine:
+        entries = []
+        for kind in kinds:
+            usable = [s for s in serving_for(kind, family) if s.engine == engine]
+            if not usable:
+                break
+            entries.append(max(usable, key=lambda s: s.min_capability or 0))
+        else:
+            if entries:
+                chosen = max(entries, key=lambda s: s.min_capability or 0)
+                if len(kinds) > 1:
+                    methods = sorted({e.method for e in entries})
+                    chosen = Serving(chosen.engine, chosen.version, " + ".join(methods), chosen.min_capability,
+                                     chosen.families, chosen.moe_method, chosen.note)
+                result.append(chosen)
+    return result
+
+
+def servers_missing(kinds: list[str], family: str = "llama") -> bool:
+    """True when no serving engine (vLLM, SGLang) loads such an output."""
+    return not any(s.engine in (Engine.VLLM, Engine.SGLANG) for s in serves_in(kinds, family))
+
+
+def markdown_table() -> str:
+    """The README's "loads in" table, made from :data:`SERVES` (a test keeps the README equal to it)."""
+
+    def cell(kind: str, family: str) -> str:
+        parts = []
+        for s in serving_for(kind, family):
+            where = f" sm{s.min_capability}+" if s.min_capability else ""
+            version = f" {s.version}" if s.version else ""
+            parts.append(f"{s.engine.value}{version} `{s.method.removeprefix('CompressedTensors')}`{where}")
+        return "; ".join(parts) or "–"
+
+    lines = ["| output | Llama-family (Llama, Qwen, Mistral, ...) | DeepSeek-family (V2/V3) |", "| --- | --- | --- |"]
+    lines += [f"| `{kind}` | {cell(kind, 'llama')} | {cell(kind, 'deepseek')} |" for kind in SERVES]
+    return "\n".join(lines) + "\n"
+
+
+README_MARKERS = ("<!-- serving-table -->\n", "<!-- /serving-table -->")
+
+
+def readme_with_table(readme: str) -> str:
+    """``readme`` with the text between :data:`README_MARKERS` replaced by :func:`markdown_table`."""
+    start, end = README_MARKERS
+    head, _, rest = readme.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}{markdown_table()}{end}{tail}"
+
+
+if __name__ == "__main__":  # python -m qconvert.serving [README.md]: print the table, or write it into the README
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) > 1:
+        path = Path(sys.argv[1])
+        path.write_text(readme_with_table(path.read_text()))
+    else:
+        print(markdown_table(), end="")

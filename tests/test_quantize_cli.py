@@ -65,7 +65,7 @@ def test_tiny_llama_loads_in_transformers_with_our_exact_weights(
 
     qconfig = read_config(out)["quantization_config"]
     assert qconfig["format"] == "pack-quantized" and qconfig["ignore"] == ["lm_head"]
-    assert qconfig["config_groups"]["group_0"]["weights"]["num_bits"] == bits
+    assert next(iter(qconfig["config_groups"].values()))["weights"]["num_bits"] == bits
     assert summary["quantized_layers"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
 
     # Tensors that are not quantized pass through bit-identical.
@@ -113,7 +113,7 @@ def test_group_size_per_channel_and_skipped_layers(tiny_llama: Path, tmp_path: P
     # Per channel: one scale per output row, loadable and exact.
     result = run_cli("quantize", tiny_llama, "-o", tmp_path / "chan", "-s", "rtn8", "--group-size", "-1", "--json")
     assert result.code == 0, result.stderr
-    weights = read_config(tmp_path / "chan")["quantization_config"]["config_groups"]["group_0"]["weights"]
+    weights = next(iter(read_config(tmp_path / "chan")["quantization_config"]["config_groups"].values()))["weights"]
     assert weights["strategy"] == "channel" and weights["group_size"] is None
     tensors = _load_tensors(tmp_path / "chan")
     assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (256, 1)

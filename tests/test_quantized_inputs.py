@@ -30,7 +30,8 @@ def test_deepseek_fp8_block_to_int8_block(deepseek_fp8: Path, tiny_llama: Path, 
     assert tree_digest(deepseek_fp8) == before
     summary = json.loads(result.stdout)
     assert sorted(layer["module"] for layer in summary["layers"]) == sorted(LINEARS)
-    assert read_config(out)["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] == "block"
+    (group,) = read_config(out)["quantization_config"]["config_groups"].values()
+    assert group["weights"]["strategy"] == "block"
 
     source = _load_tensors(tiny_llama)
     fp8 = _load_tensors(deepseek_fp8)
@@ -121,7 +122,8 @@ def test_float_inputs_are_requantized(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 def test_inspect_names_each_input_format(tiny_llama: Path, deepseek_fp8: Path, tmp_path: Path) -> None:
-    assert run_cli("quantize", tiny_llama, "-s", "int8-block", "--layout", "sglang", "-o", tmp_path / "sgl").code == 0
+    assert run_cli("quantize", tiny_llama, "-s", "int8-block", "--layout", "sglang", "--force-layout",
+                   "-o", tmp_path / "sgl").code == 0
     assert run_cli("quantize", tiny_llama, "-s", "w8a8-int8", "-o", tmp_path / "w8a8").code == 0
     assert run_cli("quantize", tiny_llama, "-s", "fp8-block", "--fnuz", "-o", tmp_path / "fnuz").code == 0
     assert run_cli("quantize", tiny_llama, "-s", "rtn4", "--group-size", "64", "-o", tmp_path / "rtn4").code == 0
