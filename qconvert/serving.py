@@ -59,24 +59,40 @@ def _sglang(method: str, capability: int, moe: str | None = None, **kw: object) 
     return Serving(Engine.SGLANG, SGLANG_VERSION, method, capability, moe_method=moe, **kw)  # type: ignore[arg-type]
 
 
+# SGLang's DeepSeek loader concatenates q_a_proj and kv_a_proj_with_mqa tensors of every name into its fused
+# layer, `weight_shape` included ([2] + [2] -> [4]), and the fused layer's weight_shape parameter is [2]: load fails.
+_SGLANG_NOT_MLA_PACKED: dict = {"families": ("llama",),
+                                "note": "SGLang: DeepSeek MLA fused q_a/kv_a weight_shape fails to load"}
+
 _TRANSFORMERS = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None)
 _QCONVERT = Serving(Engine.QCONVERT, "", "verify (Triton kernels)", None)
 
 SERVES: dict[str, tuple[Serving, ...]] = {
-    "rtn4": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80), _TRANSFORMERS, _QCONVERT),
-    "rtn8": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80), _TRANSFORMERS, _QCONVERT),
-    "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75), _sglang("CompressedTensorsW8A8Int8", 75), _TRANSFORMERS,
-                  _QCONVERT),
+    "rtn4": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED),
+             _TRANSFORMERS, _QCONVERT),
+    "rtn8": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED),
+             _TRANSFORMERS, _QCONVERT),
+    "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75),
+                  _sglang("CompressedTensorsW8A8Int8", 80, families=("llama",),
+                          note="SGLang: int8 MoE experts only on NPU (DeepSeek refused)"), _TRANSFORMERS, _QCONVERT),
     "fp8": (_vllm("CompressedTensorsW8A16Fp8", 80), _vllm("CompressedTensorsW8A8Fp8", 89),
-            _sglang("CompressedTensorsW8A8Fp8", 89), _TRANSFORMERS, _QCONVERT),
-    "fp8-block": (_vllm("CompressedTensorsW8A8Fp8", 89), _sglang("CompressedTensorsW8A8Fp8", 89), _TRANSFORMERS,
-                  _QCONVERT),
+            _sglang("CompressedTensorsW8A16Fp8", 80, "CompressedTensorsW8A8Fp8MoE"),
+            _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS, _QCONVERT),
+    "fp8-block": (_vllm("CompressedTensorsW8A8Fp8", 89),
+                  _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS, _QCONVERT),
     "fp8-tensor": (_vllm("CompressedTensorsW8A16Fp8", 80), _vllm("CompressedTensorsW8A8Fp8", 89),
-                   _sglang("CompressedTensorsW8A8Fp8", 89), _TRANSFORMERS, _QCONVERT),
+                   _sglang("CompressedTensorsW8A16Fp8", 80, families=("llama",)),
+                   _sglang("CompressedTensorsW8A8Fp8", 89, families=("llama",),
+                           note="SGLang's fp8 MoE takes tensor weights only with static tensor activations"),
+                   _TRANSFORMERS, _QCONVERT),
     # No engine accepts int8 weights with block scales through compressed-tensors.
     "int8-block": (_TRANSFORMERS, _QCONVERT),
     # SGLang's blockwise_int8 reaches the scales only where the model's loader keeps `weight_scale_inv`.
-    "int8-block@sglang": (_sglang("BlockInt8LinearMethod", 80, families=("deepseek",)), _QCONVERT),
+    "int8-block@sglang": (_sglang("BlockInt8LinearMethod", 80, "BlockInt8MoEMethod", families=("deepseek",)),
+                          _QCONVERT),
+    # Per-tensor scales made equal across q/k/v and gate/up: SGLang loads it as it loads fp8-tensor.
+    "fp8-tensor+shared-scale": (_sglang("CompressedTensorsW8A16Fp8", 80, families=("llama",)),
+                                _sglang("CompressedTensorsW8A8Fp8", 89, families=("llama",))),
     # Values as stored; vLLM and SGLang load plain e4m3fn and normalize to fnuz on ROCm themselves.
     "fp8+fnuz": (_QCONVERT,),
     "fp8-block+fnuz": (_QCONVERT,),

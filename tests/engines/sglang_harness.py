@@ -31,10 +31,10 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -101,9 +101,9 @@ def import_sglang() -> str:
     _declare_torchvision_ops()
     import sglang
     import sglang.srt.layers.rotary_embedding.base as rope_base
-    import sglang.srt.model_loader.loader  # noqa: F401
-    import sglang.srt.models.deepseek_v2  # noqa: F401
-    import sglang.srt.models.llama  # noqa: F401
+    import sglang.srt.model_loader.loader
+    import sglang.srt.models.deepseek_v2
+    import sglang.srt.models.llama
 
     if sglang.__version__ != VERSION:
         raise ImportError(f"SGLang {sglang.__version__} is installed; the tier is pinned to {VERSION}")
@@ -177,8 +177,8 @@ def _one_line(exc: BaseException) -> str:
 
         traceback.print_exception(exc)
     # SGLang raises some errors with several string arguments (a message split in parts): join them.
-    text = "".join(str(part) for part in exc.args) if exc.args else ""
-    return f"{type(exc).__name__}: {text.strip() or exc!r}".splitlines()[0]
+    text = "".join(str(part) for part in exc.args).strip() if exc.args else ""
+    return f"{type(exc).__name__}: {text or repr(exc)}".splitlines()[0]
 
 
 def _pick_name(module: torch.nn.Module) -> str | None:
@@ -231,15 +231,30 @@ def _sources(param_name: str, disk: dict[str, torch.Tensor]) -> tuple[list[list[
     return [[param_name]], "plain"
 
 
+FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
+
+
 def _same(loaded: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Exactly the values on disk. A wider float parameter holding a narrower disk dtype is fine (scales
+    stored bf16, held fp32: exact); an fp8 parameter of another fp8 type than the file's is not: copy_
+    converts by value (e4m3fnuz -> e4m3fn rounds 16 of 256 codes) and the engine reads the codes as its type."""
     if loaded.shape != expected.shape:
         return False
-    if loaded.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2):
-        return torch.equal(loaded.view(torch.uint8), expected.to(loaded.dtype).view(torch.uint8))
+    if loaded.dtype in FP8 or expected.dtype in FP8:
+        return loaded.dtype == expected.dtype and torch.equal(loaded.view(torch.uint8), expected.view(torch.uint8))
     if loaded.is_floating_point():
         expected = expected.to(loaded.dtype)
         return bool(torch.equal(loaded, expected)) and not bool(torch.isnan(loaded).any())
     return torch.equal(loaded, expected.to(loaded.dtype))
+
+
+def _why(loaded: torch.Tensor, expected: torch.Tensor | None) -> str:
+    if expected is not None and loaded.dtype != expected.dtype and (loaded.dtype in FP8 or expected.dtype in FP8):
+        changed = f", {int((loaded.float() != expected.float()).sum())} of {loaded.numel()} values changed" \
+            if loaded.shape == expected.shape else ""
+        return (f"the file holds {str(expected.dtype).removeprefix('torch.')}, SGLang's parameter is "
+                f"{str(loaded.dtype).removeprefix('torch.')} (values converted by copy_{changed})")
+    return "differs from the tensors on disk"
 
 
 def _expected_shard_stack(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
@@ -274,21 +289,25 @@ def check_loaded(model: torch.nn.Module, disk: dict[str, torch.Tensor], sentinel
                 problems.append(f"{name}: never loaded (no tensor {missing[0]} on disk)")
             continue
         used.update(n for group in groups for n in group)
+        reference = disk[groups[0][0]]
         if how == "experts":
             expected = [_expected_shard_stack([disk[n] for n in group], data[0]) for group in groups]
             ok = len(expected) == data.shape[0] and all(
                 e is not None and _same(data[i], e) for i, e in enumerate(expected))
+            if len(expected) == data.shape[0] and all(e is not None for e in expected):
+                reference = torch.stack(expected)
         elif how == "fused":
             parts = [disk[n] for n in groups[0]]
             stacked = _expected_shard_stack(parts, data)
             ok = stacked is not None and _same(data, stacked)
             if not ok and all(p.shape == data.shape for p in parts):
                 ok = any(_same(data, p) for p in parts)  # e.g. weight_shape: one value for every shard
+            reference = stacked if stacked is not None else reference
         else:
-            ok = _same(data, disk[groups[0][0]])
+            ok = _same(data, reference)
         if not ok:
             state = "never loaded (still at its initial fill)" if _is_sentinel(data, sentinel.get(name)) \
-                else "differs from the tensors on disk"
+                else _why(data, reference)
             problems.append(f"{name} {tuple(data.shape)} {str(data.dtype).removeprefix('torch.')}: {state}")
     for name in sorted(set(disk) - used):
         problems.append(f"{name}: on disk but no SGLang parameter holds it (dropped at load)")
