@@ -20,8 +20,11 @@ Patched, and why (nothing else is):
   multimodal image transforms, which nothing here uses).
 sgl-kernel (``sglang-kernel``) is not installed and not stubbed: nothing imported here needs it.
 
-Not run: ``process_weights_after_loading`` (repacking for Marlin, CUTLASS, DeepGEMM: GPU kernels). The check
-of what was loaded is therefore done on the parameters as the loader wrote them, against the tensors on disk.
+Loaded parameters are compared with the tensors on disk as the loader wrote them. Then, given qconvert's own
+dequantization of the checkpoint (``convert --op dequantize``, in the model's dtype), SGLang's
+``process_weights_after_loading`` runs per layer where it runs on a CPU (fp8 and block-int8 methods, dense and
+MoE; not Marlin repacking, which needs CUDA: reported as such) and the weights as SGLang will compute with them,
+dequantized (code x scale), must equal qconvert's dequantization exactly.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class Result:
     picks: dict[str, str] = field(default_factory=dict)  # layer kind -> class SGLang picked
     loaded: bool = False
     problems: list[str] = field(default_factory=list)
+    # After SGLang's own process_weights_after_loading, where it runs on a CPU: the weights SGLang would
+    # compute with, dequantized, against qconvert's dequantization ("" when not attempted).
+    postload: str = ""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -343,10 +349,112 @@ def _is_sentinel(data: torch.Tensor, fill: torch.Tensor | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# After SGLang's post-load processing: its weights dequantized against qconvert's dequantization.
+# ---------------------------------------------------------------------------------------------------------
 
-def run_case(checkpoint: Path, family: str, kind: str, capability: int) -> Result:
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """codes [out, in] x scale broadcast: per tensor (one value), per channel [out, 1], or per block."""
+    codes = codes.float()
+    scale = scale.float()
+    if scale.numel() == 1:
+        return codes * scale.reshape(())
+    if scale.dim() == 2 and scale.shape[1] == 1 and scale.shape[0] == codes.shape[0]:
+        return codes * scale
+    rows, cols = block
+    full = scale.repeat_interleave(rows, 0)[: codes.shape[0]].repeat_interleave(cols, 1)[:, : codes.shape[1]]
+    return codes * full
+
+
+def _engine_weight(module: torch.nn.Module, prefix: str) -> torch.Tensor | None:
+    weight = getattr(module, f"{prefix}weight", None)
+    scale = getattr(module, f"{prefix}weight_scale", None)
+    if scale is None:
+        scale = getattr(module, f"{prefix}weight_scale_inv", None)
+    if weight is None or scale is None or weight.dtype not in (torch.int8, *FP8):
+        return None
+    return weight.detach(), scale.detach()
+
+
+def _reference(name: str, reference: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    groups, how = _sources(f"{name}.weight", reference)
+    if how != "experts":
+        parts = [reference.get(n) for n in groups[0]]
+        return None if any(p is None for p in parts) else torch.cat(parts, 0)
+    return None
+
+
+def _block_of(checkpoint: Path) -> tuple[int, int]:
+    """The block size the checkpoint's config declares (SGLang reads the same field); 128x128 otherwise."""
+    config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config") or {}
+    if config.get("weight_block_size"):
+        return tuple(config["weight_block_size"])
+    for group in (config.get("config_groups") or {}).values():
+        if (group.get("weights") or {}).get("block_structure"):
+            return tuple(group["weights"]["block_structure"])
+    return (128, 128)
+
+
+def check_postload(model: torch.nn.Module, reference: dict[str, torch.Tensor], block: tuple[int, int]
+                   ) -> tuple[str, list[str]]:
+    """Run each quantized layer's post-load processing; compare what runs. (summary, problems)"""
+    from sglang.srt.model_loader.loader import _modules_with_quant_method
+
+    names = {id(m): n for n, m in model.named_modules()}
+    compared, skipped, problems = 0, {}, []
+    for module, method in _modules_with_quant_method(model):
+        name = names.get(id(module), "?")
+        kind = type(getattr(module, "scheme", None) or method).__name__
+        if kind.startswith("Unquantized"):
+            continue
+        try:
+            method.process_weights_after_loading(module)
+        except Exception as exc:  # a GPU kernel (repacking): nothing to compare on a CPU
+            skipped.setdefault(kind, _one_line(exc))
+            continue
+        for prefix, expected in _expected_after(module, name, reference):
+            got = _engine_weight(module, prefix)
+            if got is None or expected is None:
+                skipped.setdefault(kind, "weights not in (codes, scale) form after processing")
+                continue
+            codes, scale = got
+            if not codes.is_contiguous() and codes.transpose(-1, -2).is_contiguous():
+                codes = codes.transpose(-1, -2)  # kept as a transposed view ([in, out]) for the GEMM
+            if codes.dim() == 3:
+                got_full = torch.stack([_dequantize(codes[e], scale[e], block) for e in range(codes.shape[0])])
+            else:
+                got_full = _dequantize(codes, scale, block)
+            # qconvert dequantizes in the model's dtype: code x scale is exact in float32 (an fp8/int8 code
+            # times a bf16 scale), so rounding that product once to the model's dtype must give its values.
+            got_full = got_full.to(expected.dtype)
+            compared += 1
+            if got_full.shape != expected.shape or not torch.equal(got_full, expected):
+                bad = int((got_full != expected).sum()) if got_full.shape == expected.shape else -1
+                problems.append(f"{name}{'.' + prefix.rstrip('_') if prefix else ''}: after SGLang's "
+                                f"{kind}.process_weights_after_loading, dequantized weights differ from qconvert's "
+                                f"({bad} of {expected.numel()} values)")
+    summary = f"{compared} layers compared after post-load processing"
+    if skipped:
+        summary += "; not run on a CPU: " + "; ".join(f"{k} ({v})" for k, v in sorted(skipped.items()))
+    return summary, problems
+
+
+def _expected_after(module: torch.nn.Module, name: str, reference: dict[str, torch.Tensor]):
+    if hasattr(module, "w13_weight") or hasattr(module, "w2_weight"):
+        experts = sorted({int(k[len(name) + 1:].split(".")[0]) for k in reference if k.startswith(name + ".")})
+        for prefix, parts in (("w13_", ("gate_proj", "up_proj")), ("w2_", ("down_proj",))):
+            tensors = [[reference.get(f"{name}.{e}.{p}.weight") for p in parts] for e in experts]
+            ok = experts and all(t is not None for group in tensors for t in group)
+            yield prefix, torch.stack([torch.cat(group, 0) for group in tensors]) if ok else None
+    else:
+        yield "", _reference(name, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def run_case(checkpoint: Path, family: str, kind: str, capability: int, reference: Path | None = None) -> Result:
     """Load ``checkpoint`` through SGLang's model loader at GPU ``capability``; never raises for an engine
-    refusal (it becomes a problem line, with the engine's own message)."""
+    refusal (it becomes a problem line, with the engine's own message). ``reference``: qconvert's
+    dequantization of the checkpoint, for the post-load comparison (only when everything loaded)."""
     import_sglang()
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
@@ -380,6 +488,11 @@ def run_case(checkpoint: Path, family: str, kind: str, capability: int) -> Resul
                 return result
         result.problems.extend(check_loaded(model, _disk_tensors(checkpoint), sentinel))
         result.problems.extend(f"SGLang warned: {line}" for line in warnings.lines if "not found" in line)
+        if not result.problems and reference is not None:
+            with gpu_capability(capability):
+                result.postload, postload_problems = check_postload(model, _disk_tensors(reference),
+                                                                    _block_of(checkpoint))
+            result.problems.extend(postload_problems)
         result.loaded = not result.problems
         return result
     finally:

@@ -161,6 +161,12 @@ def _build(case: Case, base: Path, out: Path) -> tuple[Path | None, str]:
     return out / "out", ""
 
 
+def _reference(checkpoint: Path, out: Path) -> Path | None:
+    """qconvert's own dequantization of ``checkpoint``, in the model's dtype."""
+    code, _ = _qconvert("convert", checkpoint, "--op", "dequantize", "-o", out, "--quiet", "--overwrite")
+    return out if code == 0 else None
+
+
 def _expected(kind: str, family: str, capability: int) -> serving.Serving | None:
     if kind.endswith("+dequantize"):
         # A dequantized output has no quantization_config: a plain checkpoint, which the table does not list.
@@ -196,6 +202,8 @@ def _disagreements(result: harness.Result, case: Case) -> list[str]:
         if linear != expected.method:
             lines.append(f"sm{result.capability}: SGLang picked {linear} for linear layers, the table says "
                          f"{expected.method}")
+        if result.postload.startswith("0 layers compared") and "not run on a CPU" not in result.postload:
+            lines.append(f"sm{result.capability}: the post-load comparison compared nothing ({result.postload})")
         if "experts" in picks and picks["experts"] != expected.moe_method:
             lines.append(f"sm{result.capability}: SGLang picked {result.picks['experts']} for MoE experts, the "
                          f"table says {expected.moe_method}")
@@ -213,17 +221,19 @@ PARAMS = [pytest.param(case, family, id=f"{family}-{cid}",
 def test_sglang_loads_as_the_table_says(case: Case, family: str, bases: dict[str, Path], tmp_path: Path,
                                         request: pytest.FixtureRequest) -> None:
     checkpoint, refusal = _build(case, bases[family], tmp_path)
+    reference = _reference(checkpoint, tmp_path / "dequantized") if checkpoint and case.convert != "dequantize" \
+        else None
     results = []
     for capability in CAPABILITIES:
         if checkpoint is None:
             result = harness.Result(harness.ENGINE, harness.VERSION, family, case.kind, capability,
                                     problems=[f"qconvert refused to write it: {refusal}"])
         else:
-            result = harness.run_case(checkpoint, family, case.kind, capability)
+            result = harness.run_case(checkpoint, family, case.kind, capability, reference)
         results.append(result)
     RESULTS.extend(results)
     for r in results:
-        print(f"{family} {case.kind} sm{r.capability}: loaded={r.loaded} picks={json.dumps(r.picks)}")
+        print(f"{family} {case.kind} sm{r.capability}: loaded={r.loaded} picks={json.dumps(r.picks)} {r.postload}")
         for problem in r.problems[:6]:
             print(f"    {problem}")
     problems = [line for r in results for line in _disagreements(r, case)]
