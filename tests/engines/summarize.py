@@ -39,11 +39,13 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    args = [a for a in argv if not a.startswith("--")]
-    results = Path(args[0]) if args else Path("build/engines")
-    text = table(load(results))
+    readme = None
     if "--readme" in argv:
-        readme = Path(argv[argv.index("--readme") + 1])
+        at = argv.index("--readme")
+        readme, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2:]
+    results = Path(argv[0]) if argv else Path("build/engines")
+    text = table(load(results))
+    if readme is not None:
         head, _, rest = readme.read_text().partition(MARKERS[0])
         _, _, tail = rest.partition(MARKERS[1])
         readme.write_text(f"{head}{MARKERS[0]}{text}{MARKERS[1]}{tail}")
