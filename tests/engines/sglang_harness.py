@@ -71,6 +71,7 @@ class Result:
     # After SGLang's own process_weights_after_loading, where it runs on a CPU: the weights SGLang would
     # compute with, dequantized, against qconvert's dequantization ("" when not attempted).
     postload: str = ""
+    case: str = ""  # which test case (several cases can share an output kind)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -230,6 +230,7 @@ def test_sglang_loads_as_the_table_says(case: Case, family: str, bases: dict[str
                                     problems=[f"qconvert refused to write it: {refusal}"])
         else:
             result = harness.run_case(checkpoint, family, case.kind, capability, reference)
+        result.case = request.node.callspec.id
         results.append(result)
     RESULTS.extend(results)
     for r in results:
