@@ -266,3 +266,40 @@ def test_loaded_means_every_parameter_matches_the_disk(bases: dict[str, Path], t
     assert any(p.startswith(f"{name}:") and "never loaded" in p for p in result.problems), result.problems
     assert any(p.startswith(f"{name}_renamed: on disk but no SGLang parameter") for p in result.problems), \
         result.problems
+
+
+def test_packed_dynamic_int8_is_what_sglang_cannot_load(bases: dict[str, Path], tmp_path: Path) -> None:
+    """Why `convert --op pack` refuses dynamic-activation int8 (w8a8-int8): packed by hand the way pack would
+    write it (pack-quantized, weight_packed + weight_shape, activations kept), SGLang picks its W8A8 method,
+    whose `weight` parameter nothing fills, and drops every `weight_packed`."""
+    from safetensors.torch import load_file, save_file
+
+    from qconvert.quantizers import pack_int32
+
+    checkpoint, _ = _build(Case("w8a8-int8", ("--scheme", "w8a8-int8")), bases["llama"], tmp_path)
+    assert checkpoint is not None
+    shard = next(checkpoint.glob("*.safetensors"))
+    tensors = load_file(shard)
+    for name in [n for n, t in tensors.items() if n.endswith(".weight") and t.dtype == torch.int8]:
+        codes = tensors.pop(name)
+        tensors[name + "_packed"] = pack_int32(codes, 8)
+        tensors[name + "_shape"] = torch.tensor(codes.shape, dtype=torch.int64)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"]["format"] = "pack-quantized"
+    for group in config["quantization_config"]["config_groups"].values():
+        group["format"] = "pack-quantized"
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    index = checkpoint / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {n: shard.name for n in tensors}
+        index.write_text(json.dumps(data))
+
+    result = harness.run_case(checkpoint, "llama", "w8a8-int8+pack", 90)
+    assert result.picks["qkv"] == "CompressedTensorsW8A8Int8", result.picks
+    assert not result.loaded
+    assert any(p.startswith("model.layers.0.self_attn.qkv_proj.weight:") and "never loaded" in p
+               for p in result.problems), result.problems
+    assert any(p.startswith("model.layers.0.self_attn.q_proj.weight_packed: on disk but no SGLang parameter")
+               for p in result.problems), result.problems
