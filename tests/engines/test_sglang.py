@@ -142,12 +142,15 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def report():
+def report(request: pytest.FixtureRequest):
     yield
     if RESULTS:
-        print("\n" + harness.markdown_table(RESULTS))
         path = harness.write_report(RESULTS)
-        print(f"wrote {path}")
+        text = f"\n{harness.markdown_table(RESULTS)}\nwrote {path}\n"
+        # Past pytest's output capture: the table is part of what `make engines` shows.
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(text)
 
 
 def _build(case: Case, base: Path, out: Path) -> tuple[Path | None, str]:
