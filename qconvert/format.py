@@ -134,10 +134,15 @@ def quantization_config(schemes_by_module: dict[str, Scheme], ignore: list[str],
         groups = {scheme.preset: config_group(scheme, ["Linear"])}
         fmt = scheme.format
     else:
+        # The group with the most layers targets "Linear" (every linear layer not named elsewhere), the others
+        # name their layers: vLLM, SGLang and compressed-tensors all try name targets before class names, and
+        # SGLang reads a block scheme's block size for fused layers from the "Linear" group only. Every other
+        # linear layer is in `ignore`, so the catch-all cannot reach a layer meant to stay unquantized.
+        catch_all = max(by_scheme, key=lambda name: len(by_scheme[name][1]))
         groups = {}
-        for scheme, modules in by_scheme.values():
+        for key, (scheme, modules) in by_scheme.items():
             name = scheme.preset if scheme.preset not in groups else scheme.name
-            groups[name] = config_group(scheme, sorted(modules))
+            groups[name] = config_group(scheme, ["Linear"] if key == catch_all else sorted(modules))
         fmt = "mixed-precision"
     if extra_groups:
         groups.update(extra_groups)

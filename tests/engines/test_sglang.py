@@ -81,10 +81,8 @@ FAMILIES = ("llama", "deepseek")
 # Cases where SGLang and the table disagree because qconvert's output is wrong (being fixed on main):
 # strict xfail with the engine's exact message. Keyed by (case id, family).
 KNOWN_QCONVERT_DEFECTS: dict[tuple[str, str], str] = {
-    # Our mixed config names the block-fp8 layers explicitly; SGLang takes the block size of fused layers'
-    # scales from the "Linear" target only (CompressedTensorsConfig.weight_block_size), so it is None and
-    # QKVParallelLinear.weight_loader_v2 fails (sglang/srt/layers/linear.py:1312).
-    ("mixed", "llama"): "load_weights failed: TypeError: 'NoneType' object is not subscriptable",
+    # (Fixed: a mixed config now targets "Linear" with its largest group, from which SGLang takes the block
+    # size of fused layers' scales; it used to name every layer and SGLang read a block size of None.)
 }
 
 RESULTS: list[harness.Result] = []
