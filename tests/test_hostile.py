@@ -1,0 +1,162 @@
+"""The hostile-input corpus (tests/hostile_cases.py), run in-process through the real CLI entry point.
+
+Every case asserts: the exit code; exactly one line on stderr for a failure (and for a success only the
+one notice it expects, or nothing under ``-q``); nothing at the target or beside it after a failure (and
+only the target after a success); the input unchanged, byte for byte; and for a success, an output that
+the reference safetensors reader opens and transformers loads through compressed-tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qconvert.cli import main
+from tests.hostile_cases import ALL_CASES, Case, Ctx
+
+
+def run_main(args: list[str]) -> tuple[int, str, str]:
+    """``qconvert ARGS`` in this process: exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0
+    return code, out.getvalue(), err.getvalue()
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (links not followed, special files never opened): content hashes of
+    regular files, link targets, and the kind of anything else."""
+    found: dict[str, str] = {}
+    if not os.path.lexists(root):
+        return found
+    for folder, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            path = Path(folder) / name
+            rel = str(path.relative_to(root))
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                found[rel] = "link:" + os.readlink(path)
+            elif stat.S_ISREG(mode):
+                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif stat.S_ISDIR(mode):
+                found[rel] = "dir"
+            else:
+                found[rel] = f"special:{stat.S_IFMT(mode)}"
+        dirs[:] = [d for d in dirs if not (Path(folder) / d).is_symlink()]
+    return found
+
+
+def build_tiny(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=False, torch_dtype="bfloat16")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="150KB")
+    (folder / "extra").mkdir()
+    (folder / "extra" / "notes.txt").write_text("copied too\n")
+    assert len(list(folder.glob("model-*.safetensors"))) == 3
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("hostile") / "tiny")
+
+
+def check_output(case: Case, target: Path) -> None:
+    shards = sorted(target.glob("*.safetensors"))
+    assert shards, sorted(p.name for p in target.iterdir())
+    names: set[str] = set()
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                f.get_tensor(name)
+                names.add(name)
+    index = target / "model.safetensors.index.json"
+    if index.exists():
+        assert set(json.loads(index.read_text())["weight_map"]) == names
+    for name in case.tensors:
+        assert name in names, name
+    for rel in case.copied:
+        assert (target / rel).is_file(), rel
+    for rel in case.not_copied:
+        assert not os.path.lexists(target / rel), rel
+    assert not list(target.rglob(".qconvert*")), "journal left in the output"
+    if case.load:
+        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+        config = json.loads((target / "config.json").read_text())
+        extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if "quantization_config" in config \
+            else {}
+        model = AutoModelForCausalLM.from_pretrained(target, **extra)
+        assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])
+def test_hostile(case: Case, tiny: Path, tmp_path: Path) -> None:
+    scratch = tmp_path
+    model = Path(shutil.copytree(tiny, scratch / "model", symlinks=True))
+    outs = scratch / "outs"
+    outs.mkdir()
+    ctx = Ctx(model, outs / "out", scratch)
+    args = case.setup(ctx)
+    if case.code == 0 and not case.notice:
+        args.append("-q")
+    input_before = snapshot(ctx.model)
+    outs_before = snapshot(outs)
+    scratch_before = set(os.listdir(scratch))
+    target = ctx.target
+
+    code, _stdout, stderr = run_main(args)
+
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == case.code, (code, stderr)
+    assert "Traceback" not in stderr
+    if case.code != 0:
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("error: "), lines
+    elif case.notice:
+        assert len(lines) == 1 and lines[0].startswith("note: "), lines
+    else:
+        assert lines == [], lines
+    for needle in case.needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert snapshot(ctx.model) == input_before, "the input changed"
+    leftovers = [p for p in _listing(target.parent) if "qconvert" in p]
+    assert leftovers == [], leftovers
+    if case.code == 0:
+        check_output(case, target)
+        def others(tree: dict[str, str]) -> dict[str, str]:
+            return {k: v for k, v in tree.items() if k.split("/")[0] != target.name}
+        assert others(snapshot(outs)) == others(outs_before), "something was left beside the target"
+    else:
+        assert snapshot(outs) == outs_before, "something was left at or beside the target"
+        assert set(os.listdir(scratch)) == scratch_before
+
+
+def _listing(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def test_corpus_size() -> None:
+    assert len(ALL_CASES) >= 150
+    assert len({c.id for c in ALL_CASES}) == len(ALL_CASES)
