@@ -103,8 +103,8 @@ class _RunGuard:
     def hold(self, lock: TargetLock) -> None:
         if any(held.path == lock.path for held in self.locks):
             return
+        self.locks.append(lock)  # first, so an interrupt during acquire still releases what it got
         lock.acquire()
-        self.locks.append(lock)
 
     def release(self) -> None:
         while self.locks:
@@ -264,7 +264,11 @@ class OutputFolder:
                 self.path.mkdir()
         except OSError as exc:
             raise BadInputError(f"{self.target}: cannot create the output there ({exc.strerror})") from exc
-        self._write_journal()
+        try:
+            self._write_journal()
+        except BaseException:  # an interrupt here must not leave the new folder behind either
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
         return self
 
     def _clean_leftovers(self) -> Path | None:
