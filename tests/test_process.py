@@ -332,3 +332,56 @@ def test_output_that_is_a_mount_point_is_refused_up_front(model: Path, tmp_path:
         assert code == 2 and "mount point" in stderr and len(_lines(stderr)) == 1, stderr
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+# ---------------------------------------------------------------- truthful interrupt messages, verify exit codes
+
+
+def test_ctrl_c_while_overwrite_removes_the_old_output_says_so(model: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new output is already in place when the old one is being removed: the message says that, and
+    names what is left to delete, instead of claiming nothing was left behind."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_rmtree = writing.shutil.rmtree
+
+    def interrupted_rmtree(path: object, *args: object, **kwargs: object) -> None:
+        if str(path).endswith(".old"):
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(writing.shutil, "rmtree", interrupted_rmtree)
+    code, _, stderr = run_main(["quantize", str(model), "-o", str(out), "--scheme", "rtn8", "--overwrite", "-q"])
+    monkeypatch.undo()
+    assert code == 1
+    [line] = _lines(stderr)
+    [old] = tmp_path.glob(".out.qconvert-*.old")
+    assert "new output is complete" in line and str(old) in line, line
+    assert (out / "config.json").is_file() and (old / "old.txt").is_file()
+
+
+def test_verify_internal_error_exits_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qconvert.verification
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("checker bug")
+
+    monkeypatch.setattr(qconvert.verification, "verify", crash)
+    code, _, stderr = run_main(["verify", str(tmp_path), "--device", "cpu"])
+    assert code == 3 and len(_lines(stderr)) == 1 and "checker bug" in stderr, stderr
+
+
+@pytest.mark.slow
+def test_verify_device_cpu_works_from_a_fresh_command_line(model: Path, tmp_path: Path) -> None:
+    """No TRITON_INTERPRET in the environment (the test suite's conftest sets it; a user's shell does not)."""
+    out = tmp_path / "out"
+    code, _, stderr = run_main(["quantize", str(model), "-o", str(out), "--scheme", "rtn8", "-q",
+                                "--targets", "model.layers.0.mlp.down_proj"])
+    assert code == 0, stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "QCONVERT_DEBUG")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "qconvert", "verify", str(out), "--device", "cpu", "--tokens", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1/1 layers pass" in proc.stdout
