@@ -60,7 +60,7 @@ class Checkpoint:
         skip = {p.relative_to(self.root) for p in self.weight_files + self.unindexed_weight_files}
         skip |= {Path(INDEX_NAME), Path(CONFIG_NAME)}
         allowed = allowed_root(self.root)
-        found = []
+        found, skipped = [], []
         for folder, dirs, files in os.walk(self.root):  # never follows links to folders
             here = Path(folder)
             dirs[:] = sorted(d for d in dirs if not (here == self.root and d in (".git", ".cache")))
@@ -71,10 +71,11 @@ class Checkpoint:
                     continue
                 problem = _copy_problem(path, allowed)
                 if problem:
-                    self.skipped_files.append(f"note: not copying {rel}: {problem}")
+                    skipped.append(f"note: not copying {rel}: {problem}")
                     continue
                 found.append(rel)
             dirs[:] = [d for d in dirs if not (here / d).is_symlink()]
+        self.skipped_files[:] = skipped  # shared with copies made by dataclasses.replace: same content
         return found
 
 

@@ -132,7 +132,7 @@ class TargetLock:
     by its previous holder notices (different inode) and locks the new one."""
 
     def __init__(self, target: Path):
-        self.target = Path(os.path.abspath(target))
+        self.target = Path(os.path.realpath(target))  # one lock however the target is spelled
         self.path = self.target.parent / f".{_stem(self.target)}.qconvert.lock"
         self.fd = -1
 
@@ -243,7 +243,9 @@ class OutputFolder:
 
     def __init__(self, target: Path, fingerprint: str = "", resume: bool = False,
                  notice: Callable[[str], None] | None = None):
-        self.target = Path(os.path.abspath(target))
+        # A target given through a link is written where the link points, as before (a link is not
+        # replaced by a folder), and the lock and partial names match however it is spelled.
+        self.target = Path(os.path.realpath(target))
         self.stem = f".{_stem(self.target)}.qconvert-"
         self.path = self.target.parent / f"{self.stem}{OWNER.token}.partial"
         self._retired = self.target.parent / f"{self.stem}{OWNER.token}.old"
