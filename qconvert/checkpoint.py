@@ -281,8 +281,8 @@ def validate_config(path: Path, config: object) -> None:
                                           and all(type(b) is int and b > 0 for b in block)):
                 raise BadInputError(f"{where}.weights.block_structure must be two positive integers")
             bits = weights.get("num_bits")
-            if bits is not None and not (type(bits) is int and 1 <= bits <= 8):
-                raise BadInputError(f"{where}.weights.num_bits {bits!r:.40} is not a bit count from 1 to 8")
+            if bits is not None and not (type(bits) is int and bits > 0):
+                raise BadInputError(f"{where}.weights.num_bits {bits!r:.40} is not a positive integer")
             strategy = weights.get("strategy")
-            if strategy is not None and strategy not in ("tensor", "channel", "group", "block", "token"):
-                raise BadInputError(f"{where}.weights.strategy {strategy!r} is not one qconvert reads")
+            if strategy is not None and not isinstance(strategy, str):
+                raise BadInputError(f"{where}.weights.strategy {strategy!r:.40} is not a string")

@@ -71,7 +71,7 @@ def check_output_location(source: Path, target: Path, overwrite: bool) -> None:
                 if _identity(Path(folder) / name) in source_ids and not (Path(folder) / name).is_symlink():
                     raise BadInputError(f"{target}: --overwrite would remove {Path(folder) / name}, which is "
                                         f"the input {source} or holds it")
-    _GUARD.hold(TargetLock(target))
+    _current_guard().hold(TargetLock(target))
 
 
 def _name_max(folder: Path) -> int:
@@ -111,16 +111,30 @@ class _RunGuard:
             self.locks.pop().release()
 
 
-_GUARD = _RunGuard()
+_GUARDS = threading.local()  # per thread: parallel runs (a batch) must not release each other's locks
+
+
+def _current_guard() -> _RunGuard:
+    stack = getattr(_GUARDS, "stack", None)
+    if not stack:  # outside run_guard(): held until the process exits (the kernel drops flocks then)
+        _GUARDS.stack = stack = [_RunGuard()]
+    return stack[-1]
 
 
 @contextmanager
 def run_guard() -> Iterator[None]:
     """Wrap one command: every target lock it takes is released when it returns or fails."""
+    if not hasattr(_GUARDS, "stack"):
+        _GUARDS.stack = []
+    guard = _RunGuard()
+    _GUARDS.stack.append(guard)
+    if threading.current_thread() is threading.main_thread():
+        _OUTCOME.clear()
     try:
         yield
     finally:
-        _GUARD.release()
+        _GUARDS.stack.remove(guard)
+        guard.release()
 
 
 class TargetLock:
