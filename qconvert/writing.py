@@ -367,7 +367,11 @@ class OutputFolder:
         try:
             if self.target.exists():
                 self.target.rename(self._retired)
-                self.path.rename(self.target)
+                try:
+                    self.path.rename(self.target)
+                except BaseException:
+                    self._retired.rename(self.target)  # put the old output back where it was
+                    raise
                 _OUTCOME.append(f"the new output is complete at {self.target}, but the old one was being removed: "
                                 f"delete {self._retired} yourself")
             else:
