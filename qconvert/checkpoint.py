@@ -137,6 +137,11 @@ def _download(repo_id: str, revision: str | None) -> Path:
 def open_checkpoint(root: Path) -> Checkpoint:
     """Read the layout of ``root``; every defect becomes a one-line :class:`BadInputError`."""
     config_path = root / CONFIG_NAME
+    if os.path.lexists(config_path) and _copy_problem(config_path, allowed_root(root)) and \
+            config_path.is_symlink():
+        # Its contents go into the output's config.json: a link elsewhere (~/.docker/config.json) would leak.
+        raise BadInputError(f"{config_path}: is a link to {os.path.realpath(config_path)}, outside the model "
+                            "folder; its contents would be written into the output")
     config = _read_json(config_path) if os.path.lexists(config_path) else None
     if config is not None:
         validate_config(config_path, config)

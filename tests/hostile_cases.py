@@ -455,8 +455,12 @@ CONFIG_CASES = [
     Case("config: not UTF-8", _config(b'{"model_type": "\xff"}'), needles=("config.json", "UTF-8")),
     Case("config: a folder", _special_at("config.json", "folder"), needles=("config.json", "folder")),
     Case("config: a FIFO", _special_at("config.json", "fifo"), needles=("config.json", "FIFO")),
-    Case("config: a link to /dev/zero", _special_at("config.json", "device"), needles=("config.json", "device")),
+    Case("config: a link to /dev/zero", _special_at("config.json", "device"), needles=("config.json", "/dev/zero")),
     Case("config: a dangling link", _special_at("config.json", "dangling"), needles=("config.json",)),
+    Case("config: a link to a JSON file outside the model folder", lambda c: (
+        (c.model / "config.json").rename(c.scratch / "secret.json"),
+        (c.model / "config.json").symlink_to(c.scratch / "secret.json"), c.q())[2],
+        needles=("config.json", "outside")),
 ]
 
 
