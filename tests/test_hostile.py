@@ -288,3 +288,29 @@ def test_duplicate_name_is_refused_although_the_reference_keeps_the_last(tmp_pat
     header = f'{{"a": {entry}, "a": {entry}}}'.encode()
     reference, ours, why = _verdicts(tmp_path / "x.safetensors", header, b"x")
     assert reference and not ours and "named twice" in why
+
+
+def test_unreadable_extra_file_is_refused_before_any_output(tiny: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An extra file the user cannot read (EACCES: root reads everything, so the refusal is injected at
+    ``os.open`` for that one path) fails up front with exit 2, not after the work with exit 1."""
+    model = Path(shutil.copytree(tiny, tmp_path / "model"))
+    (model / "private.txt").write_text("x")
+    if os.geteuid() != 0:
+        (model / "private.txt").chmod(0)
+    else:
+        real_open = os.open
+
+        def refusing_open(path: object, flags: int, *args: object, **kwargs: object) -> int:
+            if str(path).endswith("private.txt"):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    before = snapshot(model)
+    code, _, stderr = run_main(["quantize", str(model), "-o", str(tmp_path / "out")])
+    monkeypatch.undo()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "private.txt" in lines[0] and "Permission denied" in lines[0], stderr
+    assert not (tmp_path / "out").exists() and snapshot(model) == before
+    assert sorted(os.listdir(tmp_path)) == ["model"]
