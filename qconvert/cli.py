@@ -7,35 +7,21 @@ interrupt); ``verify`` uses 1 for a failed check and 3 for an internal error. ``
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import threading
+from pathlib import Path
+from typing import Annotated
 
+import typer
+from rich.console import Console
+from rich.table import Table
 
-def _interrupted_while_starting(signum: int, _frame: object) -> None:
-    # Nothing has been opened or written yet: one line, no traceback from inside an import.
-    os.write(2, b"error: interrupted while starting; nothing was written\n")
-    os._exit(1)
-
-
-# Ctrl-C, SIGTERM or SIGHUP during the second of imports below would otherwise print a traceback.
-# Only for the qconvert command itself, never for a program that imports this module.
-if os.path.basename(sys.argv[0]) == "qconvert" or sys.argv[0].endswith(os.path.join("qconvert", "__main__.py")):
-    for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(_signum, _interrupted_while_starting)
-
-import json  # noqa: E402
-import threading  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated  # noqa: E402
-
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from qconvert import __version__  # noqa: E402
-from qconvert.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERNAL, QConvertError, one_line  # noqa: E402
-from qconvert.writing import interrupt_outcome  # noqa: E402
+from qconvert import __version__
+from qconvert.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERNAL, QConvertError, one_line
+from qconvert.writing import interrupt_outcome
 
 try:  # Typer >= 0.25 vendors click; its usage errors derive from TyperException
     from typer import TyperException as UsageError
