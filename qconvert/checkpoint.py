@@ -7,13 +7,17 @@ time, through :class:`qconvert.safetensors_io.TensorReader`.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from qconvert.errors import BadInputError
-from qconvert.safetensors_io import TensorInfo, read_header
+from qconvert.safetensors_io import TensorInfo, open_regular, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -42,18 +46,60 @@ class Checkpoint:
     def tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    unlisted: list[str] = field(default_factory=list)  # tensors a shard holds that its index omits
+    skipped_files: list[str] = field(default_factory=list)  # notices: extra files not copied, and why
+
     @cached_property
     def other_files(self) -> list[Path]:
-        """Files (relative to root) that are not weights, the index or config.json: copied as they are."""
+        """Files (relative to root) that are not weights, the index or config.json: copied as they are.
+
+        Only regular files that really live inside the model folder are copied (for a hub-cache snapshot,
+        inside its repo folder, since the snapshot's files are links into ``../../blobs``): a link that
+        leads elsewhere (``tokenizer.json -> ~/.ssh/id_rsa``) would otherwise leak that file into an
+        output users publish. Whatever is left out is named in :attr:`skipped_files`."""
         skip = {p.relative_to(self.root) for p in self.weight_files + self.unindexed_weight_files}
         skip |= {Path(INDEX_NAME), Path(CONFIG_NAME)}
-        found = []
-        for path in sorted(self.root.rglob("*")):
-            rel = path.relative_to(self.root)
-            if rel.parts[0] in (".git", ".cache") or rel in skip or not path.is_file():
-                continue
-            found.append(rel)
+        allowed = allowed_root(self.root)
+        found, skipped = [], []
+        for folder, dirs, files in os.walk(self.root):  # never follows links to folders
+            here = Path(folder)
+            dirs[:] = sorted(d for d in dirs if not (here == self.root and d in (".git", ".cache")))
+            for entry in sorted(files + [d for d in dirs if (here / d).is_symlink()]):
+                path = here / entry
+                rel = path.relative_to(self.root)
+                if rel in skip:
+                    continue
+                problem = _copy_problem(path, allowed)
+                if problem:
+                    skipped.append(f"note: not copying {rel}: {problem}")
+                    continue
+                found.append(rel)
+            dirs[:] = [d for d in dirs if not (here / d).is_symlink()]
+        self.skipped_files[:] = skipped  # shared with copies made by dataclasses.replace: same content
         return found
+
+
+def allowed_root(root: Path) -> Path:
+    """The folder whose files may be copied: the model folder, or a hub-cache repo folder for a snapshot."""
+    root = root.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith(("models--", "datasets--")):
+        return root.parent.parent
+    return root
+
+
+def _copy_problem(path: Path, allowed: Path) -> str | None:
+    real = Path(os.path.realpath(path))
+    if real != allowed and allowed not in real.parents:
+        return f"it is a link to {real}, outside the model folder"
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "it is a link to a folder"
+    if not stat.S_ISREG(mode):
+        return "it is not a regular file (a FIFO, socket or device)"
+    return None
 
 
 def resolve_source(model: str, revision: str | None = None) -> Path:
@@ -90,15 +136,21 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 def open_checkpoint(root: Path) -> Checkpoint:
     """Read the layout of ``root``; every defect becomes a one-line :class:`BadInputError`."""
-    config = _read_json(root / CONFIG_NAME) if (root / CONFIG_NAME).is_file() else None
-    if config is not None and not isinstance(config, dict):
-        raise BadInputError(f"{root / CONFIG_NAME}: not a JSON object")
+    config_path = root / CONFIG_NAME
+    if os.path.lexists(config_path) and _copy_problem(config_path, allowed_root(root)) and \
+            config_path.is_symlink():
+        # Its contents go into the output's config.json: a link elsewhere (~/.docker/config.json) would leak.
+        raise BadInputError(f"{config_path}: is a link to {os.path.realpath(config_path)}, outside the model "
+                            "folder; its contents would be written into the output")
+    config = _read_json(config_path) if os.path.lexists(config_path) else None
+    if config is not None:
+        validate_config(config_path, config)
     index_path = root / INDEX_NAME
     top_level = sorted(root.glob("*.safetensors"))
-    if index_path.is_file():
-        weight_files, tensors = _open_indexed(root, index_path)
+    if os.path.lexists(index_path):
+        weight_files, tensors, unlisted = _open_indexed(root, index_path)
         unindexed = [p for p in top_level if p not in weight_files]
-        return Checkpoint(root, weight_files, tensors, config, index_path, unindexed)
+        return Checkpoint(root, weight_files, tensors, config, index_path, unindexed, unlisted)
     if not top_level:
         others = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
         hint = f" (found {', '.join(others[:3])}: only safetensors weights are read)" if others else ""
@@ -112,7 +164,7 @@ def open_checkpoint(root: Path) -> Checkpoint:
     return Checkpoint(root, top_level, tensors, config)
 
 
-def _open_indexed(root: Path, index_path: Path) -> tuple[list[Path], dict[str, TensorInfo]]:
+def _open_indexed(root: Path, index_path: Path) -> tuple[list[Path], dict[str, TensorInfo], list[str]]:
     index = _read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -124,10 +176,12 @@ def _open_indexed(root: Path, index_path: Path) -> tuple[list[Path], dict[str, T
         shards.setdefault(shard, []).append(name)
     weight_files: list[Path] = []
     tensors: dict[str, TensorInfo] = {}
+    unlisted: list[str] = []
+    for shard in sorted(shards):
+        if not os.path.lexists(root / shard):
+            raise BadInputError(f"{index_path}: names shard {shard}, which does not exist")
     for shard in sorted(shards):
         path = root / shard
-        if not path.is_file():
-            raise BadInputError(f"{index_path}: names shard {shard}, which does not exist")
         header = read_header(path)
         for name in shards[shard]:
             if name not in header.tensors:
@@ -135,15 +189,105 @@ def _open_indexed(root: Path, index_path: Path) -> tuple[list[Path], dict[str, T
         for name, info in header.tensors.items():
             if name in tensors:
                 raise BadInputError(f"{path}: tensor {name} also appears in {tensors[name].file.name}")
-            # Tensors a shard holds but the index omits are invisible to loaders; so they are to us.
-            if weight_map.get(name) == shard:
-                tensors[name] = info
+            if name in weight_map and weight_map[name] != shard:
+                raise BadInputError(f"{path}: tensor {name} is also here, but the index places it in "
+                                    f"{weight_map[name]}")
+            # A tensor the shard holds but the index omits is still loaded by transformers (it reads
+            # every tensor of every shard), so it is part of the model: carried over, and named.
+            if name not in weight_map:
+                unlisted.append(name)
+            tensors[name] = info
         weight_files.append(path)
-    return weight_files, tensors
+    return weight_files, tensors, unlisted
+
+
+_MAX_CONFIG_DEPTH = 64  # far beyond any real config; deeper nesting would break json.dumps at the end
 
 
 def _read_json(path: Path) -> object:
+    fd = open_regular(path)
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise BadInputError(f"{path}: not valid JSON (nested too deeply)") from None
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}: not valid JSON (not UTF-8: {exc.reason})") from exc
+    except json.JSONDecodeError as exc:
         raise BadInputError(f"{path}: not valid JSON ({exc})") from exc
+    if _depth(data) > _MAX_CONFIG_DEPTH:
+        raise BadInputError(f"{path}: JSON nested more than {_MAX_CONFIG_DEPTH} levels deep")
+    return data
+
+
+def _depth(root: object) -> int:
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= _MAX_CONFIG_DEPTH:
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def validate_config(path: Path, config: object) -> None:
+    """Check every config field qconvert reads has the type it needs, so a malformed config fails here
+    with one line instead of deep inside the run."""
+    if not isinstance(config, dict):
+        raise BadInputError(f"{path}: not a JSON object")
+    for key in ("torch_dtype", "dtype"):
+        value = config.get(key)
+        if value is None or value == "auto":
+            continue
+        dtype = getattr(torch, value, None) if isinstance(value, str) else None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise BadInputError(f"{path}: {key} {value!r:.60} is not a floating-point dtype name (e.g. bfloat16)")
+    architectures = config.get("architectures")
+    if architectures is not None and not isinstance(architectures, list):
+        raise BadInputError(f"{path}: architectures must be a list of names")
+    qconfig = config.get("quantization_config")
+    if qconfig is None:
+        return
+    if not isinstance(qconfig, dict):
+        raise BadInputError(f"{path}: quantization_config must be a JSON object, not {type(qconfig).__name__}")
+    block = qconfig.get("weight_block_size")
+    if block is not None and not (isinstance(block, list) and len(block) == 2
+                                  and all(type(b) is int and b > 0 for b in block)):
+        raise BadInputError(f"{path}: quantization_config.weight_block_size must be two positive integers")
+    groups = qconfig.get("config_groups")
+    if groups is None:
+        return
+    if not isinstance(groups, dict):
+        raise BadInputError(f"{path}: quantization_config.config_groups must be a JSON object of groups")
+    for name, group in groups.items():
+        where = f"{path}: quantization_config.config_groups.{name}"
+        if not isinstance(group, dict):
+            raise BadInputError(f"{where} must be a JSON object")
+        targets = group.get("targets")
+        if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+            raise BadInputError(f"{where}.targets must be a list of strings")
+        for target in targets or []:
+            if target.startswith("re:"):
+                try:
+                    re.compile(target[3:])
+                except re.error as exc:
+                    raise BadInputError(f"{where}.targets: invalid regular expression {target!r} ({exc})") from exc
+        weights = group.get("weights")
+        if weights is not None and not isinstance(weights, dict):
+            raise BadInputError(f"{where}.weights must be a JSON object")
+        if isinstance(weights, dict):
+            block = weights.get("block_structure")
+            if block is not None and not (isinstance(block, list) and len(block) == 2
+                                          and all(type(b) is int and b > 0 for b in block)):
+                raise BadInputError(f"{where}.weights.block_structure must be two positive integers")
+            bits = weights.get("num_bits")
+            if bits is not None and not (type(bits) is int and bits > 0):
+                raise BadInputError(f"{where}.weights.num_bits {bits!r:.40} is not a positive integer")
+            strategy = weights.get("strategy")
+            if strategy is not None and not isinstance(strategy, str):
+                raise BadInputError(f"{where}.weights.strategy {strategy!r:.40} is not a string")

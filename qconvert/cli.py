@@ -1,7 +1,8 @@
 """The ``qconvert`` command line: a thin shell over the pipeline, inspection and scheme table.
 
 Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 anything else (including an
-interrupt). ``--debug`` (or ``QCONVERT_DEBUG=1``) shows tracebacks.
+interrupt); ``verify`` uses 1 for a failed check and 3 for an internal error. ``--debug`` (or
+``QCONVERT_DEBUG=1``) shows tracebacks.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from qconvert import __version__
-from qconvert.errors import EXIT_BAD_INPUT, EXIT_FAILURE, QConvertError
+from qconvert.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERNAL, QConvertError, one_line
+from qconvert.writing import interrupt_outcome
 
 try:  # Typer >= 0.25 vendors click; its usage errors derive from TyperException
     from typer import TyperException as UsageError
@@ -33,7 +36,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # names are printed as they are
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
@@ -58,10 +61,15 @@ def _parse_overrides(items: list[str], file: Path | None) -> list[tuple[str, obj
 
     lines = list(items)
     if file is not None:
+        from qconvert.safetensors_io import open_regular
+
         try:
-            text = file.read_text()
+            with os.fdopen(open_regular(file), "rb") as f:
+                text = f.read().decode("utf-8")
         except OSError as exc:
             raise BadInputError(f"{file}: cannot read overrides ({exc.strerror})") from exc
+        except UnicodeDecodeError as exc:
+            raise BadInputError(f"{file}: overrides file is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         lines += [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
     overrides = []
     for line in filter(None, lines):
@@ -124,6 +132,8 @@ def quantize(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse the shards an interrupted run of the same "
+                                         "command finished (checked by sha256).")] = False,
 ) -> None:
     """Quantize a checkpoint into a new compressed-tensors checkpoint."""
     from qconvert.pipeline import QuantizeRequest
@@ -149,11 +159,12 @@ def quantize(
         fnuz=fnuz,
         force_layout=force_layout,
         show_progress=not quiet and not as_json,
+        resume=resume,
     )
 
     def notice(message: str) -> None:
         if not quiet:
-            err.print(message, markup=False)
+            err.print(one_line(message), markup=False)
 
     summary = run(request, notice)
     if as_json:
@@ -226,6 +237,8 @@ def convert(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Reuse the shards an interrupted run of the same "
+                                         "command finished (checked by sha256).")] = False,
 ) -> None:
     """Convert a quantized checkpoint: fnuz (ROCm), shared-scale (fused FP8), pack (int8 -> int32), dequantize."""
     from qconvert.errors import BadInputError
@@ -245,9 +258,9 @@ def convert(
         fused_patterns=_fuse_patterns(fuse) if fuse else list(DEFAULT_FUSED_PATTERNS),
         dtype=getattr(torch, dtypes[dtype]) if dtype else (torch.bfloat16 if op == "dequantize" else None),
         max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision,
-        show_progress=not quiet and not as_json,
+        show_progress=not quiet and not as_json, resume=resume,
     )
-    summary = run(request, lambda message: None if quiet else err.print(message, markup=False))
+    summary = run(request, lambda message: None if quiet else err.print(one_line(message), markup=False))
     if as_json:
         _emit_json(summary)
         return
@@ -309,15 +322,18 @@ def verify(
 ) -> None:
     """Run each quantized layer's serving kernels on a GPU against dequantized references.
 
-    Exit 0 when every check passes, 1 when any fails, 2 for bad input.
+    Exit 0 when every check passes, 1 when any fails, 2 for bad input, 3 when verify itself crashed.
     """
+    import torch
+
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        # Triton decides between compiling and interpreting when it is imported and when kernels are
+        # defined: the choice must be made before anything imports triton (resolve_device does).
+        os.environ["TRITON_INTERPRET"] = "1"
     from qconvert.verification import parse_tokens, resolve_device
 
     token_counts = parse_tokens(tokens)
     target = resolve_device(device)
-    if target.type == "cpu":
-        # Triton reads this when kernels are defined, so it must be set before they are imported.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     from tqdm import tqdm
 
     from qconvert.verification import verify as run_verify
@@ -429,9 +445,25 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every failure into one line and a documented exit code."""
     args = sys.argv[1:] if argv is None else argv
+    try:
+        _main(args)
+    finally:
+        for signum, handler in _saved_handlers.items():
+            signal.signal(signum, handler)
+        _saved_handlers.clear()
+
+
+_saved_handlers: dict[int, object] = {}
+
+
+def _main(args: list[str]) -> None:
     debug = "--debug" in args or os.environ.get("QCONVERT_DEBUG") == "1"
-    # SIGTERM (a CI job cancelled) must unwind like Ctrl-C so the temporary output is removed.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    internal = EXIT_INTERNAL if next((a for a in args if not a.startswith("-")), None) == "verify" else EXIT_FAILURE
+    # SIGTERM (a CI job cancelled) and SIGHUP (the ssh session closed) unwind like Ctrl-C, so the
+    # temporary output is removed; restored on return, for callers that run main() in-process.
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            _saved_handlers.setdefault(signum, signal.signal(signum, _raise_interrupt))
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="qconvert", standalone_mode=False)
@@ -440,26 +472,31 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as exc:
         message = exc.format_message()
         if message:  # empty when the help text was shown instead (no arguments at all)
-            err.print(f"error: {message}", markup=False)
+            err.print(one_line(f"error: {message}"), markup=False)
         code = EXIT_BAD_INPUT
     except QConvertError as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", markup=False)
+        err.print(one_line(f"error: {exc}"), markup=False)
         code = exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
         if debug:
             raise
-        err.print("error: interrupted; no output was left behind", markup=False)
+        err.print(one_line(f"error: interrupted; {interrupt_outcome()}"), markup=False)
         code = EXIT_FAILURE
+    except RecursionError:
+        if debug:
+            raise
+        err.print("error: input nested too deeply to process (rerun with --debug for details)", markup=False)
+        code = internal
     except Exception as exc:
         if debug:
             raise
         message = str(exc).splitlines()[0] if str(exc) else ""
-        err.print(f"error: unexpected {type(exc).__name__}: {message} (rerun with --debug for details)",
+        err.print(one_line(f"error: unexpected {type(exc).__name__}: {message} (rerun with --debug for details)"),
                   markup=False)
-        code = EXIT_FAILURE
+        code = internal
     if code == 130:  # Typer turns KeyboardInterrupt (so SIGTERM too) into exit code 130
-        err.print("error: interrupted; no output was left behind", markup=False)
+        err.print(one_line(f"error: interrupted; {interrupt_outcome()}"), markup=False)
         code = EXIT_FAILURE
     sys.exit(code if isinstance(code, int) else 0)

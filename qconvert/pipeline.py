@@ -23,6 +23,14 @@ from qconvert.conversions import plan_conversion
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.planning import Plan, make_plan
+from qconvert.preflight import (
+    check_plan,
+    finish_shard,
+    job_fingerprint,
+    job_options,
+    preflight_output,
+    reuse_finished,
+)
 from qconvert.progress import Progress
 from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
 from qconvert.schemes import Scheme
@@ -33,6 +41,7 @@ from qconvert.writing import (
     OutputFolder,
     check_output_location,
     layout_shards,
+    run_guard,
     shard_names,
     write_index,
     write_json,
@@ -59,6 +68,7 @@ class QuantizeRequest:
     fnuz: bool = False
     force_layout: bool = False
     show_progress: bool = True
+    resume: bool = False
 
 
 def default_output(model: str, source: Path, suffix: str) -> Path:
@@ -68,6 +78,11 @@ def default_output(model: str, source: Path, suffix: str) -> Path:
 
 
 def quantize(request: QuantizeRequest, notice: Notice) -> dict:
+    with run_guard():  # releases the output's lock however the run ends
+        return _quantize(request, notice)
+
+
+def _quantize(request: QuantizeRequest, notice: Notice) -> dict:
     started = time.perf_counter()
     if request.layout not in LAYOUTS:
         raise BadInputError(f"--layout {request.layout!r}: choose from {', '.join(LAYOUTS)}")
@@ -82,6 +97,7 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
         view = logical_view(checkpoint, stored)
         plan = make_plan(replace(checkpoint, tensors=view), request.scheme, request.ignore, request.targets,
                          request.overrides)
+        check_plan(plan, view, stored)
         config = quantization_config(plan.schemes_by_module, plan.ignore, request.layout)
         if request.layout == "sglang" and family != "deepseek" and not request.force_layout:
             architecture = ", ".join(map(str, (checkpoint.config or {}).get("architectures") or [])) or "this model"
@@ -114,7 +130,7 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
         return summarize(checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True,
                          serves_in=serving)
     shards = write_checkpoint(checkpoint, units, target, config, request.max_shard_bytes,
-                              request.show_progress, notice)
+                              request.show_progress, notice, resume=request.resume, options=job_options(request))
     return summarize(checkpoint, units, target, shards, time.perf_counter() - started, plan=plan,
                      serves_in=serving)
 
@@ -146,9 +162,15 @@ class ConvertRequest:
     overwrite: bool = False
     revision: str | None = None
     show_progress: bool = True
+    resume: bool = False
 
 
 def convert(request: ConvertRequest, notice: Notice) -> dict:
+    with run_guard():
+        return _convert(request, notice)
+
+
+def _convert(request: ConvertRequest, notice: Notice) -> dict:
     started = time.perf_counter()
     source = resolve_source(request.model, request.revision)
     target = (request.output or default_output(request.model, source, request.op)).expanduser()
@@ -161,7 +183,7 @@ def convert(request: ConvertRequest, notice: Notice) -> dict:
     for note in plan.notes:
         notice(note)
     shards = write_checkpoint(checkpoint, plan.units, target, plan.config, request.max_shard_bytes,
-                              request.show_progress, notice)
+                              request.show_progress, notice, resume=request.resume, options=job_options(request))
     return summarize(checkpoint, plan.units, target, shards, time.perf_counter() - started, op=request.op,
                      converted=plan.converted)
 
@@ -184,22 +206,32 @@ def describe_stored(stored: dict[str, StoredLayer]) -> str:
 
 
 def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, quant_config: dict | None,
-                     max_shard_bytes: int, show_progress: bool, notice: Notice) -> list[str]:
-    """Execute ``units`` into a new checkpoint folder at ``target``, atomically."""
+                     max_shard_bytes: int, show_progress: bool, notice: Notice, *, resume: bool = False,
+                     options: dict | None = None) -> list[str]:
+    """Execute ``units`` into a new checkpoint folder at ``target``, atomically.
+
+    With ``resume``, the finished shards of a dead run of the same job (same input, options and layout)
+    are kept, checked against their journaled sha256, and only the other shards are computed again."""
     for path in checkpoint.unindexed_weight_files:
         notice(f"note: {path.name} is not in the index; it is not part of the model and is not copied")
     layout = layout_shards([unit.outputs for unit in units], max_shard_bytes)
     names = shard_names(len(layout))
     other_files = checkpoint.other_files
+    preflight_output(checkpoint, units, target, layout, other_files, notice)
+    fingerprint = job_fingerprint(checkpoint, dict(zip(names, layout, strict=True)), quant_config, options)
     copy_bytes = sum((checkpoint.root / rel).stat().st_size for rel in other_files)
     total = sum(unit.input_bytes for unit in units) + copy_bytes
 
-    with OutputFolder(target) as out, Progress(total, len(units), show_progress) as bar:
+    with OutputFolder(target, fingerprint, resume, notice) as out, Progress(total, len(units), show_progress) as bar:
+        reused, units = reuse_finished(out, names, layout, units, bar, notice)
         shard_of: dict[str, ShardFile] = {}
         shards = []
         try:
             for name, specs in zip(names, layout, strict=False):
+                if name in reused:
+                    continue
                 shard = ShardFile(out.path / name, specs)
+                shard.on_close = partial(finish_shard, out)
                 shards.append(shard)
                 shard_of.update({spec.name: shard for spec in specs})
             _execute(units, shard_of, bar)

@@ -13,11 +13,12 @@ Format: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
+import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,69 +77,234 @@ class Header:
     metadata: dict[str, str]
 
 
-def read_header(path: Path) -> Header:
-    """Parse and validate the header of ``path``; raises :class:`BadInputError` naming the file."""
+# Bits per element of every dtype the reference reader knows (some have no torch dtype: we refuse
+# those after the structural checks, so that a file's validity is judged exactly as the reference does).
+REFERENCE_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+_USIZE_MAX = 2**64 - 1
+_MAX_JSON_DEPTH = 127  # serde_json's recursion limit, as the reference reader applies it
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+class _Object(dict):
+    """A JSON object that remembers which keys it saw twice (json keeps only the last)."""
+
+    def __init__(self, pairs: list[tuple[str, object]]):
+        super().__init__(pairs)
+        seen: set[str] = set()
+        self.repeated = {k for k, _ in pairs if k in seen or seen.add(k)}  # type: ignore[func-returns-value]
+
+
+class _Negative(int):
+    """An integer written with a minus sign (``-0`` included): never a valid size or offset."""
+
+
+def _parse_int(text: str) -> int:
+    return _Negative(int(text)) if text.startswith("-") else int(text)
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def special_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file (a FIFO would block forever, a device never ends), or None.
+
+    Uses ``stat`` only: nothing is opened for reading."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise BadInputError(f"{path}: not a safetensors file ({size} bytes, too short)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise BadInputError(
-                    f"{path}: corrupt or truncated safetensors file "
-                    f"(header claims {header_len} bytes, file has {size})"
-                )
-            raw = f.read(header_len)
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file")
+    return f"is {kind}, not a regular file; refusing to read it"
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor on ``path``, which must be a regular file (checked before and after opening:
+    O_NONBLOCK keeps a FIFO swapped in between from blocking the open)."""
+    problem = special_file_problem(path)
+    if problem:
+        raise BadInputError(f"{path}: {problem}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot open ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadInputError(f"{path}: is not a regular file; refusing to read it")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _read_exact(fd: int, count: int, offset: int) -> bytes:
+    chunks, done = [], 0
+    while done < count:
+        chunk = os.pread(fd, min(count - done, 1 << 26), offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate the header of ``path``; raises :class:`BadInputError` naming the file.
+
+    A file is accepted exactly when the reference ``safetensors`` reader accepts it (the tests check this
+    on generated headers), with two deliberate refusals more: a tensor name given twice (the reference keeps
+    the last one silently) and a dtype torch cannot hold."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        prefix = _read_exact(fd, 8, 0)
+        if len(prefix) < 8:
+            raise BadInputError(f"{path}: not a safetensors file ({size} bytes, too short)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise BadInputError(
+                f"{path}: corrupt or truncated safetensors file "
+                f"(header claims {header_len} bytes, file has {size})"
+            )
+        raw = _read_exact(fd, header_len, 8)
     except OSError as exc:
         raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if len(raw) < header_len:
+        raise BadInputError(f"{path}: truncated while reading its header")
+    header = _parse_json(path, raw)
+    metadata = _metadata(path, header)
+    data_start = 8 + header_len
+    entries = sorted(
+        ((name, _entry(path, name, entry)) for name, entry in header.items() if name != "__metadata__"),
+        key=lambda item: (item[1][2], item[1][3]),
+    )
+    position = 0
+    for name, (code, shape, begin, end) in entries:
+        if begin != position or end < begin:
+            raise BadInputError(
+                f"{path}: corrupt header, tensor {name} starts at data byte {begin} but the previous "
+                f"tensor ends at {position} (gaps, overlaps and reordering are not allowed)"
+            )
+        position = end
+        nbits = _nelements(path, name, shape) * REFERENCE_BITS[code]
+        if nbits > _USIZE_MAX:
+            raise BadInputError(f"{path}: corrupt header, tensor {name} shape {shape} is too large")
+        if nbits % 8:
+            raise BadInputError(f"{path}: corrupt header, tensor {name} does not end on a byte boundary")
+        if end - begin != nbits // 8:
+            raise BadInputError(
+                f"{path}: corrupt header, tensor {name} spans {end - begin} bytes but its shape needs {nbits // 8}"
+            )
+    if data_start + position != size:
+        if data_start + position > size:
+            raise BadInputError(
+                f"{path}: truncated, its tensors end at byte {data_start + position} but the file has {size}"
+            )
+        raise BadInputError(
+            f"{path}: corrupt safetensors file, {size - data_start - position} bytes after the last tensor"
+        )
+    tensors: dict[str, TensorInfo] = {}
+    for name, (code, shape, begin, end) in entries:
+        dtype = DTYPES.get(code)
+        if dtype is None:
+            raise BadInputError(f"{path}: tensor {name} has dtype {code}, which qconvert cannot handle")
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+    return Header(tensors, metadata)
+
+
+def _parse_json(path: Path, raw: bytes) -> _Object:
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}: corrupt safetensors header (not UTF-8: {exc.reason})") from exc
+    try:
+        header = json.loads(text, object_pairs_hook=_Object, parse_int=_parse_int, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadInputError(f"{path}: corrupt safetensors header (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError included
         raise BadInputError(f"{path}: corrupt safetensors header (not valid JSON: {exc})") from exc
     if not isinstance(header, dict):
         raise BadInputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    problem = _json_problem(header)
+    if problem:
+        raise BadInputError(f"{path}: corrupt safetensors header ({problem})")
+    if "__metadata__" in header.repeated:
+        raise BadInputError(f"{path}: corrupt safetensors header (__metadata__ given twice)")
+    if header.repeated:
+        name = sorted(header.repeated)[0]
+        raise BadInputError(f"{path}: corrupt safetensors header, tensor {name} is named twice")
+    return header
 
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    data_size = size - data_start
-    tensors = [_tensor_info(path, name, entry, data_start, data_size) for name, entry in header.items()]
-    tensors.sort(key=lambda t: t.offset)
-    for before, after in itertools.pairwise(tensors):
-        if after.offset < before.offset + before.nbytes:
-            raise BadInputError(f"{path}: corrupt header, tensors {before.name} and {after.name} overlap")
-    return Header({t.name: t for t in tensors}, metadata if isinstance(metadata, dict) else {})
+
+def _json_problem(root: object) -> str | None:
+    """What the reference's JSON parser refuses but Python's accepts: nesting deeper than serde_json's
+    limit, and strings holding a lone surrogate (not encodable as UTF-8)."""
+    stack = [(root, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: list[object] = [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            children = value
+        else:
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "a string holds a lone surrogate escape"
+            continue
+        if depth > _MAX_JSON_DEPTH:
+            return "nested too deeply"
+        stack.extend((child, depth + 1) for child in children)
+    return None
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
-    if not isinstance(entry, dict):
-        raise BadInputError(f"{path}: corrupt header entry for tensor {name}")
-    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
-    if dtype is None:
-        raise BadInputError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
-    shape = entry.get("shape")
-    offsets = entry.get("data_offsets")
-    if (
-        not isinstance(shape, list)
-        or not all(isinstance(d, int) and d >= 0 for d in shape)
-        or not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-    ):
-        raise BadInputError(f"{path}: corrupt header entry for tensor {name}")
-    begin, end = offsets
-    expected = math.prod(shape) * dtype.itemsize
-    if begin < 0 or end - begin != expected:
-        raise BadInputError(
-            f"{path}: corrupt header, tensor {name} spans {end - begin} bytes but its shape needs {expected}"
-        )
-    if end > data_size:
-        raise BadInputError(
-            f"{path}: truncated, tensor {name} ends at byte {data_start + end} "
-            f"but the file has {data_start + data_size}"
-        )
-    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, expected)
+def _metadata(path: Path, header: _Object) -> dict[str, str]:
+    metadata = header.get("__metadata__")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BadInputError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    return dict(metadata)
+
+
+def _is_usize(value: object) -> bool:
+    return type(value) is int and 0 <= value <= _USIZE_MAX  # not bool, not _Negative (-0), not float
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[str, list[int], int, int]:
+    if not isinstance(entry, _Object):
+        raise BadInputError(f"{path}: corrupt header entry for tensor {name} (not a JSON object)")
+    for field in _ENTRY_FIELDS:
+        if field not in entry:
+            raise BadInputError(f"{path}: corrupt header entry for tensor {name} (no {field})")
+        if field in entry.repeated:
+            raise BadInputError(f"{path}: corrupt header entry for tensor {name} ({field} given twice)")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str) or code not in REFERENCE_BITS:
+        raise BadInputError(f"{path}: tensor {name} has unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(_is_usize(d) for d in shape):
+        raise BadInputError(f"{path}: corrupt header entry for tensor {name} (bad shape {shape!r:.80})")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_usize(o) for o in offsets):
+        raise BadInputError(f"{path}: corrupt header entry for tensor {name} (bad data_offsets {offsets!r:.80})")
+    return code, shape, offsets[0], offsets[1]
+
+
+def _nelements(path: Path, name: str, shape: list[int]) -> int:
+    count = 1
+    for dim in shape:  # in order, as the reference does: an overflow before a zero still counts
+        count *= dim
+        if count > _USIZE_MAX:
+            raise BadInputError(f"{path}: corrupt header, tensor {name} shape {shape} is too large")
+    return count
 
 
 class TensorReader:
@@ -149,10 +315,7 @@ class TensorReader:
 
     def _fd(self, path: Path) -> int:
         if path not in self._fds:
-            try:
-                self._fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise BadInputError(f"{path}: cannot open ({exc.strerror})") from exc
+            self._fds[path] = open_regular(path)
         return self._fds[path]
 
     def read(self, info: TensorInfo) -> torch.Tensor:
@@ -241,6 +404,8 @@ class ShardFile:
         self.data_start = 8 + len(raw)
         self.specs = {spec.name: spec for spec in specs}
         self.pending = set(self.specs)
+        # Called with the shard once its bytes are on disk (the writer reads it back and journals it).
+        self.on_close: Callable[[ShardFile], None] | None = None
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self.fd, self.data_start + position)
@@ -270,6 +435,8 @@ class ShardFile:
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
+        if self.on_close is not None:
+            self.on_close(self)
 
     def abort(self) -> None:
         if self.fd >= 0:

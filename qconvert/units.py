@@ -16,6 +16,7 @@ import torch
 
 from qconvert.errors import BadInputError
 from qconvert.format import compress_weight, output_specs
+from qconvert.numerics import require_finite_part, require_representable
 from qconvert.planning import Plan, module_of
 from qconvert.quantizers import e4m3fn_to_e4m3fnuz, scale_divisor, scales_from_amax
 from qconvert.safetensors_io import TensorInfo, TensorSpec
@@ -77,6 +78,7 @@ def checked_compress(source: TensorInfo, name: str, weight: torch.Tensor, scheme
     result = compress_weight(name, weight, scheme, layout, scale)
     scales = next(t for n, t in result.items() if n.rpartition(".")[2].startswith("weight_scale"))
     require_finite(source, weight, scales)
+    require_representable(source, scales, scheme)
     return result
 
 
@@ -121,6 +123,8 @@ def shared_tensor_scales(plan: Plan, load_weight: WeightLoader, patterns: list[s
         for name in names:
             weight = load_weight(name)
             amaxes.append(weight.abs().amax().to(torch.float32))
+            if not torch.isfinite(amaxes[-1]):
+                require_finite_part(name, weight)  # else the shared NaN scale would blame another part
             dtype = weight.dtype
             del weight
         scheme = shared[names[0]]
