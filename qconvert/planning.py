@@ -293,6 +293,10 @@ def _ignore_list(checkpoint: Checkpoint, plan: Plan) -> list[str]:
     # A tied head has no tensor of its own, but the runtime still builds an lm_head Linear.
     if any(str(a).endswith(_HEAD_ARCHITECTURES) for a in architectures):
         names.add("lm_head")
+    # A masked-LM head tied to the embeddings (BERT's cls.predictions.decoder, RoBERTa's
+    # lm_head.decoder) has no tensor either, and is a Linear in the runtime too.
+    if any(str(a).endswith("ForMaskedLM") for a in architectures):
+        names.add(r"re:^(.*\.)?(predictions|lm_head)\.decoder$")
     if "lm_head" in names and facts.multimodal:
         names.add(r"re:^language_model\.lm_head$")  # vLLM's spelling for Llava-style models
     entries = sorted(names, key=lambda n: (n != "lm_head", n))
