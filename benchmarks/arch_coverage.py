@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qconvert.checkpoint import Checkpoint  # noqa: E402
-from qconvert.errors import BadInputError  # noqa: E402
-from qconvert.planning import make_plan  # noqa: E402
-from qconvert.safetensors_io import TensorInfo  # noqa: E402
-from qconvert.schemes import get_scheme  # noqa: E402
-from tests.arch_matrix import CASES, ArchCase  # noqa: E402
+from qconvert.checkpoint import Checkpoint
+from qconvert.errors import BadInputError
+from qconvert.planning import make_plan
+from qconvert.safetensors_io import TensorInfo
+from qconvert.schemes import get_scheme
+from tests.arch_matrix import CASES, ArchCase
 
 KINDS = ("attention", "mlp", "experts", "vision", "other")
 
