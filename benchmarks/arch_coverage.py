@@ -8,12 +8,13 @@ tests/arch_matrix.py:
   no memory is used. Experts that transformers fuses in memory but stores per expert on disk
   (Qwen3-MoE, Mixtral, DeepSeek-V3) are split back into the per-expert names a checkpoint has.
 
-Usage: ``PYTHONPATH=. python3 benchmarks/arch_coverage.py [--scheme rtn4] [--tiny-only]``
+Usage: ``PYTHONPATH=. python3 benchmarks/arch_coverage.py [--scheme rtn4] [--also fp8]``
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -77,13 +78,14 @@ def coverage(checkpoint: Checkpoint, case: ArchCase, scheme: str) -> dict | str:
     try:
         plan = make_plan(checkpoint, get_scheme(scheme), keep_experts=case.request.get("keep_fused_experts", False))
     except BadInputError as exc:
-        return str(exc).split(": ", 1)[-1][:60]
+        # "no tensor to quantize: every linear weight is left unquantized: 48 x <reason>: ..."
+        return str(exc).split("unquantized: ", 1)[-1].split(":")[0]
     return plan.coverage
 
 
 def _cell(cov: dict | str, kind: str | None = None) -> str:
     if isinstance(cov, str):
-        return "–"
+        return "0.0%" if kind is None else "–"
     entry = cov if kind is None else cov["by_kind"].get(kind)
     if not entry or entry["share"] is None:
         return ""
@@ -93,25 +95,27 @@ def _cell(cov: dict | str, kind: str | None = None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scheme", default="rtn4")
-    parser.add_argument("--tiny-only", action="store_true")
+    parser.add_argument("--also", default="fp8", help="a second scheme, full size overall only")
     args = parser.parse_args()
-    print(f"| architecture | coverage ({args.scheme}, tiny) | full size | "
-          + " | ".join(f"{k} (full size)" for k in KINDS) + " | left unquantized |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in KINDS) + " | --- |")
+    print(f"| architecture | {args.scheme}, tiny test model | {args.scheme}, full size | {args.also}, full size | "
+          + " | ".join(f"{k}" for k in KINDS) + f" | left unquantized ({args.scheme}, full size) |")
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in KINDS) + " | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for case in CASES:
             tiny = coverage(tiny_checkpoint(case, Path(tmp)), case, args.scheme)
-            full = tiny if args.tiny_only else coverage(full_size_checkpoint(case), case, args.scheme)
-            why = tiny if isinstance(tiny, str) else "; ".join(_left_out(case, tmp))
-            print(f"| {case.name} | {_cell(tiny)} | {_cell(full)} | "
+            full_checkpoint = full_size_checkpoint(case)
+            full = coverage(full_checkpoint, case, args.scheme)
+            also = coverage(full_checkpoint, case, args.also)
+            why = full if isinstance(full, str) else "; ".join(_left_out(full_checkpoint, case, args.scheme))
+            print(f"| {case.name} | {_cell(tiny)} | {_cell(full)} | {_cell(also)} | "
                   + " | ".join(_cell(full, k) for k in KINDS) + f" | {why} |")
 
 
-def _left_out(case: ArchCase, tmp: str) -> list[str]:
-    """The kinds of linear weights left unquantized in the tiny plan, by reason (first words)."""
-    plan = make_plan(tiny_checkpoint(case, Path(tmp)), get_scheme("rtn4"),
-                     keep_experts=case.request.get("keep_fused_experts", False))
-    reasons = {s.reason.split(":")[0].split(" (")[0] for s in plan.skipped if s.kind is not None}
+def _left_out(checkpoint: Checkpoint, case: ArchCase, scheme: str) -> list[str]:
+    """Why linear weights are left unquantized, by reason (its first words)."""
+    plan = make_plan(checkpoint, get_scheme(scheme), keep_experts=case.request.get("keep_fused_experts", False))
+    reasons = {re.sub(r"\d{2,}", "N", s.reason.split(":")[0].split(" (")[0])
+               for s in plan.skipped if s.kind is not None}
     return sorted(reasons)
 
 

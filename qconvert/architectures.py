@@ -51,7 +51,7 @@ VISION_TOWERS = ("visual", "vision_tower", "vision_model", "multi_modal_projecto
                  "vision_embed_tokens", "image_newline", "mm_projector", "audio_encoder")
 _VISION = re.compile(r"(^|\.)(" + "|".join(VISION_TOWERS) + r")(\.|$)")
 
-_ATTENTION = re.compile(r"(^|\.)(self_attn|cross_attn|attn|attention|SelfAttention|EncDecAttention|"
+_ATTENTION = re.compile(r"(^|\.)(self_attn|cross_attn|attn|attention|self_attention|SelfAttention|EncDecAttention|"
                         r"q_proj|k_proj|v_proj|o_proj|qkv_proj|query_key_value|dense_attn)(\.|$)")
 _EXPERTS = re.compile(r"(^|\.)(experts|shared_experts?|block_sparse_moe\.(input|output)_linear)(\.|$)")
 _MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn|DenseReluDense|intermediate|output|fc1|fc2|c_fc|"
