@@ -4,7 +4,7 @@
 PYTHON ?= python3
 DEMO_OUT ?= build/all-MiniLM-L6-v2-rtn4
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench arch
 
 # torch first, pinned: the CPU build comes from a local wheel here; an unpinned torch would pull
 # several GB of CUDA packages. Where torch is already installed (the GPU machines), it is kept.
@@ -26,7 +26,11 @@ lint:
 	$(PYTHON) -m ruff check .
 
 test: setup lint
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not arch"
+
+# The full architecture matrix (22 architectures x the schemes their loaders support); CI runs it.
+arch: setup
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m arch tests/test_architectures.py
 
 bench: setup
 	$(PYTHON) benchmarks/convert_speed.py

@@ -134,12 +134,22 @@ def quantize(
     debug: DebugOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the shards an interrupted run of the same "
                                          "command finished (checked by sha256).")] = False,
+    include_vision: Annotated[
+        bool, typer.Option("--include-vision", help="Also quantize vision/audio towers and projectors.")
+    ] = False,
+    keep_fused_experts: Annotated[
+        bool, typer.Option("--keep-fused-experts", help="Keep 3-D fused expert tensors (gpt-oss, GraniteMoE) in "
+                           "full precision instead of refusing them.")
+    ] = False,
+    min_coverage: Annotated[
+        float | None, typer.Option("--min-coverage", help="Fail (exit 2) if less than this share (0-1) of the "
+                                   "linear parameters would be quantized.")
+    ] = None,
 ) -> None:
     """Quantize a checkpoint into a new compressed-tensors checkpoint."""
     from qconvert.pipeline import QuantizeRequest
     from qconvert.pipeline import quantize as run
     from qconvert.schemes import get_scheme
-    from qconvert.units import DEFAULT_FUSED_PATTERNS
     from qconvert.writing import parse_size
 
     request = QuantizeRequest(
@@ -149,7 +159,7 @@ def quantize(
         ignore=list(ignore or []),
         targets=list(targets or []),
         overrides=_parse_overrides(list(override or []), overrides_file),  # type: ignore[arg-type]
-        fused_patterns=_fuse_patterns(fuse) if fuse else list(DEFAULT_FUSED_PATTERNS),
+        fused_patterns=_fuse_patterns(fuse) if fuse else None,
         layout=layout,
         max_shard_bytes=parse_size(max_shard_size),
         overwrite=overwrite,
@@ -160,6 +170,9 @@ def quantize(
         force_layout=force_layout,
         show_progress=not quiet and not as_json,
         resume=resume,
+        include_vision=include_vision,
+        keep_fused_experts=keep_fused_experts,
+        min_coverage=min_coverage,
     )
 
     def notice(message: str) -> None:
@@ -180,6 +193,7 @@ def quantize(
         f"{summary['seconds']:.1f} s",
         markup=False,
     )
+    _print_coverage(summary)
 
 
 def _fuse_patterns(patterns: list[str]) -> list[str]:
@@ -217,6 +231,14 @@ def _print_plan(summary: dict) -> None:
         f"{summary['bits_per_param_overall']:.2f} bits per parameter overall",
         markup=False,
     )
+    _print_coverage(summary)
+
+
+def _print_coverage(summary: dict) -> None:
+    from qconvert.pipeline import describe_coverage
+
+    if summary.get("coverage", {}).get("share") is not None:
+        out.print(f"coverage: {describe_coverage(summary['coverage'])}", markup=False)
 
 
 @app.command()
@@ -244,7 +266,6 @@ def convert(
     from qconvert.errors import BadInputError
     from qconvert.pipeline import ConvertRequest
     from qconvert.pipeline import convert as run
-    from qconvert.units import DEFAULT_FUSED_PATTERNS
     from qconvert.writing import parse_size
 
     dtypes = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
@@ -255,7 +276,7 @@ def convert(
 
     request = ConvertRequest(
         model=model, op=op, output=output,
-        fused_patterns=_fuse_patterns(fuse) if fuse else list(DEFAULT_FUSED_PATTERNS),
+        fused_patterns=_fuse_patterns(fuse) if fuse else None,
         dtype=getattr(torch, dtypes[dtype]) if dtype else (torch.bfloat16 if op == "dequantize" else None),
         max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision,
         show_progress=not quiet and not as_json, resume=resume,

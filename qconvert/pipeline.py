@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from qconvert import __version__
+from qconvert.architectures import facts_from_config
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
 from qconvert.conversions import plan_conversion
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
-from qconvert.planning import Plan, make_plan
+from qconvert.planning import Plan, check_coverage, make_plan
 from qconvert.preflight import (
     check_plan,
     finish_shard,
@@ -36,7 +37,7 @@ from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
 from qconvert.schemes import Scheme
 from qconvert.serving import SGLANG_VERSION, VLLM_VERSION, family_of, output_kind, servers_missing, serves_in
 from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_layers
-from qconvert.units import DEFAULT_FUSED_PATTERNS, Unit, apply_fnuz, quantize_units, shared_tensor_scales
+from qconvert.units import Unit, apply_fnuz, quantize_units, shared_tensor_scales
 from qconvert.writing import (
     OutputFolder,
     check_output_location,
@@ -58,7 +59,7 @@ class QuantizeRequest:
     ignore: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     overrides: list[tuple[str, Scheme | None]] = field(default_factory=list)
-    fused_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_FUSED_PATTERNS))
+    fused_patterns: list[str] | None = None  # None: the architecture's fusion map
     layout: str = "compressed-tensors"
     max_shard_bytes: int = 5 * 10**9
     overwrite: bool = False
@@ -69,6 +70,9 @@ class QuantizeRequest:
     force_layout: bool = False
     show_progress: bool = True
     resume: bool = False
+    include_vision: bool = False
+    keep_fused_experts: bool = False
+    min_coverage: float | None = None
 
 
 def default_output(model: str, source: Path, suffix: str) -> Path:
@@ -96,7 +100,9 @@ def _quantize(request: QuantizeRequest, notice: Notice) -> dict:
         stored = stored_layers(checkpoint, reader)
         view = logical_view(checkpoint, stored)
         plan = make_plan(replace(checkpoint, tensors=view), request.scheme, request.ignore, request.targets,
-                         request.overrides)
+                         request.overrides, request.include_vision, request.keep_fused_experts)
+        check_coverage(plan, request.min_coverage)
+        fused_patterns = plan.facts.fused_patterns if request.fused_patterns is None else request.fused_patterns
         check_plan(plan, view, stored)
         config = quantization_config(plan.schemes_by_module, plan.ignore, request.layout)
         if request.layout == "sglang" and family != "deepseek" and not request.force_layout:
@@ -121,7 +127,7 @@ def _quantize(request: QuantizeRequest, notice: Notice) -> dict:
         for note in notes:
             notice(note)
         if not request.dry_run:
-            shared = shared_tensor_scales(plan, partial(load_weight, view, stored, reader), request.fused_patterns)
+            shared = shared_tensor_scales(plan, partial(load_weight, view, stored, reader), fused_patterns)
             units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize)
     if request.fnuz:
         units = apply_fnuz(units)
@@ -156,7 +162,7 @@ class ConvertRequest:
     model: str
     op: str
     output: Path | None = None
-    fused_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_FUSED_PATTERNS))
+    fused_patterns: list[str] | None = None  # None: the architecture's fusion map
     dtype: torch.dtype | None = None
     max_shard_bytes: int = 5 * 10**9
     overwrite: bool = False
@@ -178,8 +184,11 @@ def _convert(request: ConvertRequest, notice: Notice) -> dict:
     checkpoint = open_checkpoint(source)
     with TensorReader() as reader:
         layers = stored_layers(checkpoint, reader)
+        fused_patterns = request.fused_patterns
+        if fused_patterns is None:
+            fused_patterns = facts_from_config(checkpoint.config).fused_patterns
         plan = plan_conversion(request.op, checkpoint.tensors, layers, checkpoint.config or {}, reader,
-                               request.fused_patterns, request.dtype)
+                               fused_patterns, request.dtype)
     for note in plan.notes:
         notice(note)
     shards = write_checkpoint(checkpoint, plan.units, target, plan.config, request.max_shard_bytes,
@@ -330,11 +339,27 @@ def _execute(units: list[Unit], shard_of: dict[str, ShardFile], bar: Progress) -
 
 
 def _report_skips(plan: Plan, notice: Notice) -> None:
-    notable = [s for s in plan.skipped if s.runtime_linear and s.module != "lm_head"]
-    for skipped in notable[:8]:
-        notice(f"note: leaving {skipped.module} {list(skipped.shape)} unquantized: {skipped.reason}")
-    if len(notable) > 8:
-        notice(f"note: ... and {len(notable) - 8} more layers left unquantized (see --json)")
+    """One note per reason a linear weight is left unquantized (the output head aside)."""
+    by_reason: dict[str, list] = {}
+    for skipped in plan.skipped:
+        if (skipped.runtime_linear or skipped.kind is not None) and skipped.module.rpartition(".")[2] != "lm_head":
+            by_reason.setdefault(skipped.reason, []).append(skipped)
+    for reason, layers in list(by_reason.items())[:8]:
+        first = layers[0]
+        more = f" and {len(layers) - 1} more" if len(layers) > 1 else ""
+        notice(f"note: leaving {first.module} {list(first.shape)}{more} unquantized: {reason}")
+    if len(by_reason) > 8:
+        notice(f"note: ... and {len(by_reason) - 8} more reasons for layers left unquantized (see --json)")
+    coverage = plan.coverage
+    if coverage["share"] is not None and coverage["share"] < 1:
+        notice(f"note: coverage {describe_coverage(coverage)}")
+
+
+def describe_coverage(coverage: dict) -> str:
+    """``87.5% of linear parameters quantized (attention 100%, experts 0%, ...)``."""
+    kinds = ", ".join(f"{kind} {100 * v['share']:.1f}%" for kind, v in coverage["by_kind"].items()
+                      if v["share"] is not None)
+    return f"{100 * (coverage['share'] or 0):.1f}% of linear parameters quantized ({kinds})"
 
 
 def summarize(checkpoint: Checkpoint, units: list[Unit], target: Path | None, shards: list[str],
@@ -365,6 +390,10 @@ def summarize(checkpoint: Checkpoint, units: list[Unit], target: Path | None, sh
     if plan is not None:
         summary["scheme"] = plan.scheme.name
         summary["ignore"] = plan.ignore
-        summary["skipped"] = [{"module": s.module, "shape": list(s.shape), "reason": s.reason} for s in plan.skipped]
+        summary["skipped"] = [{"module": s.module, "shape": list(s.shape), "reason": s.reason,
+                               "kind": s.kind.value if s.kind else None} for s in plan.skipped]
+        summary["coverage"] = plan.coverage
+        summary["architecture"] = {"model_type": plan.facts.model_type,
+                                   "architectures": list(plan.facts.architectures)}
     summary.update({k: (str(v) if isinstance(v, Path) else v) for k, v in extra.items()})
     return summary

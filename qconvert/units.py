@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qconvert.architectures import COMMON_FUSIONS
 from qconvert.errors import BadInputError
 from qconvert.format import compress_weight, output_specs
 from qconvert.numerics import require_finite_part, require_representable
@@ -26,13 +27,10 @@ from qconvert.sources import ACTIVATION_LEAVES, StoredLayer, rebuild_weight
 Produce = Callable[[list[torch.Tensor]], dict[str, torch.Tensor]]
 
 # A fused module's parts: the regex's first group names the fused module (one attention's q/k/v,
-# one MLP's gate/up), which runtimes load as one matrix with one per-tensor scale.
-DEFAULT_FUSED_PATTERNS = [
-    r"^(.*\.self_attn)\.(?:q_proj|k_proj|v_proj)$",
-    r"^(.*\.attention\.self)\.(?:query|key|value)$",
-    r"^(.*\.(?:mlp|experts\.\d+))\.(?:gate_proj|up_proj)$",
-    r"^(.*\.experts\.\d+)\.(?:w1|w3)$",
-]
+# one MLP's gate/up), which runtimes load as one matrix with one per-tensor scale. These are the
+# fusions common to every architecture; each architecture's full map (DeepSeek MLA adds
+# q_a_proj + kv_a_proj_with_mqa) is `ModelFacts.fused_patterns`.
+DEFAULT_FUSED_PATTERNS = list(COMMON_FUSIONS)
 
 
 @dataclass

@@ -402,6 +402,24 @@ def verify_layer(layer: StoredLayer, checkpoint: Checkpoint, reader: TensorReade
     return result
 
 
+def _refuse_transposed(layer: StoredLayer, checkpoint: Checkpoint) -> None:
+    """A layer quantized as ``[out, in]`` whose weight the model stores ``[in, out]`` (GPT-2's Conv1D):
+    its scales run along the output axis, and no kernel computes the model's layer. Said in one line
+    rather than failing on a shape deep in the reference GEMM."""
+    from qconvert.architectures import facts_from_config
+
+    bias = checkpoint.tensors.get(f"{layer.module}.bias")
+    conv1d = facts_from_config(checkpoint.config).is_conv1d(layer.module)
+    bias_mismatch = bias is not None and len(bias.shape) == 1 and bias.shape[0] != layer.shape[0]
+    if conv1d or bias_mismatch:
+        why = (f"{checkpoint.config.get('model_type')} builds it as a Conv1D" if conv1d
+               else f"its bias has {bias.shape[0]} entries, not {layer.shape[0]}")
+        raise BadInputError(
+            f"{checkpoint.root}: {layer.module} is stored [in, out] ({why}) but was quantized as [out, in] "
+            f"{list(layer.shape)}: its scales run along the wrong axis; quantize the original again (qconvert "
+            "now leaves such weights unquantized)")
+
+
 def _original_weight(layer: StoredLayer, checkpoint: Checkpoint, reader: TensorReader) -> torch.Tensor:
     info = checkpoint.tensors.get(f"{layer.module}.weight")
     if info is None:
@@ -506,6 +524,8 @@ def verify(path: str, original: str | None = None, device: torch.device | None =
         report = VerifyReport(str(checkpoint.root), str(device), str(original_checkpoint.root) if original_checkpoint
                               else None, tokens, [])
         pair = (original_checkpoint, original_reader) if original_checkpoint is not None else None
+        for layer in chosen:
+            _refuse_transposed(layer, checkpoint)
         for layer in chosen:
             result = verify_layer(layer, checkpoint, reader, tokens, device, pair)
             report.layers.append(result)

@@ -1,0 +1,175 @@
+"""What a checkpoint's architecture says about its tensors, read from ``config.json``.
+
+A safetensors file has no module types, so names and shapes alone mislead: GPT-2's ``Conv1D``
+weights are stored ``[in, out]``, T5's ``relative_attention_bias`` is an embedding, GraniteMoE's
+router is ``router.layer``, gpt-oss and GraniteMoE keep their experts as 3-D tensors, and
+multimodal models carry vision towers that common practice leaves unquantized. This module turns
+``architectures``, ``model_type`` and the sub-configs into the facts planning needs: which module
+leaves are transposed or are embeddings, where the vision towers are, and which modules a runtime
+fuses (and so must share one per-tensor scale).
+
+The tables below are ours; where transformers is installed, its modeling source for the model type
+is also scanned (read as text, never imported) for ``Conv1D`` and ``nn.Embedding`` attributes, so
+architectures not listed here are still read correctly.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+
+class LayerKind(str, enum.Enum):
+    """What a linear-like weight does; coverage is reported per kind."""
+
+    ATTENTION = "attention"
+    MLP = "mlp"
+    EXPERTS = "experts"
+    VISION = "vision"
+    OTHER = "other"
+
+
+# transformers' GPT-2 family builds these with Conv1D (weight [in, out]).
+_CONV1D_LEAVES = {
+    "gpt2": {"c_attn", "c_proj", "c_fc", "q_attn"},
+    "openai-gpt": {"c_attn", "c_proj", "c_fc"},
+    "imagegpt": {"c_attn", "c_proj", "c_fc", "q_attn"},
+    "decision_transformer": {"c_attn", "c_proj", "c_fc", "q_attn"},
+    "clvp": {"c_attn", "c_proj", "c_fc"},
+}
+# Embedding tables whose names do not say "embed" (looked up, never multiplied).
+_EMBEDDING_LEAVES = {"relative_attention_bias", "wte", "wpe", "shared"}
+# 3-D fused expert tensors: [experts, ...] stacked in one tensor per projection.
+_EXPERTS_3D = re.compile(r"(^|\.)(experts\.(gate_up_proj|down_proj|gate_proj|up_proj)|"
+                         r"(input_linear|output_linear))(\.weight)?$")
+# Towers and projectors of multimodal models, as the hub checkpoints and transformers 5 name them.
+VISION_TOWERS = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "audio_tower",
+                 "vision_embed_tokens", "image_newline", "mm_projector", "audio_encoder")
+_VISION = re.compile(r"(^|\.)(" + "|".join(VISION_TOWERS) + r")(\.|$)")
+
+_ATTENTION = re.compile(r"(^|\.)(self_attn|cross_attn|attn|attention|self_attention|SelfAttention|EncDecAttention|"
+                        r"q_proj|k_proj|v_proj|o_proj|qkv_proj|query_key_value|dense_attn)(\.|$)")
+_EXPERTS = re.compile(r"(^|\.)(experts|shared_experts?|block_sparse_moe\.(input|output)_linear)(\.|$)")
+_MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn|DenseReluDense|intermediate|output|fc1|fc2|c_fc|"
+                  r"dense_h_to_4h|dense_4h_to_h|gate_proj|up_proj|down_proj|gate_up_proj|w1|w2|w3)(\.|$)")
+
+# Fused modules (one matrix, so one per-tensor scale in fp8-tensor): the regex's first group names
+# the fused module. These are vLLM's fusions: QKVParallelLinear and MergedColumnParallelLinear.
+COMMON_FUSIONS = [
+    r"^(.*\.self_attn)\.(?:q_proj|k_proj|v_proj)$",
+    r"^(.*\.attention\.self)\.(?:query|key|value)$",
+    r"^(.*\.(?:mlp|experts\.\d+|shared_experts?))\.(?:gate_proj|up_proj)$",
+    r"^(.*\.experts\.\d+)\.(?:w1|w3)$",
+]
+# DeepSeek-V2/V3 MLA with a low-rank query: vLLM loads q_a_proj and kv_a_proj_with_mqa as one
+# `fused_qkv_a_proj` (MergedColumnParallelLinear).
+MLA_FUSION = r"^(.*\.self_attn)\.(?:q_a_proj|kv_a_proj_with_mqa)$"
+_MLA_TYPES = {"deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe_lite"}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    model_type: str | None = None
+    architectures: tuple[str, ...] = ()
+    conv1d_leaves: frozenset[str] = frozenset()
+    embedding_leaves: frozenset[str] = frozenset(_EMBEDDING_LEAVES)
+    multimodal: bool = False
+    mla_fused: bool = False  # q_a_proj + kv_a_proj_with_mqa are one fused matrix
+    tied_embeddings: bool = False
+    sub_types: tuple[str, ...] = field(default_factory=tuple)
+
+    def is_conv1d(self, module: str) -> bool:
+        return module.rpartition(".")[2] in self.conv1d_leaves
+
+    def is_embedding(self, module: str) -> bool:
+        return module.rpartition(".")[2] in self.embedding_leaves
+
+    def vision_tower(self, module: str) -> str | None:
+        """The tower a module belongs to (``visual``, ``vision_tower``, ...), for multimodal models."""
+        if not self.multimodal:
+            return None
+        match = _VISION.search(module)
+        return match.group(2) if match else None
+
+    @property
+    def fused_patterns(self) -> list[str]:
+        return [*COMMON_FUSIONS, MLA_FUSION] if self.mla_fused else list(COMMON_FUSIONS)
+
+
+def is_expert_3d(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 3 and _EXPERTS_3D.search(name) is not None
+
+
+def layer_kind(module: str, facts: ModelFacts) -> LayerKind:
+    if facts.vision_tower(module):
+        return LayerKind.VISION
+    if _EXPERTS.search(module):
+        return LayerKind.EXPERTS
+    if _ATTENTION.search(module):
+        return LayerKind.ATTENTION
+    if _MLP.search(module):
+        return LayerKind.MLP
+    return LayerKind.OTHER
+
+
+def vision_ignore_pattern(tower: str) -> str:
+    """An ``ignore`` entry for a whole tower that matches before and after the loaders' renames
+    (``visual.*`` in the hub checkpoint, ``model.visual.*`` in transformers 5)."""
+    return rf"re:^(.*\.)?{tower}\..*"
+
+
+def _sub_configs(config: dict) -> list[dict]:
+    return [value for key, value in config.items()
+            if key.endswith("_config") and isinstance(value, dict) and key != "quantization_config"]
+
+
+def facts_from_config(config: dict | None) -> ModelFacts:
+    config = config or {}
+    model_type = config.get("model_type")
+    subs = _sub_configs(config)
+    types = [t for t in [model_type, *(s.get("model_type") for s in subs)] if isinstance(t, str)]
+    conv1d: set[str] = set()
+    embeddings = set(_EMBEDDING_LEAVES)
+    for kind in types:
+        conv1d |= _CONV1D_LEAVES.get(kind, set())
+        scanned_conv1d, scanned_embeddings = _scan_modeling_source(kind)
+        conv1d |= scanned_conv1d
+        embeddings |= scanned_embeddings
+    multimodal = any(key in config for key in ("vision_config", "audio_config", "visual"))
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    mla = (any(t in _MLA_TYPES for t in types) and text.get("q_lora_rank") is not None)
+    tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    return ModelFacts(
+        model_type=model_type, architectures=tuple(str(a) for a in config.get("architectures") or []),
+        conv1d_leaves=frozenset(conv1d), embedding_leaves=frozenset(embeddings), multimodal=multimodal,
+        mla_fused=mla, tied_embeddings=tied, sub_types=tuple(types[1:]),
+    )
+
+
+_CONV1D_ATTR = re.compile(r"self\.(\w+)\s*=\s*Conv1D\(")
+_EMBEDDING_ATTR = re.compile(r"self\.(\w+)\s*=\s*nn\.Embedding\(")
+
+
+@lru_cache(maxsize=64)
+def _scan_modeling_source(model_type: str) -> tuple[frozenset[str], frozenset[str]]:
+    """Attribute names built with ``Conv1D`` / ``nn.Embedding`` in transformers' modeling file for
+    ``model_type``, read as text (importing it would cost seconds); empty where it is not installed."""
+    if not re.fullmatch(r"[\w-]+", model_type):
+        return frozenset(), frozenset()
+    try:
+        spec = importlib.util.find_spec("transformers")
+    except (ImportError, ValueError):
+        return frozenset(), frozenset()
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset(), frozenset()
+    folder = model_type.replace("-", "_")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / folder / f"modeling_{folder}.py"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return frozenset(), frozenset()
+    return frozenset(_CONV1D_ATTR.findall(text)), frozenset(_EMBEDDING_ATTR.findall(text))

@@ -1,0 +1,403 @@
+"""The architecture matrix: every architecture of tests/arch_matrix.py, in every scheme its loaders support.
+
+For each (architecture, scheme): the planned set of quantized modules equals the set written out in
+the matrix; every quantized nn.Linear is quantized as [out, in]; the output loads in transformers
+through both compressed-tensors paths (compressed, and ``dequantize=True``) with no missing,
+unexpected or mismatched keys; and its logits match an independent fake-quantization of the same
+layers, written here in plain torch (not qconvert's quantizers), within a small fraction of the
+quantization error itself.
+
+The full matrix is ``@pytest.mark.arch`` (``make arch``); the cases marked ``fast`` in the matrix
+run in rtn4 and fp8 in the default tier.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from qconvert.errors import BadInputError
+from qconvert.pipeline import QuantizeRequest, quantize
+from qconvert.schemes import get_scheme
+from tests.arch_matrix import CASES, EXPERTS, ArchCase
+from tests.conftest import run_cli
+
+transformers = pytest.importorskip("transformers")
+from transformers.utils.quantization_config import CompressedTensorsConfig  # noqa: E402
+
+FAST = {"rtn4", "fp8"}
+SEED = 0
+
+# ---------------------------------------------------------------- independent fake quantization
+
+# Modules a runtime fuses into one matrix, so fp8-tensor gives them one shared scale (vLLM's map).
+_FUSED = [re.compile(p) for p in (
+    r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj)$",
+    r"^(.*\.self_attn)\.(q_a_proj|kv_a_proj_with_mqa)$",
+    r"^(.*\.attention\.self)\.(query|key|value)$",
+    r"^(.*\.(mlp|experts\.\d+|shared_experts))\.(gate_proj|up_proj)$",
+    r"^(.*\.experts\.\d+)\.(w1|w3)$",
+)]
+
+
+def _fused_key(module: str, mla: bool) -> str:
+    for index, pattern in enumerate(_FUSED):
+        if index == 1 and not mla:
+            continue
+        match = pattern.match(module)
+        if match:
+            return f"{index}:{match.group(1)}"
+    return module
+
+
+def _tiles(weight: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad to whole tiles, as [R, rows, C, cols]."""
+    out, inp = weight.shape
+    padded = torch.nn.functional.pad(weight, (0, -inp % cols, 0, -out % rows))
+    r, c = padded.shape[0] // rows, padded.shape[1] // cols
+    return padded.reshape(r, rows, c, cols), (out, inp)
+
+
+def _fake(weight: torch.Tensor, scheme: str, dtype: torch.dtype, shared_amax: torch.Tensor | None) -> torch.Tensor:
+    """Quantize and dequantize one [out, in] weight the way each scheme's spec says (FORMAT.md)."""
+    w = weight.to(torch.float32)
+    is_fp8 = scheme.startswith("fp8")
+    bits = 4 if scheme == "rtn4" else 8
+    divisor = 448.0 if is_fp8 else (2**bits - 1) / 2
+    rows, cols = {"rtn4": (1, 128), "rtn8": (1, 128), "int8-block": (128, 128), "w8a8-int8": (1, w.shape[1]),
+                  "fp8": (1, w.shape[1]), "fp8-block": (128, 128), "fp8-tensor": w.shape}[scheme]
+    tiles, (out, inp) = _tiles(w, rows, cols)
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True) if shared_amax is None else shared_amax.reshape(1, 1, 1, 1)
+    scale = (amax / divisor).to(dtype).to(torch.float32)
+    scale = torch.where(scale > 0, scale, torch.finfo(dtype).eps)
+    q = (tiles.to(dtype) / scale.to(dtype)).to(torch.float32)
+    if is_fp8:
+        q = q.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32)
+    else:
+        q = q.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).round()
+    return (q * scale).reshape(tiles.shape[0] * rows, -1)[:out, :inp]
+
+
+def fake_quantize_checkpoint(src: Path, dst: Path, modules: set[str], scheme: str, mla: bool) -> None:
+    """A float32 copy of ``src`` whose ``modules`` hold their fake-quantized weights."""
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    dtype = next(t.dtype for n, t in tensors.items() if n.removesuffix(".weight") in modules)
+    shared: dict[str, torch.Tensor] = {}
+    if scheme == "fp8-tensor":
+        for module in modules:
+            key = _fused_key(module, mla)
+            amax = tensors[f"{module}.weight"].abs().amax().to(torch.float32)
+            shared[key] = torch.maximum(shared.get(key, amax), amax)
+    out = {}
+    for name, tensor in tensors.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in modules:
+            amax = shared.get(_fused_key(module, mla)) if scheme == "fp8-tensor" else None
+            out[name] = _fake(tensor, scheme, dtype, amax)
+        else:
+            out[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+# ---------------------------------------------------------------- checkpoints and models
+
+def build_checkpoint(case: ArchCase, root: Path) -> Path:
+    """The case's tiny random model, seeded, saved as transformers saves it (bf16, 1 or 2 shards)."""
+    folder = root / f"{case.name}-bf16"
+    if folder.exists():
+        return folder
+    torch.manual_seed(SEED)
+    config = transformers.AutoConfig.for_model(case.model_type, **case.config)
+    model = getattr(transformers, case.auto).from_config(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:  # norms and biases away from their initial 1/0, so they matter
+                param.add_(0.05 * torch.randn_like(param))
+            elif re.search(r"(gate|router)\.weight$", name) and param.shape[0] == EXPERTS:
+                # Decisive routing: a random tiny router sits near ties, where the rounding
+                # differences between two correct dequantizations flip experts.
+                param.mul_(20)
+    shard = "300KB" if case.shards > 1 else "1GB"
+    model.save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+def model_inputs(case: ArchCase) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(3, 200, (2, 12), generator=generator)
+    if case.inputs == "seq2seq":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :6]}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def load(folder: Path, case: ArchCase, **kwargs) -> tuple[torch.nn.Module, dict]:
+    model, info = getattr(transformers, case.auto).from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True, **kwargs)
+    return model.eval(), info
+
+
+def logits(model: torch.nn.Module, case: ArchCase) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**model_inputs(case)).logits.to(torch.float32)
+
+
+_ORIGINAL: dict[str, torch.Tensor] = {}
+
+
+def original_logits(case: ArchCase, source: Path) -> torch.Tensor:
+    if case.name not in _ORIGINAL:
+        _ORIGINAL[case.name] = logits(load(source, case)[0], case)
+    return _ORIGINAL[case.name]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="session")
+def arch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("arch")
+
+
+def _params() -> list:
+    params = []
+    for case in CASES:
+        for scheme in case.schemes:
+            marks = [] if case.fast and scheme in FAST else [pytest.mark.arch]
+            params.append(pytest.param(case, scheme, id=f"{case.name}-{scheme}", marks=marks))
+    return params
+
+
+def run_quantize(case: ArchCase, source: Path, scheme: str, output: Path | None, **extra) -> tuple[dict, list[str]]:
+    notes: list[str] = []
+    request = QuantizeRequest(model=str(source), scheme=get_scheme(scheme), output=output, dry_run=output is None,
+                              show_progress=False, overwrite=True, **{**case.request, **extra})
+    return quantize(request, notes.append), notes
+
+
+# ---------------------------------------------------------------- the matrix
+
+@pytest.mark.parametrize(("case", "scheme"), _params())
+def test_architecture(case: ArchCase, scheme: str, arch_root: Path) -> None:
+    source = build_checkpoint(case, arch_root)
+
+    # The plan (dry run): exactly the expected modules, every expected skip for its reason.
+    plan, _ = run_quantize(case, source, scheme, None)
+    planned = {layer["module"] for layer in plan["layers"]}
+    assert planned == case.expected_modules, (sorted(planned - case.expected_modules),
+                                              sorted(case.expected_modules - planned))
+    reasons = {s["module"]: s["reason"] for s in plan["skipped"]}
+    for module, word in case.expected_skipped.items():
+        assert word.lower() in reasons[module].lower(), (module, reasons.get(module))
+    assert plan["coverage"]["share"] is not None
+
+    # No weight along the wrong axis: each quantized nn.Linear is quantized as its [out, in].
+    with torch.device("meta"):
+        skeleton = getattr(transformers, case.auto).from_config(transformers.AutoConfig.from_pretrained(source))
+    for layer in plan["layers"]:
+        try:
+            module = skeleton.get_submodule(layer["module"])
+        except AttributeError:
+            continue  # per-expert weights, fused into 3-D parameters by transformers at load
+        if isinstance(module, torch.nn.Linear):
+            assert layer["shape"] == [module.out_features, module.in_features], layer["module"]
+    del skeleton
+
+    output = arch_root / f"{case.name}-{scheme}"
+    run_quantize(case, source, scheme, output)
+    reference_dir = arch_root / f"{case.name}-{scheme}-fake"
+    fake_quantize_checkpoint(source, reference_dir, case.expected_modules, scheme, mla=case.model_type == "deepseek_v3")
+
+    original = original_logits(case, source)
+    reference = logits(load(reference_dir, case)[0], case)
+    quant_error = rel(original, reference)
+    assert quant_error > 0  # the fake quantization changed something
+
+    for kwargs in ({}, {"quantization_config": CompressedTensorsConfig(dequantize=True)}):
+        if not kwargs and scheme in case.compressed_path_fails:
+            with pytest.raises(AttributeError, match="weight"):
+                load(output, case)[0](**model_inputs(case))
+            continue
+        model, info = load(output, case, **kwargs)
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            assert not info.get(key), (key, sorted(info[key])[:5])
+        got = logits(model, case)
+        # The dequantize path rounds dequantized weights to the scale dtype (bf16): ~0.3% in the
+        # logits. Activation quantization (dynamic schemes, compressed path) adds its own error on
+        # top, and MoE routing can flip on such differences. A weight quantized along the wrong
+        # axis or read as raw codes is off by tens of %.
+        allowed = 0.25 * quant_error + 5e-3
+        if scheme not in ("rtn4", "rtn8") and not kwargs:
+            allowed = 1.0 * quant_error + 5e-3
+        assert rel(got, reference) <= allowed, (kwargs, rel(got, reference), quant_error)
+    shutil.rmtree(output)
+    shutil.rmtree(reference_dir)
+
+
+# ---------------------------------------------------------------- what the matrix cannot say by itself
+
+def _case(name: str) -> ArchCase:
+    return next(case for case in CASES if case.name == name)
+
+
+def _one_line_error(result) -> str:
+    assert result.code == 2, (result.code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_gpt2_conv1d_is_never_quantized_and_says_why(arch_root: Path) -> None:
+    case = _case("gpt2")
+    source = build_checkpoint(case, arch_root)
+    line = _one_line_error(run_cli("quantize", source, "--scheme", "rtn4", "--dry-run"))
+    assert "no tensor to quantize" in line and "Conv1D weight stored [in, out]" in line, line
+    for extra in ({"ignore": ["re:.*c_attn", "re:.*c_proj"]}, {"targets": ["re:.*c_fc"]}, {}):
+        for scheme in ("rtn4", "fp8-tensor"):
+            with pytest.raises(BadInputError) as caught:
+                run_quantize(case, source, scheme, None, **extra)
+            message = str(caught.value)
+            assert "every candidate was skipped" not in message
+            assert "Conv1D" in message and ("--ignore" in message or not extra.get("ignore")), message
+
+
+@pytest.mark.slow
+def test_verify_refuses_a_transposed_layer_in_one_line(arch_root: Path, tmp_path: Path) -> None:
+    """A GPT-2 quantized as if its Conv1D weights were [out, in] (as qconvert once did)."""
+    source = build_checkpoint(_case("gpt2"), arch_root)
+    blind = tmp_path / "gpt2-no-architecture"
+    shutil.copytree(source, blind)
+    config = json.loads((blind / "config.json").read_text())
+    (blind / "config.json").write_text(json.dumps({"hidden_size": config["n_embd"]}))  # planning cannot tell
+    out = tmp_path / "gpt2-rtn4"
+    run_quantize(_case("llama"), blind, "rtn4", out)
+    written = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "quantization_config": written["quantization_config"]}))
+    line = _one_line_error(run_cli("verify", out, "--device", "cpu"))
+    assert "stored [in, out]" in line and any(leaf in line for leaf in ("c_attn", "c_proj", "c_fc")), line
+
+
+@pytest.mark.slow
+def test_fused_3d_experts_are_refused_with_a_way_out(arch_root: Path) -> None:
+    line = _one_line_error(run_cli("quantize", build_checkpoint(_case("gpt_oss"), arch_root), "--dry-run"))
+    assert "3-D fused expert tensors" in line and "--keep-fused-experts" in line, line
+    plain = _case("llama")  # no --keep-fused-experts
+    for name in ("gpt_oss", "granitemoe"):
+        source = build_checkpoint(_case(name), arch_root)
+        for extra in ({}, {"targets": [r"re:.*(experts|_linear).*"]}):
+            with pytest.raises(BadInputError, match=r"3-D fused expert tensors.*--keep-fused-experts"):
+                run_quantize(plain, source, "rtn4", None, **extra)
+        summary, notes = run_quantize(_case(name), source, "rtn4", None)
+        experts = [s for s in summary["skipped"] if s["kind"] == "experts"]
+        assert len(experts) == 4 and all("3-D fused experts" in s["reason"] for s in experts)
+        assert summary["coverage"]["by_kind"]["experts"]["share"] == 0
+        assert summary["coverage"]["by_kind"]["attention"]["share"] == 1
+        assert any("3-D fused experts" in note for note in notes)  # said, not only in the JSON
+        assert any(note.startswith("note: coverage ") for note in notes)
+
+
+@pytest.mark.slow
+def test_min_coverage_fails_at_plan_time(arch_root: Path) -> None:
+    source = build_checkpoint(_case("gpt_oss"), arch_root)
+    line = _one_line_error(run_cli("quantize", source, "--scheme", "rtn4", "--dry-run", "--keep-fused-experts",
+                                   "--min-coverage", "0.9"))
+    assert "below --min-coverage 90.0%" in line and "experts 0.0%" in line, line
+    summary, _ = run_quantize(_case("llama"), build_checkpoint(_case("llama"), arch_root), "rtn4", None,
+                              min_coverage=0.9)
+    assert summary["coverage"]["share"] == 1
+
+
+def test_fp8_tensor_scales_follow_the_architectures_fusions(arch_root: Path) -> None:
+    """DeepSeek MLA: q_a_proj + kv_a_proj_with_mqa (vLLM's fused_qkv_a_proj) and shared_experts
+    gate/up share one scale; --fuse still replaces the map."""
+    case = _case("deepseek_v3")
+    source = build_checkpoint(case, arch_root)
+
+    def scales(folder: Path) -> dict[str, float]:
+        found = {}
+        for file in folder.glob("*.safetensors"):
+            with safe_open(file, "pt") as f:
+                found.update({k.removesuffix(".weight_scale"): f.get_tensor(k).item()
+                              for k in f.keys() if k.endswith(".weight_scale")})
+        return found
+
+    out = arch_root / "deepseek-fp8-tensor-fusions"
+    run_quantize(case, source, "fp8-tensor", out)
+    got = scales(out)
+    for i in range(2):
+        attn = f"model.layers.{i}.self_attn"
+        assert got[f"{attn}.q_a_proj"] == got[f"{attn}.kv_a_proj_with_mqa"] != got[f"{attn}.q_b_proj"]
+    shared = "model.layers.1.mlp.shared_experts"
+    assert got[f"{shared}.gate_proj"] == got[f"{shared}.up_proj"] != got[f"{shared}.down_proj"]
+    assert got["model.layers.0.mlp.gate_proj"] == got["model.layers.0.mlp.up_proj"]
+    run_quantize(case, source, "fp8-tensor", out, fused_patterns=[r"^(.*\.mlp)\.(?:gate_proj|up_proj)$"])
+    got = scales(out)
+    assert got["model.layers.0.self_attn.q_a_proj"] != got["model.layers.0.self_attn.kv_a_proj_with_mqa"]
+    shutil.rmtree(out)
+
+
+def _renamed_qwen2_vl(source: Path, dst: Path) -> Path:
+    """A Qwen2-VL checkpoint under transformers 5's module names (``model.visual.*``,
+    ``model.language_model.layers.*``); the matrix covers the hub names (``visual.*``, ``model.layers.*``)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for file in source.glob("*.safetensors"):
+        tensors.update(load_file(file))
+    renamed = {re.sub(r"^visual\.", "model.visual.", re.sub(r"^model\.", "model.language_model.", k)): v
+               for k, v in tensors.items()}
+    save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(source / "config.json", dst / "config.json")
+    return dst
+
+
+@pytest.mark.slow
+def test_vision_ignore_entries_survive_the_loaders_renames(arch_root: Path) -> None:
+    case = _case("qwen2_vl")
+    source = build_checkpoint(case, arch_root)
+    renamed = _renamed_qwen2_vl(source, arch_root / "qwen2_vl-renamed")
+    out = arch_root / "qwen2_vl-renamed-rtn4"
+    summary, notes = run_quantize(case, renamed, "rtn4", out)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    pattern = next(p for p in ignore if "visual" in p)
+    for spelling in ("visual.blocks.0.attn.qkv", "model.visual.blocks.0.attn.qkv"):
+        assert re.match(pattern.removeprefix("re:"), spelling)
+    assert not re.match(pattern.removeprefix("re:"), "model.language_model.layers.0.mlp.up_proj")
+    assert any("vision" in note and "--include-vision" in note for note in notes)
+    assert summary["coverage"]["by_kind"]["vision"]["share"] == 0
+    reference_dir = arch_root / "qwen2_vl-renamed-fake"
+    modules = {m.replace("model.", "model.language_model.", 1) for m in case.expected_modules}
+    assert {layer["module"] for layer in summary["layers"]} == modules
+    fake_quantize_checkpoint(renamed, reference_dir, modules, "rtn4", mla=False)
+    reference = logits(load(reference_dir, case)[0], case)
+    for kwargs in ({}, {"quantization_config": CompressedTensorsConfig(dequantize=True)}):
+        model, info = load(out, case, **kwargs)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert rel(logits(model, case), reference) < 5e-3
+
+    # --include-vision quantizes the tower's linear layers too, and that loads as well.
+    included, _ = run_quantize(case, source, "rtn4", out, include_vision=True)
+    planned = {layer["module"] for layer in included["layers"]}
+    assert {"visual.blocks.0.attn.qkv", "visual.blocks.0.mlp.fc1"} <= planned
+    model, info = load(out, case)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    shutil.rmtree(out)
+
+
+def test_refusals_come_before_any_output(arch_root: Path, tmp_path: Path) -> None:
+    source = build_checkpoint(_case("gpt_oss"), arch_root)
+    with pytest.raises(BadInputError, match="--keep-fused-experts"):
+        run_quantize(_case("llama"), source, "rtn4", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
