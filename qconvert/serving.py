@@ -59,19 +59,30 @@ def _sglang(method: str, capability: int, moe: str | None = None, **kw: object) 
     return Serving(Engine.SGLANG, SGLANG_VERSION, method, capability, moe_method=moe, **kw)  # type: ignore[arg-type]
 
 
+# vLLM's methods for MoE experts, and the per-tensor FP8 entries (Llama family only, see "fp8-tensor").
+_VLLM_WNA16_MOE = "CompressedTensorsWNA16MoEMethod"
+_VLLM_FP8_MOE = "CompressedTensorsW8A8Fp8MoEMethod"
+_VLLM_FP8_TENSOR = (_vllm("CompressedTensorsW8A16Fp8", 75, families=("llama",)),
+                    _vllm("CompressedTensorsW8A8Fp8", 89, families=("llama",)))
 _TRANSFORMERS = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None)
 _QCONVERT = Serving(Engine.QCONVERT, "", "verify (Triton kernels)", None)
 
 SERVES: dict[str, tuple[Serving, ...]] = {
-    "rtn4": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80), _TRANSFORMERS, _QCONVERT),
-    "rtn8": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80), _TRANSFORMERS, _QCONVERT),
-    "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75), _sglang("CompressedTensorsW8A8Int8", 75), _TRANSFORMERS,
-                  _QCONVERT),
-    "fp8": (_vllm("CompressedTensorsW8A16Fp8", 80), _vllm("CompressedTensorsW8A8Fp8", 89),
+    "rtn4": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE),
+             _sglang("CompressedTensorsWNA16", 80), _TRANSFORMERS, _QCONVERT),
+    "rtn8": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE),
+             _sglang("CompressedTensorsWNA16", 80), _TRANSFORMERS, _QCONVERT),
+    "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75, "CompressedTensorsW8A8Int8MoEMethod"),
+                  _sglang("CompressedTensorsW8A8Int8", 75), _TRANSFORMERS, _QCONVERT),
+    "fp8": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE),
+            _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE),
             _sglang("CompressedTensorsW8A8Fp8", 89), _TRANSFORMERS, _QCONVERT),
-    "fp8-block": (_vllm("CompressedTensorsW8A8Fp8", 89), _sglang("CompressedTensorsW8A8Fp8", 89), _TRANSFORMERS,
-                  _QCONVERT),
-    "fp8-tensor": (_vllm("CompressedTensorsW8A16Fp8", 80), _vllm("CompressedTensorsW8A8Fp8", 89),
+    "fp8-block": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE),
+                  _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE),
+                  _sglang("CompressedTensorsW8A8Fp8", 89), _TRANSFORMERS, _QCONVERT),
+    # vLLM's FP8 MoE method takes per-tensor weights only with static per-tensor activations (a bare
+    # AssertionError in CompressedTensorsW8A8Fp8MoEMethod otherwise): DeepSeek-family MoE models do not load.
+    "fp8-tensor": (*_VLLM_FP8_TENSOR,
                    _sglang("CompressedTensorsW8A8Fp8", 89), _TRANSFORMERS, _QCONVERT),
     # No engine accepts int8 weights with block scales through compressed-tensors.
     "int8-block": (_TRANSFORMERS, _QCONVERT),
@@ -81,6 +92,9 @@ SERVES: dict[str, tuple[Serving, ...]] = {
     "fp8+fnuz": (_QCONVERT,),
     "fp8-block+fnuz": (_QCONVERT,),
     "fp8-tensor+fnuz": (_QCONVERT,),
+    "fp8-tensor+shared-scale": (*_VLLM_FP8_TENSOR,),
+    # Dequantized outputs carry no quantization config: vLLM loads them as a plain model.
+    "fp8-block+dequantize": (_vllm("UnquantizedLinearMethod", 75, "UnquantizedFusedMoEMethod"),),
 }
 
 
