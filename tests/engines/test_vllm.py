@@ -215,3 +215,31 @@ def test_vllm_loads_what_the_table_says(checkpoints: Checkpoints, case: Case, fa
         if pick != want:
             wrong[layer] = f"{pick} (table: {want})"
     assert not wrong, f"{case.name} ({family}) sm{capability}: {wrong}"
+
+
+@pytest.mark.parametrize("damage", ["drop", "rename", "widen"])
+def test_the_harness_sees_a_damaged_checkpoint(checkpoints: Checkpoints, tmp_path: Path, damage: str) -> None:
+    """The loading checks can fail: a tensor left out, renamed to a name vLLM does not know, or stored in a wider
+    dtype than vLLM's parameter (its copy rounds the values) is each reported (by vLLM's own loader, the
+    never-written check or the comparison with the checkpoint)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = checkpoints.get(CASES[0], "llama")  # rtn4
+    assert folder is not None
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    shard = next(broken.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = "model.layers.1.self_attn.o_proj.weight_scale"
+    if damage == "drop":
+        del tensors[name]
+    elif damage == "rename":
+        tensors[name.replace("weight_scale", "weight_scale_inv")] = tensors.pop(name)
+    else:  # float32 scales that bfloat16 cannot hold
+        tensors[name] = tensors[name].float() * (1 + 2**-12)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = harness.run_case(broken, "llama", "rtn4", 90, harness.model_config(broken))
+    assert not result.loaded
+    assert any("o_proj" in problem for problem in result.problems), result.problems
