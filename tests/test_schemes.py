@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qconvert.quantizers import dequantize_tiles, unpack_int32
+from qconvert.serving import Engine, output_kind, serving_for
 from tests.conftest import read_config, run_cli
 from tests.test_quantize_cli import _load_tensors, _load_with_compressed_tensors
 
@@ -83,6 +84,8 @@ def test_scheme_matches_compressed_tensors_and_transformers(tiny_llama: Path, tm
     assert qconfig["format"] == group["format"] == ("float-quantized" if "fp8" in scheme else "int-quantized")
     assert group["input_activations"]["dynamic"] is True
 
+    # This test is the transformers row of the serving table: it loads every scheme the table says it does.
+    assert any(s.engine == Engine.TRANSFORMERS for s in serving_for(output_kind(scheme)))
     tensors = _load_tensors(out)
     theirs = ct_decompress(out)
     model = _load_with_compressed_tensors(out)

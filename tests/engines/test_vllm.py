@@ -170,8 +170,9 @@ def report() -> object:
 def _expected_pick(case: Case, layer_kind: str, family: str, capability: int) -> tuple[str | None, bool]:
     """(the method the table says vLLM picks for this layer, whether the table has vLLM serving it here)."""
     kind = case.scheme_of(layer_kind)
-    if kind == "none":
-        return "UnquantizedLinearMethod", True
+    if kind == "none" or case.op == "dequantize":
+        # A dequantized output has no quantization_config: a plain checkpoint, which the table does not list.
+        return ("UnquantizedFusedMoEMethod" if layer_kind == "experts" else "UnquantizedLinearMethod"), True
     entry = serving.pick(kind, serving.Engine.VLLM, capability, family)
     if entry is None:
         return None, False
