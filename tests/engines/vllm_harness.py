@@ -186,6 +186,11 @@ def _init_distributed(vllm_config: Any) -> None:
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
+    if not text and error.__traceback__ is not None:  # a bare assert: say which one
+        import traceback
+
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        text = f"{Path(frame.filename).name}:{frame.lineno}: {frame.line}"
     return f"{type(error).__name__}: {text[:600]}"
 
 
