@@ -16,12 +16,18 @@ What is patched, and why (nothing else):
   (``_check_scheme_supported``, W8A8-FP8 versus the W8A16-FP8 fallback below sm89, the sm90-only paths) is the
   one a GPU of that capability gets.
 - Kernel selection: vLLM's own choosers run first (on this platform they pick its CPU kernels, e.g.
-  ``CPUWNA16LinearKernel``). Where they find none *on this machine* (its CPU FP8 kernels need AMX, and below
-  sm89 the FP8 fallback kernels exist for CUDA only), ``choose_scaled_mm_linear_kernel`` and
-  ``choose_mp_linear_kernel`` return a stand-in kernel class (``KernelNotRunHere``) instead of raising: the
-  kernel only matters after loading (repacking and matmuls), and no kernel runs in this tier. The stand-in is
-  recorded in ``Result.kernels``. vLLM's post-load processing (``process_weights_after_loading``) is not run,
-  so what is compared with the checkpoint is each parameter exactly as the weight loaders filled it.
+  ``CPUWNA16LinearKernel``). Where they find none *on this machine*, ``choose_scaled_mm_linear_kernel`` and
+  ``choose_mp_linear_kernel`` return the first of the platform's kernels whose ``can_implement`` accepts the
+  layer (its CPU FP8 kernels refuse only because this CPU lacks AMX), else a stand-in class
+  (``KernelNotRunHere``; below sm89 vLLM's W8A16-FP8 kernels exist for CUDA only: Marlin FP8, sm75+). The MoE
+  backend selectors for WNA16 and int8 experts, whose CPU backends cannot run here, fall back to Marlin and
+  Triton (the first backends vLLM's CUDA priority lists offer for NVIDIA sm80-sm90). The kernel only matters
+  after loading (repacking and matmuls), and no kernel runs in this tier: vLLM's post-load processing
+  (``process_weights_after_loading``) is not run, so what is compared with the checkpoint is each parameter
+  exactly as the weight loaders filled it. The kernel chosen for each layer kind is recorded in
+  ``Result.kernels``.
+- Distributed state: one process, world size 1 over gloo; the model-parallel groups are re-made when a MoE
+  model follows a dense one (vLLM makes its expert-parallel group only for MoE models).
 """
 
 from __future__ import annotations
