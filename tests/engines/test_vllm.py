@@ -10,7 +10,7 @@ loads the case at a capability exactly when ``qconvert.serving`` says so, and pi
 
 Stubbed (see ``vllm_harness`` for the details): vLLM runs on its CPU platform with the capability query patched,
 and kernel selection falls back to the platform's kernels that can implement the layer (ignoring this CPU's lack
-of AMX), to Marlin for WNA16 MoE experts, or to a never-run stand-in, because no kernel runs here. No
+of AMX), to Marlin / Triton for WNA16 / int8 MoE experts, or to a never-run stand-in, because no kernel runs here. No
 post-load processing runs (it repacks for GPU kernels).
 
 Run in the vLLM venv: ``make engines`` (``tests/engines/setup_vllm.sh``); skipped elsewhere.
