@@ -64,23 +64,31 @@ def _sglang(method: str, capability: int, moe: str | None = None, **kw: object) 
 _SGLANG_NOT_MLA_PACKED: dict = {"families": ("llama",),
                                 "note": "SGLang: DeepSeek MLA fused q_a/kv_a weight_shape fails to load"}
 
+# vLLM's methods for MoE experts, and the per-tensor FP8 entries (Llama family only, see "fp8-tensor").
+_VLLM_WNA16_MOE = "CompressedTensorsWNA16MoEMethod"
+_VLLM_FP8_MOE = "CompressedTensorsW8A8Fp8MoEMethod"
+_VLLM_FP8_TENSOR = (_vllm("CompressedTensorsW8A16Fp8", 75, families=("llama",)),
+                    _vllm("CompressedTensorsW8A8Fp8", 89, families=("llama",)))
 _TRANSFORMERS = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None)
 _QCONVERT = Serving(Engine.QCONVERT, "", "verify (Triton kernels)", None)
 
 SERVES: dict[str, tuple[Serving, ...]] = {
-    "rtn4": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED),
-             _TRANSFORMERS, _QCONVERT),
-    "rtn8": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED),
-             _TRANSFORMERS, _QCONVERT),
-    "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75),
+    "rtn4": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE),
+             _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED), _TRANSFORMERS, _QCONVERT),
+    "rtn8": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE),
+             _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED), _TRANSFORMERS, _QCONVERT),
+    "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75, "CompressedTensorsW8A8Int8MoEMethod"),
                   _sglang("CompressedTensorsW8A8Int8", 80, families=("llama",),
                           note="SGLang: int8 MoE experts only on NPU (DeepSeek refused)"), _TRANSFORMERS, _QCONVERT),
-    "fp8": (_vllm("CompressedTensorsW8A16Fp8", 80), _vllm("CompressedTensorsW8A8Fp8", 89),
+    "fp8": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE), _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE),
             _sglang("CompressedTensorsW8A16Fp8", 80, "CompressedTensorsW8A8Fp8MoE"),
             _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS, _QCONVERT),
-    "fp8-block": (_vllm("CompressedTensorsW8A8Fp8", 89),
+    "fp8-block": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE),
+                  _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE),
                   _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS, _QCONVERT),
-    "fp8-tensor": (_vllm("CompressedTensorsW8A16Fp8", 80), _vllm("CompressedTensorsW8A8Fp8", 89),
+    # vLLM's FP8 MoE method takes per-tensor weights only with static per-tensor activations (a bare
+    # AssertionError in CompressedTensorsW8A8Fp8MoEMethod otherwise): DeepSeek-family MoE models do not load.
+    "fp8-tensor": (*_VLLM_FP8_TENSOR,
                    _sglang("CompressedTensorsW8A16Fp8", 80, families=("llama",)),
                    _sglang("CompressedTensorsW8A8Fp8", 89, families=("llama",),
                            note="SGLang's fp8 MoE takes tensor weights only with static tensor activations"),
@@ -91,7 +99,7 @@ SERVES: dict[str, tuple[Serving, ...]] = {
     "int8-block@sglang": (_sglang("BlockInt8LinearMethod", 80, "BlockInt8MoEMethod", families=("deepseek",)),
                           _QCONVERT),
     # Per-tensor scales made equal across q/k/v and gate/up: SGLang loads it as it loads fp8-tensor.
-    "fp8-tensor+shared-scale": (_sglang("CompressedTensorsW8A16Fp8", 80, families=("llama",)),
+    "fp8-tensor+shared-scale": (*_VLLM_FP8_TENSOR, _sglang("CompressedTensorsW8A16Fp8", 80, families=("llama",)),
                                 _sglang("CompressedTensorsW8A8Fp8", 89, families=("llama",))),
     # Values as stored; vLLM and SGLang load plain e4m3fn and normalize to fnuz on ROCm themselves.
     "fp8+fnuz": (_QCONVERT,),

@@ -1,0 +1,246 @@
+"""vLLM conformance tier: every output kind qconvert writes, through the released vLLM's own code.
+
+For each case (scheme, layout, ``convert`` op, mixed config) on a tiny Llama-shaped and a tiny DeepSeek-V3-shaped
+checkpoint (MLA, MoE experts with shared experts, first layer dense), at GPU capability 75, 80, 89 and 90:
+vLLM parses the config and builds its real model class (``LlamaForCausalLM`` / ``DeepseekV3ForCausalLM``), so its
+``CompressedTensorsConfig.get_quant_method`` picks a scheme per layer; every tensor goes through the model's own
+``load_weights`` and the loader's ``track_weights_loading``; every parameter must have been written (two loads over
+two byte sentinels) and equal the checkpoint's tensors (see ``vllm_harness``). The test then asserts that vLLM
+loads the case at a capability exactly when ``qconvert.serving`` says so, and picks the table's method.
+
+Stubbed (see ``vllm_harness`` for the details): vLLM runs on its CPU platform with the capability query patched,
+and kernel selection falls back to the platform's kernels that can implement the layer (ignoring this CPU's lack
+of AMX), to Marlin / Triton for WNA16 / int8 MoE experts, or to a never-run stand-in, because no kernel runs here. No
+post-load processing runs (it repacks for GPU kernels).
+
+Run in the vLLM venv: ``make engines`` (``tests/engines/setup_vllm.sh``); skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.engines import vllm_harness as harness
+
+_REASON = harness.unavailable_reason()
+if _REASON:
+    pytest.skip(_REASON, allow_module_level=True)
+
+# vLLM caches what it learns by importing each model class in a subprocess (~30 s per architecture): keep that
+# cache beside the venv, so a warm CI reuses it.
+os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(sys.prefix) / "vllm-cache"))
+
+import torch  # noqa: E402
+
+from qconvert import serving  # noqa: E402
+from qconvert.cli import main as qconvert_main  # noqa: E402
+
+FAMILIES = ("llama", "deepseek")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # the id, and the output kind of qconvert.serving for uniform cases
+    scheme: str
+    quantize: tuple[str, ...] = ()  # extra `quantize` arguments
+    op: str | None = None  # `convert --op`
+    overrides: tuple[tuple[str, str], ...] = ()  # (layer-kind prefix, scheme or "none") the --override gives
+    families: tuple[str, ...] = FAMILIES
+
+    def scheme_of(self, layer_kind: str) -> str:
+        """The scheme (serving kind) a layer of this kind has in the checkpoint."""
+        for prefix, scheme in self.overrides:
+            if layer_kind in prefix.split("|"):
+                return scheme
+        return self.name if not self.overrides else self.scheme
+
+
+MLP_KINDS = "gate_up_proj|down_proj|experts"
+CASES = [
+    *(Case(s, s) for s in ("rtn4", "rtn8", "int8-block", "w8a8-int8", "fp8", "fp8-block", "fp8-tensor")),
+    Case("int8-block@sglang", "int8-block", ("--layout", "sglang", "--force-layout")),
+    Case("w8a8-int8+pack", "w8a8-int8", op="pack"),
+    Case("int8-block+pack", "int8-block", op="pack"),
+    Case("fp8+fnuz", "fp8", op="fnuz"),
+    Case("fp8-block+fnuz", "fp8-block", op="fnuz"),
+    Case("fp8-tensor+fnuz", "fp8-tensor", op="fnuz"),
+    Case("fp8-tensor+shared-scale", "fp8-tensor", op="shared-scale"),
+    Case("fp8-block+dequantize", "fp8-block", op="dequantize"),
+    Case("mixed:fp8-block,mlp=rtn4", "fp8-block", ("--override", "re:.*mlp.*=rtn4"),
+         overrides=((MLP_KINDS, "rtn4"),)),
+    Case("mixed:fp8-block,o_proj=none", "fp8-block", ("--override", "re:.*self_attn.o_proj=none"),
+         overrides=(("o_proj", "none"),)),
+]
+RESULTS: list[harness.Result] = []
+
+
+def _qconvert(*args: str | Path) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            qconvert_main([str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+    return code, err.getvalue().strip()
+
+
+def _build_source(family: str, folder: Path) -> Path:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "llama":
+        config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+        model = LlamaForCausalLM(config)
+    else:  # DeepSeek-V3: MLA with a q LoRA rank, 4 routed experts + 1 shared, the first layer dense
+        config = DeepseekV3Config(
+            hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=128,
+            kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, vocab_size=512,
+            max_position_embeddings=256, topk_method="noaux_tc", scoring_func="sigmoid")
+        model = DeepseekV3ForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+class Checkpoints:
+    """Each source model and each case's checkpoint built once per module (and vLLM's ModelConfig for it)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[tuple[str, str], tuple[Path | None, str]] = {}
+        self.configs: dict[Path, object] = {}
+
+    def source(self, family: str) -> Path:
+        folder = self.root / f"src-{family}"
+        return folder if folder.exists() else _build_source(family, folder)
+
+    def get(self, case: Case, family: str) -> tuple[Path | None, str]:
+        """The checkpoint folder, or None and qconvert's refusal."""
+        key = (case.name, family)
+        if key not in self.built:
+            out = self.root / f"{case.name.replace(':', '_').replace('=', '-').replace(',', '_')}-{family}"
+            quantized = out.with_name(out.name + "-q") if case.op else out
+            code, err = _qconvert("quantize", self.source(family), "-s", case.scheme, *case.quantize, "-q",
+                                  "-o", quantized)
+            if code == 0 and case.op:
+                code, err = _qconvert("convert", quantized, "--op", case.op, "-q", "-o", out)
+            self.built[key] = (out if code == 0 else None, err if code else "")
+            if code not in (0, 2):
+                raise AssertionError(f"qconvert crashed on {case.name} ({family}): {err}")
+        return self.built[key]
+
+    def model_config(self, folder: Path) -> object:
+        if folder not in self.configs:
+            try:
+                self.configs[folder] = harness.model_config(folder)
+            except Exception as error:  # vLLM's refusal to parse the config is an observation
+                self.configs[folder] = error
+        return self.configs[folder]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
+    return Checkpoints(tmp_path_factory.mktemp("vllm-engines"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report() -> object:
+    yield
+    if not RESULTS:
+        return
+    table = harness.markdown(RESULTS)
+    print(f"\n\nvLLM {harness.VERSION} conformance results\n\n{table}")
+    target = Path(os.environ.get("QCONVERT_ENGINES_REPORT", "build/engines"))
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "vllm.json").write_text(json.dumps([r.to_json() for r in RESULTS], indent=1) + "\n")
+    (target / "vllm.md").write_text(table)
+
+
+def _expected_pick(case: Case, layer_kind: str, family: str, capability: int) -> tuple[str | None, bool]:
+    """(the method the table says vLLM picks for this layer, whether the table has vLLM serving it here)."""
+    kind = case.scheme_of(layer_kind)
+    if kind == "none" or case.op == "dequantize":
+        # A dequantized output has no quantization_config: a plain checkpoint, which the table does not list.
+        return ("UnquantizedFusedMoEMethod" if layer_kind == "experts" else "UnquantizedLinearMethod"), True
+    entry = serving.pick(kind, serving.Engine.VLLM, capability, family)
+    if entry is None:
+        return None, False
+    return (entry.moe_method if layer_kind == "experts" else entry.method), True
+
+
+PARAMS = [pytest.param(case, family, capability, id=f"{case.name}-{family}-sm{capability}")
+          for case in CASES for family in case.families for capability in harness.CAPABILITIES]
+
+
+@pytest.mark.parametrize(("case", "family", "capability"), PARAMS)
+def test_vllm_loads_what_the_table_says(checkpoints: Checkpoints, case: Case, family: str, capability: int) -> None:
+    folder, refusal = checkpoints.get(case, family)
+    if folder is None:
+        # qconvert refuses to write it (exit 2, one line): then the table must not claim that vLLM serves it.
+        result = harness.Result(harness.ENGINE, harness.VERSION, family, case.name, capability,
+                                problems=[f"qconvert refuses: {refusal}"])
+        RESULTS.append(result)
+        assert len(refusal.splitlines()) == 1 and refusal, refusal
+        assert not [s for s in serving.serving_for(case.name, family) if s.engine == serving.Engine.VLLM]
+        return
+    config = checkpoints.model_config(folder)
+    if isinstance(config, Exception):
+        result = harness.Result(harness.ENGINE, harness.VERSION, family, case.name, capability,
+                                problems=[harness._one_line(config)])
+    else:
+        result = harness.run_case(folder, family, case.name, capability, config)
+    RESULTS.append(result)
+
+    kinds = {k for k in result.picks if k != "gate"} or {"qkv_proj"}
+    served = all(_expected_pick(case, k, family, capability)[1] for k in kinds)
+    assert result.loaded == served, (
+        f"vLLM {'loads' if result.loaded else 'does not load'} {case.name} ({family}) at sm{capability}, the table "
+        f"says it {'does' if served else 'does not'}: {result.problems[:3]}")
+    if not result.loaded:
+        return
+    wrong = {}
+    for layer, pick in result.picks.items():
+        # "gate" is the MoE router, which qconvert leaves unquantized
+        want = "UnquantizedLinearMethod" if layer == "gate" else _expected_pick(case, layer, family, capability)[0]
+        if pick != want:
+            wrong[layer] = f"{pick} (table: {want})"
+    assert not wrong, f"{case.name} ({family}) sm{capability}: {wrong}"
+
+
+@pytest.mark.parametrize("damage", ["drop", "rename", "widen"])
+def test_the_harness_sees_a_damaged_checkpoint(checkpoints: Checkpoints, tmp_path: Path, damage: str) -> None:
+    """The loading checks can fail: a tensor left out, renamed to a name vLLM does not know, or stored in a wider
+    dtype than vLLM's parameter (its copy rounds the values) is each reported (by vLLM's own loader, the
+    never-written check or the comparison with the checkpoint)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = checkpoints.get(CASES[0], "llama")  # rtn4
+    assert folder is not None
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    shard = next(broken.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = "model.layers.1.self_attn.o_proj.weight_scale"
+    if damage == "drop":
+        del tensors[name]
+    elif damage == "rename":
+        tensors[name.replace("weight_scale", "weight_scale_inv")] = tensors.pop(name)
+    else:  # float32 scales that bfloat16 cannot hold
+        tensors[name] = tensors[name].float() * (1 + 2**-12)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = harness.run_case(broken, "llama", "rtn4", 90, harness.model_config(broken))
+    assert not result.loaded
+    assert any("o_proj" in problem for problem in result.problems), result.problems

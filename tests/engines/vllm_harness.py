@@ -1,0 +1,401 @@
+"""Drive the released vLLM's own code on a checkpoint folder written by qconvert, on a CPU-only machine.
+
+What runs is vLLM's: its config parsing (``ModelConfig`` / ``VllmConfig`` from the folder's config.json, which
+builds the ``CompressedTensorsConfig``), its model class for the architecture (``LlamaForCausalLM``,
+``DeepseekV3ForCausalLM``) instantiated the way its model loader does (``initialize_model`` under the current
+vLLM config, tensor parallel size 1 over gloo), the quantization method each layer's constructor asks
+``CompressedTensorsConfig.get_quant_method`` for, the weights iterator of its ``DefaultModelLoader``, the
+model's own ``load_weights`` (stacked q/k/v → qkv_proj, gate/up → gate_up_proj, experts → the fused MoE
+parameters) and the loader's own ``track_weights_loading`` check.
+
+What is patched, and why (nothing else):
+- vLLM runs on its real CPU platform (``VLLM_TARGET_DEVICE=cpu``: there is no GPU here, and its CUDA platform
+  module cannot even be imported without libcuda). ``CpuPlatform.get_device_capability`` returns None, for which
+  vLLM's compressed-tensors code picks the schemes as if every GPU feature were there; it is patched to return
+  the CUDA capability under test (75, 80, 89, 90), so that the capability-dependent scheme choice
+  (``_check_scheme_supported``, W8A8-FP8 versus the W8A16-FP8 fallback below sm89, the sm90-only paths) is the
+  one a GPU of that capability gets.
+- Kernel selection: vLLM's own choosers run first (on this platform they pick its CPU kernels, e.g.
+  ``CPUWNA16LinearKernel``). Where they find none *on this machine*, ``choose_scaled_mm_linear_kernel`` and
+  ``choose_mp_linear_kernel`` return the first of the platform's kernels whose ``can_implement`` accepts the
+  layer (its CPU FP8 kernels refuse only because this CPU lacks AMX), else a stand-in class
+  (``KernelNotRunHere``; below sm89 vLLM's W8A16-FP8 kernels exist for CUDA only: Marlin FP8, sm75+). The MoE
+  backend selectors for WNA16 and int8 experts, whose CPU backends cannot run here, fall back to Marlin and
+  Triton (the first backends vLLM's CUDA priority lists offer for NVIDIA sm80-sm90). The kernel only matters
+  after loading (repacking and matmuls), and no kernel runs in this tier: vLLM's post-load processing
+  (``process_weights_after_loading``) is not run, so what is compared with the checkpoint is each parameter
+  exactly as the weight loaders filled it. The kernel chosen for each layer kind is recorded in
+  ``Result.kernels``.
+- Distributed state: one process, world size 1 over gloo; the model-parallel groups are re-made when a MoE
+  model follows a dense one (vLLM makes its expert-parallel group only for MoE models).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+VERSION = "0.33.0"
+ENGINE = "vllm"
+CAPABILITIES = (75, 80, 89, 90)
+
+# Byte patterns every parameter is filled with before a load (two loads, one per pattern): a byte that holds
+# the first pattern after the first load and the second after the second was written by no weight loader.
+_SENTINELS = (0x5A, 0xA5)
+
+_state: dict[str, Any] = {"capability": 90}
+
+
+@dataclass
+class Result:
+    engine: str
+    version: str
+    family: str  # "llama" | "deepseek"
+    kind: str  # output kind, as in qconvert.serving (e.g. "fp8-block", "fp8+fnuz", "mixed:fp8-block+rtn4")
+    capability: int
+    picks: dict[str, str] = field(default_factory=dict)  # layer kind → scheme / method class name
+    loaded: bool = False
+    problems: list[str] = field(default_factory=list)
+    kernels: dict[str, str] = field(default_factory=dict)  # layer kind → kernel vLLM chose on this CPU platform
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def unavailable_reason() -> str | None:
+    """Why the released vLLM cannot be driven here (None when it can)."""
+    try:
+        from importlib.metadata import version
+
+        found = version("vllm")
+    except Exception:  # PackageNotFoundError, or a broken install
+        return "vLLM is not installed here (make engines runs this module in tests/engines/setup_vllm.sh's venv)"
+    if found != VERSION:
+        return f"vLLM {found} is installed; the conformance tier pins {VERSION}"
+    return None
+
+
+def bootstrap() -> None:
+    """Select vLLM's CPU platform with the capability query patched; once per process, before vLLM's modules
+    that read ``current_platform`` at import."""
+    if _state.get("booted"):
+        return
+    os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    import vllm.platforms as platforms
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.platforms.interface import DeviceCapability
+
+    def capability(cls: type, device_id: int = 0) -> DeviceCapability:
+        return DeviceCapability(major=_state["capability"] // 10, minor=_state["capability"] % 10)
+
+    CpuPlatform.get_device_capability = classmethod(capability)  # type: ignore[method-assign,assignment]
+    platforms._current_platform = CpuPlatform()
+    _patch_kernel_choosers()
+    _state["booted"] = True
+
+
+class KernelNotRunHere:
+    """Stand-in for a GPU kernel vLLM would pick on a real GPU: constructed, never run (see module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0
+
+
+def _patch_kernel_choosers() -> None:
+    from vllm.model_executor.kernels import linear
+    from vllm.platforms import current_platform
+
+    def fallback(real: Any) -> Any:
+        def choose(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return real(*args, **kwargs)
+            except ValueError as error:
+                if "Failed to find a kernel" not in str(error):
+                    raise
+                _state.setdefault("kernel_failures", []).append(" ".join(str(error).split())[:300])
+            # This CPU lacks what the platform's kernels check for (AMX): take the first of them that can
+            # implement the layer's configuration, as on a CPU that has it; else the stand-in.
+            config = kwargs.get("config", args[0] if args else None)
+            possible = kwargs.get("possible_kernels", args[1] if len(args) > 1 else None)
+            for kernel in (possible or {}).get(current_platform._enum, []):
+                try:
+                    if kernel.can_implement(config)[0]:
+                        return kernel
+                except Exception:  # a kernel's own check that needs its hardware
+                    continue
+            return KernelNotRunHere
+        return choose
+
+    linear.choose_scaled_mm_linear_kernel = fallback(linear.choose_scaled_mm_linear_kernel)
+    linear.choose_mp_linear_kernel = fallback(linear.choose_mp_linear_kernel)
+
+    # MoE experts backends (WNA16, int8). On this CPU platform vLLM offers only its CPU backends, which cannot
+    # run here; where they refuse, fall back to the backend vLLM's CUDA priority list offers first for NVIDIA
+    # sm80-sm90 (Marlin for WNA16, Triton for int8: the weight layout a GPU would load), with the stand-in
+    # kernel class.
+    from vllm.model_executor.layers.fused_moe.oracle.int8 import Int8MoeBackend
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w8a8_int8 as int8_moe,
+    )
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_wna16 as wna16_moe,
+    )
+
+    def moe_fallback(real: Any, backend: Any) -> Any:
+        def select(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return real(*args, **kwargs)
+            except (NotImplementedError, ValueError) as error:
+                _state.setdefault("kernel_failures", []).append(" ".join(str(error).split())[:300])
+                return backend, KernelNotRunHere
+        return select
+
+    wna16_moe.select_wna16_moe_backend = moe_fallback(wna16_moe.select_wna16_moe_backend, WNA16MoEBackend.MARLIN)
+    int8_moe.select_int8_moe_backend = moe_fallback(int8_moe.select_int8_moe_backend, Int8MoeBackend.TRITON)
+
+
+def set_capability(capability: int) -> None:
+    _state["capability"] = capability
+
+
+def _init_distributed(vllm_config: Any) -> None:
+    """One process, world size 1 over gloo; the model-parallel groups are made again when a MoE model follows
+    a dense one (vLLM creates the expert-parallel group only for MoE models)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import destroy_model_parallel, init_distributed_environment, initialize_model_parallel
+
+    moe = bool(vllm_config.model_config.is_moe)
+    if _state.get("moe") == moe:
+        return
+    with set_current_vllm_config(vllm_config):
+        if "moe" not in _state:
+            handle, path = tempfile.mkstemp(prefix="qconvert-vllm-dist-")
+            os.close(handle)
+            os.unlink(path)
+            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                         distributed_init_method=f"file://{path}")
+        else:
+            destroy_model_parallel()
+        initialize_model_parallel(1, 1)
+    _state["moe"] = moe
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if not text and error.__traceback__ is not None:  # a bare assert: say which one
+        import traceback
+
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        text = f"{Path(frame.filename).name}:{frame.lineno}: {frame.line}"
+    return f"{type(error).__name__}: {text[:600]}"
+
+
+def model_config(folder: Path) -> Any:
+    """vLLM's ModelConfig for the folder (parses config.json, incl. quantization_config); one per checkpoint."""
+    bootstrap()
+    from vllm.config import ModelConfig
+
+    return ModelConfig(model=str(folder), dtype="bfloat16", enforce_eager=True, max_model_len=256, seed=0)
+
+
+def _layer_kind(module_name: str) -> str:
+    leaf = module_name.rsplit(".", 1)[-1]
+    return "experts" if leaf in ("experts", "routed_experts") else leaf
+
+
+def _disk_tensors(folder: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def _fill(model: Any, byte: int) -> None:
+    import torch
+
+    for param in model.parameters():
+        param.data.reshape(-1).view(torch.uint8).fill_(byte)
+
+
+def _load(model: Any, mc: Any, loader: Any) -> set[str]:
+    loaded = model.load_weights(loader.get_all_weights(mc, model))
+    # The loader's own strict check (the one vLLM runs for unquantized models by default): every parameter
+    # of a quantized layer must have come from the checkpoint.
+    loader.track_weights_loading(model, set(loaded), quantized=True)
+    return set(loaded)
+
+
+def _exempt_modules(model: Any) -> set[str]:
+    """Modules whose parameters a checkpoint need not carry: KV-cache scales (vLLM defaults them when the
+    checkpoint has none, as its loader's own check allows; qconvert writes no KV-cache quantization)."""
+    from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
+
+    return {name for name, m in model.named_modules()
+            if isinstance(getattr(m, "quant_method", None), BaseKVCacheMethod)}
+
+
+def _expected(model: Any, disk: dict[str, Any]) -> Iterator[tuple[str, list[list[str]], bool]]:
+    """For each parameter: the checkpoint tensors it is made of, as vLLM's mapping data says (the model's
+    ``packed_modules_mapping`` for fused layers, its ``get_expert_mapping`` for MoE experts): a list of
+    row-groups (experts; one group for a plain layer), each a list of parts concatenated along dim 0, and
+    whether any one part may be the value (``weight_shape``: a fused layer keeps one part's shape)."""
+    packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
+    expert_map = model.get_expert_mapping() if hasattr(model, "get_expert_mapping") else []
+    for name, _ in model.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        prefix, _, mod_leaf = module.rpartition(".")
+        any_part = leaf == "weight_shape" or leaf.endswith("_weight_shape")
+        if mod_leaf in ("experts", "routed_experts") and expert_map:
+            by_expert: dict[int, list[tuple[int, str]]] = {}
+            for param_name, weight_name, expert, shard in expert_map:
+                at = name.find(f".{param_name}")
+                if at >= 0:  # e.g. model.layers.1.mlp + experts.routed_experts.w13_ + weight_packed
+                    suffix = name[at + 1 + len(param_name):]
+                    order = {"w1": 0, "w3": 1, "w2": 0}[shard]
+                    by_expert.setdefault(expert, []).append((order, f"{name[:at]}.{weight_name}{suffix}"))
+            groups = [[n for _, n in sorted(parts)] for _, parts in sorted(by_expert.items())]
+            yield name, groups or [[name]], any_part
+        elif mod_leaf in packed:
+            yield name, [[f"{prefix}.{part}.{leaf}" for part in packed[mod_leaf]]], any_part
+        else:
+            yield name, [[name]], any_part
+
+
+def _compare(name: str, got: Any, groups: list[list[str]], any_part: bool, disk: dict[str, Any]) -> str | None:
+    import torch
+
+    missing = [n for g in groups for n in g if n not in disk]
+    if missing:
+        return f"{name}: filled by vLLM, but the checkpoint has no {missing[0]} (what vLLM's mapping expects)"
+    if any_part:  # one row per expert (or the whole parameter), each equal to one of its parts
+        rows = [got] if len(groups) == 1 else list(got)
+        if len(rows) != len(groups):
+            return f"{name}: {len(rows)} rows in vLLM, {len(groups)} experts in the checkpoint"
+        for row, group in zip(rows, groups, strict=True):
+            if not any(row.shape == disk[n].shape and torch.equal(row, disk[n].to(row.dtype)) for n in group):
+                return f"{name}: {row.tolist()} equals none of {group}"
+        return None
+    rows = []
+    for group in groups:
+        parts = [disk[n] for n in group]
+        if all(p.numel() == 1 for p in parts) and len(parts) > 1:  # per-tensor scales of fused parts
+            rows.append(torch.stack([p.reshape(()) for p in parts]))
+        else:
+            rows.append(torch.cat([p.reshape(1) if p.dim() == 0 else p for p in parts], dim=0))
+    want = rows[0] if len(groups) == 1 else torch.stack(rows)
+    if want.shape != got.shape and want.dim() >= 2 and want.transpose(-1, -2).shape == got.shape:
+        want = want.transpose(-1, -2)  # vLLM keeps some MoE parameters transposed ([E, in, out])
+    if want.numel() == got.numel() and want.shape != got.shape:
+        want = want.reshape(got.shape)  # e.g. a scalar scale held as [1]
+    if want.shape != got.shape:
+        return f"{name}: shape {tuple(got.shape)} in vLLM, {tuple(want.shape)} from {groups[0]}"
+    if want.dtype != got.dtype:
+        converted = want.to(got.dtype)
+        if want.is_floating_point() and got.is_floating_point():
+            back = converted.to(want.dtype)
+            changed = int((back.view(-1) != want.view(-1)).sum()) - int(torch.isnan(want).sum())
+            if changed:
+                return (f"{name}: vLLM holds {got.dtype}, the checkpoint {want.dtype}: {changed} of {want.numel()} "
+                        "values change in the copy")
+        want = converted
+    if not torch.equal(got.view(-1).view(torch.uint8) if got.dtype.is_floating_point else got,
+                       want.view(-1).view(torch.uint8) if want.dtype.is_floating_point else want):
+        diff = int((got.float() != want.float()).sum())
+        return f"{name}: {diff} of {got.numel()} values differ from the checkpoint ({groups[0][0]}...)"
+    return None
+
+
+def run_case(folder: Path, family: str, kind: str, capability: int, mc: Any | None = None) -> Result:
+    """Instantiate vLLM's model for the checkpoint at ``capability`` and load every tensor through its loaders."""
+    result = Result(ENGINE, VERSION, family, kind, capability)
+    bootstrap()
+    set_capability(capability)
+    import torch
+    from vllm.config import DeviceConfig, LoadConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    try:
+        mc = mc if mc is not None else model_config(folder)
+        vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), load_config=LoadConfig())
+        _init_distributed(vc)
+        with set_current_vllm_config(vc), set_default_torch_dtype(torch.bfloat16), torch.device("cpu"):
+            model = initialize_model(vllm_config=vc)
+    except Exception as error:  # the engine's refusal is the observation
+        result.problems.append(_one_line(error))
+        return result
+
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is None or name.endswith(".attn") or name.endswith("embed_tokens") or name == "lm_head":
+            continue
+        scheme = getattr(module, "scheme", None)
+        pick = type(scheme if scheme is not None else method).__name__
+        layer = _layer_kind(name)
+        previous = result.picks.get(layer)
+        result.picks[layer] = pick if previous in (None, pick) else "|".join(sorted({*previous.split("|"), pick}))
+        kernel = getattr(module, "kernel", None) or getattr(scheme, "kernel", None) \
+            or getattr(scheme, "fp8_linear", None) or getattr(method, "kernel", None)
+        if kernel is not None:
+            result.kernels[layer] = type(kernel).__name__
+
+    loader = DefaultModelLoader(vc.load_config)
+    snapshots = []
+    try:
+        with set_current_vllm_config(vc):
+            for byte in _SENTINELS:
+                _fill(model, byte)
+                _load(model, mc, loader)
+                snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    except Exception as error:
+        result.problems.append(_one_line(error))
+        return result
+
+    exempt = _exempt_modules(model)
+    disk = _disk_tensors(folder)
+    used: set[str] = set()
+    first, second = snapshots
+    for name, groups, any_part in _expected(model, disk):
+        if name.rpartition(".")[0] in exempt:
+            continue
+        a = first[name].reshape(-1).view(torch.uint8)
+        b = second[name].reshape(-1).view(torch.uint8)
+        untouched = int(((a == _SENTINELS[0]) & (b == _SENTINELS[1])).sum())
+        if untouched:
+            result.problems.append(f"{name}: {untouched} of {a.numel()} bytes never written by vLLM's loaders")
+            continue
+        if not torch.equal(a, b):
+            result.problems.append(f"{name}: two loads of the same checkpoint gave different values")
+            continue
+        used.update(n for g in groups for n in g)
+        problem = _compare(name, second[name], groups, any_part, disk)
+        if problem:
+            result.problems.append(problem)
+    for name in sorted(set(disk) - used):
+        result.problems.append(f"{name}: on disk, but no parameter of vLLM's model holds it")
+    result.loaded = not result.problems
+    return result
+
+
+def markdown(results: list[Result]) -> str:
+    lines = ["| engine | version | kind | family | layer kind | capability | pick | loaded |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        for layer, pick in sorted(r.picks.items()) or [("-", "-")]:
+            lines.append(f"| {r.engine} | {r.version} | {r.kind} | {r.family} | {layer} | sm{r.capability} | "
+                         f"{pick} | {'yes' if r.loaded else 'no'} |")
+    return "\n".join(lines) + "\n"
