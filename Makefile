@@ -4,7 +4,7 @@
 PYTHON ?= python3
 DEMO_OUT ?= build/all-MiniLM-L6-v2-rtn4
 
-.PHONY: setup demo test lint bench arch
+.PHONY: setup demo test lint bench arch engines
 
 # torch first, pinned: the CPU build comes from a local wheel here; an unpinned torch would pull
 # several GB of CUDA packages. Where torch is already installed (the GPU machines), it is kept.
@@ -31,6 +31,18 @@ test: setup lint
 # The full architecture matrix (22 architectures x the schemes their loaders support); CI runs it.
 arch: setup
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m arch tests/test_architectures.py
+
+# The engine conformance tier: the released vLLM and SGLang, each in its own venv outside the clone (built on
+# first use, reused after), run on what qconvert writes; results in $(ENGINES_REPORT), summarised as a table.
+ENGINES_REPORT ?= build/engines
+engines: setup
+	@py=$$(bash tests/engines/setup_vllm.sh | tail -1) && \
+	QCONVERT_ENGINES_REPORT=$(ENGINES_REPORT) PYTHONPATH=$(CURDIR) $$py -m pytest -q -p no:cacheprovider -W ignore \
+	  tests/engines/test_vllm.py tests/engines/test_vllm_fnuz.py
+	@py=$$(bash tests/engines/setup_sglang.sh | tail -1) && \
+	QCONVERT_ENGINES_REPORT=$(ENGINES_REPORT) PYTHONPATH=$(CURDIR) $$py -m pytest -q -p no:cacheprovider -W ignore \
+	  tests/engines/test_sglang.py
+	$(PYTHON) tests/engines/summarize.py $(ENGINES_REPORT)
 
 bench: setup
 	$(PYTHON) benchmarks/convert_speed.py
