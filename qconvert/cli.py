@@ -37,6 +37,13 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Where tensors are quantized: auto (a CUDA GPU when torch sees one), cpu, "
+                      "cuda or cuda:N. The output is byte-identical on every device.")
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Parallel read/write threads (default: one per core, 2 to 8).")
+]
 
 
 def _human_bytes(n: float) -> str:
@@ -120,6 +127,8 @@ def quantize(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
 ) -> None:
     """Quantize a checkpoint into a new compressed-tensors checkpoint."""
     from qconvert.pipeline import QuantizeRequest
@@ -144,6 +153,8 @@ def quantize(
         allow_requantize=allow_requantize,
         fnuz=fnuz,
         show_progress=not quiet and not as_json,
+        device=device,
+        workers=workers,
     )
 
     def notice(message: str) -> None:
@@ -221,6 +232,8 @@ def convert(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
 ) -> None:
     """Convert a quantized checkpoint: fnuz (ROCm), shared-scale (fused FP8), pack (int8 -> int32), dequantize."""
     from qconvert.errors import BadInputError
@@ -240,7 +253,7 @@ def convert(
         fused_patterns=_fuse_patterns(fuse) if fuse else list(DEFAULT_FUSED_PATTERNS),
         dtype=getattr(torch, dtypes[dtype]) if dtype else (torch.bfloat16 if op == "dequantize" else None),
         max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision,
-        show_progress=not quiet and not as_json,
+        show_progress=not quiet and not as_json, device=device, workers=workers,
     )
     summary = run(request, lambda message: None if quiet else err.print(message, markup=False))
     if as_json:

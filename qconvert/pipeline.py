@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from qconvert import __version__
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
 from qconvert.conversions import plan_conversion
+from qconvert.engine import ExecutionSettings, execute, execution_settings, warm_up
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.planning import Plan, make_plan
@@ -57,6 +57,8 @@ class QuantizeRequest:
     allow_requantize: bool = False
     fnuz: bool = False
     show_progress: bool = True
+    device: str = "auto"  # auto | cpu | cuda[:N]: where units compute
+    workers: int | None = None  # I/O threads (None: qconvert.engine.default_workers())
 
 
 def default_output(model: str, source: Path, suffix: str) -> Path:
@@ -71,8 +73,10 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
         raise BadInputError(f"--layout {request.layout!r}: choose from {', '.join(LAYOUTS)}")
     source = resolve_source(request.model, request.revision)
     target = (request.output or default_output(request.model, source, request.scheme.name)).expanduser()
+    settings = execution_settings(request.device, request.workers)
     if not request.dry_run:
         check_output_location(source, target, request.overwrite)
+        warm_up(settings)
     checkpoint = open_checkpoint(source)
     with TensorReader() as reader:
         stored = stored_layers(checkpoint, reader)
@@ -97,7 +101,7 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
     if request.dry_run:
         return summarize(checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True)
     shards = write_checkpoint(checkpoint, units, target, config, request.max_shard_bytes,
-                              request.show_progress, notice)
+                              request.show_progress, notice, settings=settings)
     return summarize(checkpoint, units, target, shards, time.perf_counter() - started, plan=plan)
 
 
@@ -112,6 +116,8 @@ class ConvertRequest:
     overwrite: bool = False
     revision: str | None = None
     show_progress: bool = True
+    device: str = "auto"
+    workers: int | None = None
 
 
 def convert(request: ConvertRequest, notice: Notice) -> dict:
@@ -119,6 +125,8 @@ def convert(request: ConvertRequest, notice: Notice) -> dict:
     source = resolve_source(request.model, request.revision)
     target = (request.output or default_output(request.model, source, request.op)).expanduser()
     check_output_location(source, target, request.overwrite)
+    settings = execution_settings(request.device, request.workers)
+    warm_up(settings)
     checkpoint = open_checkpoint(source)
     with TensorReader() as reader:
         layers = stored_layers(checkpoint, reader)
@@ -127,7 +135,7 @@ def convert(request: ConvertRequest, notice: Notice) -> dict:
     for note in plan.notes:
         notice(note)
     shards = write_checkpoint(checkpoint, plan.units, target, plan.config, request.max_shard_bytes,
-                              request.show_progress, notice)
+                              request.show_progress, notice, settings=settings)
     return summarize(checkpoint, plan.units, target, shards, time.perf_counter() - started, op=request.op,
                      converted=plan.converted)
 
@@ -150,7 +158,8 @@ def describe_stored(stored: dict[str, StoredLayer]) -> str:
 
 
 def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, quant_config: dict | None,
-                     max_shard_bytes: int, show_progress: bool, notice: Notice) -> list[str]:
+                     max_shard_bytes: int, show_progress: bool, notice: Notice,
+                     settings: ExecutionSettings | None = None) -> list[str]:
     """Execute ``units`` into a new checkpoint folder at ``target``, atomically."""
     for path in checkpoint.unindexed_weight_files:
         notice(f"note: {path.name} is not in the index; it is not part of the model and is not copied")
@@ -168,7 +177,7 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
                 shard = ShardFile(out.path / name, specs)
                 shards.append(shard)
                 shard_of.update({spec.name: shard for spec in specs})
-            _execute(units, shard_of, bar)
+            _execute(units, shard_of, bar, settings)
             for shard in shards:
                 if shard.fd >= 0:
                     shard.close()  # raises if a planned tensor was never written
@@ -193,74 +202,10 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
     return names
 
 
-class _WriteBehind:
-    """Runs each write job on one worker thread while the caller computes the next unit.
-
-    At most one job is in flight, so memory stays bounded by two units' outputs; a job's error
-    surfaces at the next submit or at exit. Jobs run in submission order, so a shard is closed only
-    after all of its writes.
-    """
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconvert-write")
-        self._pending: Future | None = None
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self.wait()
-        self._pending = self._pool.submit(job)
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def __enter__(self) -> _WriteBehind:
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        try:
-            if exc_type is None:
-                self.wait()
-            elif self._pending is not None:
-                # Already failing: let the write finish (its descriptors are about to be closed)
-                # but keep the original error.
-                wait([self._pending])
-        finally:
-            self._pool.shutdown(wait=True)
-
-
-def _execute(units: list[Unit], shard_of: dict[str, ShardFile], bar: Progress) -> None:
-    def finish(shards: set[ShardFile]) -> None:
-        for shard in shards:
-            if not shard.pending and shard.fd >= 0:
-                shard.close()
-
-    def copy_job(unit: Unit) -> Callable[[], None]:
-        def job() -> None:
-            spec = unit.outputs[0]
-            shard = shard_of[spec.name]
-            reader.copy_into(unit.inputs[0], shard.fd, shard.position(spec.name))
-            shard.mark_written(spec.name)
-            finish({shard})
-        return job
-
-    def write_job(outputs: dict[str, torch.Tensor]) -> Callable[[], None]:
-        def job() -> None:
-            for name, tensor in outputs.items():
-                shard_of[name].write(name, tensor)
-            finish({shard_of[name] for name in outputs})
-        return job
-
-    with TensorReader() as reader, _WriteBehind() as writer:
-        for unit in units:
-            if unit.produce is None:
-                writer.submit(copy_job(unit))
-            else:
-                tensors = [reader.read(info) for info in unit.inputs]
-                outputs = unit.produce(tensors)
-                del tensors
-                writer.submit(write_job(outputs))
-            bar.advance(unit.input_bytes)
+def _execute(units: list[Unit], shard_of: dict[str, ShardFile], bar: Progress,
+             settings: ExecutionSettings | None = None) -> None:
+    """Run every unit into its shard and fsync the shards (qconvert.engine: parallel I/O, CPU or GPU)."""
+    execute(units, shard_of, bar, settings or execution_settings("auto"))
 
 
 def _report_skips(plan: Plan, notice: Notice) -> None:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,18 +147,21 @@ class TensorReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # reads and copies may run on several threads at once
 
     def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            try:
-                self._fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise BadInputError(f"{path}: cannot open ({exc.strerror})") from exc
-        return self._fds[path]
+        with self._lock:
+            if path not in self._fds:
+                try:
+                    self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise BadInputError(f"{path}: cannot open ({exc.strerror})") from exc
+            return self._fds[path]
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """A fresh tensor holding ``info``'s data (never a view of the file)."""
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    def read(self, info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
+        """A fresh tensor holding ``info``'s data (never a view of the file); ``pin_memory`` reads it
+        straight into page-locked memory, from which a GPU copies without a staging copy."""
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         view = memoryview(buffer.numpy())
         fd = self._fd(info.file)
         done = 0
