@@ -46,7 +46,7 @@ def resolve_device(name: str | None) -> torch.device:
     """``auto`` (or None): the first CUDA GPU if torch sees one, else the CPU; ``cpu``; ``cuda[:N]``."""
     name = (name or "auto").strip().lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name != "cpu" and name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise BadInputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     device = torch.device(name)
@@ -55,6 +55,8 @@ def resolve_device(name: str | None) -> torch.device:
             raise BadInputError(f"--device {name}: no CUDA GPU is visible to torch")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise BadInputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -97,7 +99,8 @@ def warm_up(settings: ExecutionSettings) -> threading.Thread | None:
     def init() -> None:
         torch.empty(1, device=settings.device)
 
-    thread = threading.Thread(target=init, name="qconvert-cuda-init", daemon=True)
+    # Not a daemon: an interpreter that exits (say on bad input) while CUDA initialises aborts.
+    thread = threading.Thread(target=init, name="qconvert-cuda-init")
     thread.start()
     return thread
 
