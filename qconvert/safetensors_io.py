@@ -172,6 +172,18 @@ class TensorReader:
             done += n
         return buffer.view(info.dtype).reshape(info.shape)
 
+    def read_into(self, info: TensorInfo, out: memoryview, start: int = 0, length: int | None = None) -> None:
+        """Read bytes ``[start, start + length)`` of ``info``'s data into ``out`` (a preallocated
+        buffer, which may be one chunk of a larger read split across threads)."""
+        length = info.nbytes - start if length is None else length
+        fd = self._fd(info.file)
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [out[done:length]], info.offset + start + done)
+            if n == 0:
+                raise BadInputError(f"{info.file}: truncated while reading tensor {info.name}")
+            done += n
+
     def copy_into(self, info: TensorInfo, dst_fd: int, dst_offset: int) -> None:
         """Copy ``info``'s bytes into another file without materializing the tensor."""
         src_fd = self._fd(info.file)
