@@ -255,8 +255,18 @@ class _Profile:
     def report(self, stage: str) -> None:
         if self.enabled:
             busy = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.busy.items()))
-            print(f"qconvert profile: {stage} at {time.perf_counter() - self.started:.2f} s; busy: {busy}",
-                  file=sys.stderr, flush=True)
+            print(f"qconvert profile: {stage} at {time.perf_counter() - self.started:.2f} s "
+                  f"({_process_age():.2f} s after the process started); busy: {busy}", file=sys.stderr, flush=True)
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux; -1 elsewhere)."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return float(uptime.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return -1.0
 
 
 class Engine:
@@ -275,10 +285,12 @@ class Engine:
         self.writeback = _Writeback()
         self.streams: tuple[torch.cuda.Stream, ...] = ()
         self.arena: _Arena | None = None
+        self.profile.report("engine starts")
         if settings.cuda:
             torch.cuda.set_device(settings.device)
             self.streams = tuple(torch.cuda.Stream(settings.device) for _ in range(3))  # h2d, compute, d2h
             self.arena = _Arena(settings.budget_bytes)
+            self.profile.report("CUDA ready, arena allocated")
 
     def __enter__(self) -> Engine:
         return self
