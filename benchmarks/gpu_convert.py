@@ -177,6 +177,7 @@ def measure(ckpt: Path, work: Path, schemes: list[str], repeats: int, llmc_pytho
                                                 "--ignore", "lm_head", "--ignore", "model.embed_tokens"], out)
     subprocess.run(["sh", "-c", f"cat '{ckpt}'/*.safetensors > /dev/null"], check=True)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    identical: dict[str, tuple[bool, int]] = {}
     for round_index in range(repeats):
         for name, (cmd, out) in commands.items():
             shutil.rmtree(out, ignore_errors=True)
@@ -185,16 +186,16 @@ def measure(ckpt: Path, work: Path, schemes: list[str], repeats: int, llmc_pytho
             print(f"  round {round_index + 1} {name}: {runs[name][-1][0]:.2f} s, {runs[name][-1][1]:.0f} MB",
                   flush=True)
             last = round_index == repeats - 1
-            keep = last and name.startswith("qconvert")
-            if not keep:
+            if not (last and name.startswith("qconvert")):
                 shutil.rmtree(out, ignore_errors=True)  # the disk holds little more than two copies
-    identical = {}
-    for scheme in schemes:
-        cpu, cuda = work / f"out-{scheme}-cpu", work / f"out-{scheme}-cuda"
-        if cpu.is_dir() and cuda.is_dir():
-            identical[scheme] = same_files(cpu, cuda)
-        shutil.rmtree(cpu, ignore_errors=True)
-        shutil.rmtree(cuda, ignore_errors=True)
+            scheme = name.split()[1] if name.startswith("qconvert") else None
+            cpu, cuda = work / f"out-{scheme}-cpu", work / f"out-{scheme}-cuda"
+            if last and name == f"qconvert {scheme} {devices[-1]}":
+                if cpu.is_dir() and cuda.is_dir():
+                    identical[scheme] = same_files(cpu, cuda)
+                    print(f"  {scheme}: CPU and CUDA outputs byte-identical: {identical[scheme]}", flush=True)
+                shutil.rmtree(cpu, ignore_errors=True)
+                shutil.rmtree(cuda, ignore_errors=True)
     return {"runs": runs, "identical": identical}
 
 
@@ -263,6 +264,9 @@ def main() -> None:
         report["sizes"][f"{layers}l"] = {"bytes": size, "repeats": repeats, **result}
         lines += summarize(f"{layers} layers ({repeats} repeat(s))", size, result)
         lines.append("")
+        if args.json:
+            args.json.write_text(json.dumps({**report, "table": lines}, indent=2))
+        print("\n".join(lines), flush=True)
         if args.deepseek and index == 0:
             fp8 = args.work / f"llama8b-shape-{layers}l-deepseek-fp8"
             if not (fp8 / "config.json").is_file():

@@ -450,16 +450,5 @@ def main(argv: list[str] | None = None) -> None:
     if code == 130:  # Typer turns KeyboardInterrupt (so SIGTERM too) into exit code 130
         err.print("error: interrupted; no output was left behind", markup=False)
         code = EXIT_FAILURE
-    _exit_now_if_cuda(code if isinstance(code, int) else 0)
     sys.exit(code if isinstance(code, int) else 0)
 
-
-def _exit_now_if_cuda(code: int) -> None:
-    """Once a command that used a GPU is done (its output fsynced and renamed, or removed), leave without
-    the interpreter's teardown: tearing down the CUDA context and its page-locked memory costs seconds."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized() or os.environ.get("QCONVERT_NO_FAST_EXIT") == "1":
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
