@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--llmc-python", default=sys.executable, help="'' to skip llm-compressor")
     parser.add_argument("--no-cp", action="store_true")
     parser.add_argument("--deepseek", action="store_true")
+    parser.add_argument("--deepseek-repeats", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="qconvert --device values to time")
     parser.add_argument("--json", type=Path, default=None)
@@ -272,10 +273,12 @@ def main() -> None:
             if not (fp8 / "config.json").is_file():
                 subprocess.run([sys.executable, __file__, "--generate-deepseek", str(ckpt), str(fp8)], check=True)
             fp8_size = folder_bytes(fp8)
-            result = measure(fp8, args.work, ["int8-block"], repeats, None, not args.no_cp, args.workers,
-                             args.devices)
-            report["sizes"][f"{layers}l-deepseek"] = {"bytes": fp8_size, "repeats": repeats, **result}
-            lines += summarize(f"DeepSeek-style FP8 of {layers} layers → int8-block", fp8_size, result)
+            result = measure(fp8, args.work, ["int8-block"], args.deepseek_repeats, None, not args.no_cp,
+                             args.workers, args.devices)
+            report["sizes"][f"{layers}l-deepseek"] = {"bytes": fp8_size, "repeats": args.deepseek_repeats, **result}
+            label = f"DeepSeek-style FP8 of {layers} layers → int8-block ({args.deepseek_repeats} repeat(s))"
+            lines += summarize(label,
+                               fp8_size, result)
             lines.append("")
             shutil.rmtree(fp8, ignore_errors=True)
         if args.json:
