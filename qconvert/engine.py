@@ -1,14 +1,16 @@
 """Executing a run's units at the speed of the disk: parallel reads, compute on a CPU or a GPU, parallel
 writes, with a byte budget that bounds host memory whatever the model size.
 
-The main thread walks the units in order. For each unit that computes, it takes budget for the unit's
+The main thread walks the units in order. For each unit that computes, it takes room for the unit's
 input and output bytes and hands the reads to a pool of reader threads, so several tensors are being
-read (``pread``, into page-locked memory when a GPU computes) while it works on the oldest one. On a GPU
-the inputs go over on a copy stream, the unit computes on a compute stream, and its outputs come back
-on a third stream into page-locked buffers; a writer thread waits for that copy and writes them at
-their final offsets (``pwrite``), then starts the disk's writeback of those bytes so that the final
-``fsync`` finds little left to do. Tensors that pass through are copied file to file by the writer
-threads (``copy_file_range``), several at once. Every shard is fsynced at the end, all in parallel.
+read (``pread``) while it works on the oldest one. On the CPU the room is a byte budget. On a GPU it is
+a region of one page-locked arena allocated at the start: large tensors are read into it by several
+threads in chunks, go over on a copy stream, compute on a compute stream, and come back on a third
+stream straight into the arena; a writer thread gives the input region back once its copy is done,
+waits for the results, writes them at their final offsets (``pwrite``), then starts the disk's
+writeback of those bytes so that the final ``fsync`` finds little left to do. Tensors that pass
+through are copied file to file by the writer threads (``copy_file_range``), several at once. Every
+shard is fsynced at the end, all in parallel.
 
 Host memory: the interpreter and torch, plus at most ``budget`` bytes of tensors in flight (a unit
 larger than the budget runs alone). GPU memory: one unit's inputs, outputs and temporaries at a time,

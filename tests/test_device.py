@@ -252,3 +252,15 @@ def test_cli_device_cuda(tiny_llama: Path, tmp_path: Path) -> None:
     _assert_same_files(tmp_path / "cpu", tmp_path / "cuda")
     _assert_same_files(tmp_path / "cpu", tmp_path / "auto")
     shutil.rmtree(tmp_path / "auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arena_mib", ["1", "2"])
+def test_tiny_arena_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, arena_mib: str,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page-locked arena smaller than most units (1 MiB: every unit runs alone through ordinary
+    memory; 2 MiB: a mix of arena regions and such units) still writes the CPU path's bytes."""
+    cpu = _quantize(gpu_inputs["llama"], tmp_path / "cpu", "fp8-block", "cpu")
+    monkeypatch.setenv("QCONVERT_INFLIGHT_MB", arena_mib)
+    cuda = _quantize(gpu_inputs["llama"], tmp_path / "cuda", "fp8-block", "cuda", workers=3)
+    _assert_same_files(cpu, cuda)
