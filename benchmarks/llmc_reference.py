@@ -16,22 +16,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("output")
-    parser.add_argument("--scheme", choices=["rtn4", "rtn8"], default="rtn4")
+    parser.add_argument("--scheme", choices=["rtn4", "rtn8", "fp8-block"], default="rtn4")
     parser.add_argument("--ignore", action="append", default=[])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (model_free_ptq's device)")
     args = parser.parse_args()
 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import model_free_ptq
 
     bits = 4 if args.scheme == "rtn4" else 8
-    scheme = QuantizationScheme(
+    scheme: QuantizationScheme | str = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=128),
     )
+    if args.scheme == "fp8-block":
+        scheme = "FP8_BLOCK"  # its preset: e4m3fn weights per 128x128 block, dynamic fp8 activations
     started = time.perf_counter()
     model_free_ptq(args.model, args.output, scheme=scheme, ignore=args.ignore, max_workers=args.workers,
-                   device="cpu")
+                   device=args.device)
     print(f"model_free_ptq seconds (inside Python): {time.perf_counter() - started:.3f}")
 
 

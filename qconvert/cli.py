@@ -40,6 +40,13 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # name
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Where tensors are quantized: auto (a CUDA GPU when torch sees one), cpu, "
+                      "cuda or cuda:N. The output is byte-identical on every device.")
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Parallel read/write threads (default: one per core, 2 to 8).")
+]
 
 
 def _human_bytes(n: float) -> str:
@@ -145,6 +152,8 @@ def quantize(
         float | None, typer.Option("--min-coverage", help="Fail (exit 2) if less than this share (0-1) of the "
                                    "linear parameters would be quantized.")
     ] = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
 ) -> None:
     """Quantize a checkpoint into a new compressed-tensors checkpoint."""
     from qconvert.pipeline import QuantizeRequest
@@ -173,6 +182,8 @@ def quantize(
         include_vision=include_vision,
         keep_fused_experts=keep_fused_experts,
         min_coverage=min_coverage,
+        device=device,
+        workers=workers,
     )
 
     def notice(message: str) -> None:
@@ -261,6 +272,8 @@ def convert(
     debug: DebugOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="Reuse the shards an interrupted run of the same "
                                          "command finished (checked by sha256).")] = False,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
 ) -> None:
     """Convert a quantized checkpoint: fnuz (ROCm), shared-scale (fused FP8), pack (int8 -> int32), dequantize."""
     from qconvert.errors import BadInputError
@@ -279,7 +292,7 @@ def convert(
         fused_patterns=_fuse_patterns(fuse) if fuse else None,
         dtype=getattr(torch, dtypes[dtype]) if dtype else (torch.bfloat16 if op == "dequantize" else None),
         max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision,
-        show_progress=not quiet and not as_json, resume=resume,
+        show_progress=not quiet and not as_json, resume=resume, device=device, workers=workers,
     )
     summary = run(request, lambda message: None if quiet else err.print(one_line(message), markup=False))
     if as_json:
@@ -521,3 +534,4 @@ def _main(args: list[str]) -> None:
         err.print(one_line(f"error: interrupted; {interrupt_outcome()}"), markup=False)
         code = EXIT_FAILURE
     sys.exit(code if isinstance(code, int) else 0)
+

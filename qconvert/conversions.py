@@ -128,7 +128,9 @@ def _shared_scale(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: 
                            target=shared) -> dict[str, torch.Tensor]:
                 # fp8 x scale is exact in float32; one rounding, by the cast, back to e4m3fn.
                 exact = ts[v].to(torch.float32) * ts[s].to(torch.float32).reshape(())
-                requantized = (exact / target.to(torch.float32)).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+                # The target moves to the values' device: CUDA would divide by a CPU scalar via its reciprocal.
+                requantized = (exact / target.to(device=exact.device, dtype=torch.float32)).clamp_(
+                    -FP8_E4M3_MAX, FP8_E4M3_MAX)
                 return {v: requantized.to(torch.float8_e4m3fn), s: target.to(ts[s].dtype).reshape(ts[s].shape)}
 
             plan.units.append(_transform_unit([values, scale], [TensorSpec(values.name, values.dtype, values.shape),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -21,6 +20,7 @@ from qconvert import __version__
 from qconvert.architectures import facts_from_config
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
 from qconvert.conversions import plan_conversion
+from qconvert.engine import ExecutionSettings, execute, execution_settings, warm_up
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.planning import Plan, check_coverage, make_plan
@@ -73,6 +73,8 @@ class QuantizeRequest:
     include_vision: bool = False
     keep_fused_experts: bool = False
     min_coverage: float | None = None
+    device: str = "auto"  # auto | cpu | cuda[:N]: where units compute
+    workers: int | None = None  # I/O threads (None: qconvert.engine.default_workers())
 
 
 def default_output(model: str, source: Path, suffix: str) -> Path:
@@ -92,8 +94,10 @@ def _quantize(request: QuantizeRequest, notice: Notice) -> dict:
         raise BadInputError(f"--layout {request.layout!r}: choose from {', '.join(LAYOUTS)}")
     source = resolve_source(request.model, request.revision)
     target = (request.output or default_output(request.model, source, request.scheme.name)).expanduser()
+    settings = execution_settings(request.device, request.workers)
     if not request.dry_run:
         check_output_location(source, target, request.overwrite)
+        warm_up(settings)
     checkpoint = open_checkpoint(source)
     family = family_of(checkpoint.config)
     with TensorReader() as reader:
@@ -136,7 +140,8 @@ def _quantize(request: QuantizeRequest, notice: Notice) -> dict:
         return summarize(checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True,
                          serves_in=serving)
     shards = write_checkpoint(checkpoint, units, target, config, request.max_shard_bytes,
-                              request.show_progress, notice, resume=request.resume, options=job_options(request))
+                              request.show_progress, notice, resume=request.resume, options=job_options(request),
+                              settings=settings)
     return summarize(checkpoint, units, target, shards, time.perf_counter() - started, plan=plan,
                      serves_in=serving)
 
@@ -169,6 +174,8 @@ class ConvertRequest:
     revision: str | None = None
     show_progress: bool = True
     resume: bool = False
+    device: str = "auto"
+    workers: int | None = None
 
 
 def convert(request: ConvertRequest, notice: Notice) -> dict:
@@ -181,6 +188,8 @@ def _convert(request: ConvertRequest, notice: Notice) -> dict:
     source = resolve_source(request.model, request.revision)
     target = (request.output or default_output(request.model, source, request.op)).expanduser()
     check_output_location(source, target, request.overwrite)
+    settings = execution_settings(request.device, request.workers)
+    warm_up(settings)
     checkpoint = open_checkpoint(source)
     with TensorReader() as reader:
         layers = stored_layers(checkpoint, reader)
@@ -192,7 +201,8 @@ def _convert(request: ConvertRequest, notice: Notice) -> dict:
     for note in plan.notes:
         notice(note)
     shards = write_checkpoint(checkpoint, plan.units, target, plan.config, request.max_shard_bytes,
-                              request.show_progress, notice, resume=request.resume, options=job_options(request))
+                              request.show_progress, notice, resume=request.resume, options=job_options(request),
+                              settings=settings)
     return summarize(checkpoint, plan.units, target, shards, time.perf_counter() - started, op=request.op,
                      converted=plan.converted)
 
@@ -216,7 +226,7 @@ def describe_stored(stored: dict[str, StoredLayer]) -> str:
 
 def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, quant_config: dict | None,
                      max_shard_bytes: int, show_progress: bool, notice: Notice, *, resume: bool = False,
-                     options: dict | None = None) -> list[str]:
+                     options: dict | None = None, settings: ExecutionSettings | None = None) -> list[str]:
     """Execute ``units`` into a new checkpoint folder at ``target``, atomically.
 
     With ``resume``, the finished shards of a dead run of the same job (same input, options and layout)
@@ -243,7 +253,7 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
                 shard.on_close = partial(finish_shard, out)
                 shards.append(shard)
                 shard_of.update({spec.name: shard for spec in specs})
-            _execute(units, shard_of, bar)
+            _execute(units, shard_of, bar, settings)
             for shard in shards:
                 if shard.fd >= 0:
                     shard.close()  # raises if a planned tensor was never written
@@ -268,74 +278,10 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
     return names
 
 
-class _WriteBehind:
-    """Runs each write job on one worker thread while the caller computes the next unit.
-
-    At most one job is in flight, so memory stays bounded by two units' outputs; a job's error
-    surfaces at the next submit or at exit. Jobs run in submission order, so a shard is closed only
-    after all of its writes.
-    """
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconvert-write")
-        self._pending: Future | None = None
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self.wait()
-        self._pending = self._pool.submit(job)
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def __enter__(self) -> _WriteBehind:
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        try:
-            if exc_type is None:
-                self.wait()
-            elif self._pending is not None:
-                # Already failing: let the write finish (its descriptors are about to be closed)
-                # but keep the original error.
-                wait([self._pending])
-        finally:
-            self._pool.shutdown(wait=True)
-
-
-def _execute(units: list[Unit], shard_of: dict[str, ShardFile], bar: Progress) -> None:
-    def finish(shards: set[ShardFile]) -> None:
-        for shard in shards:
-            if not shard.pending and shard.fd >= 0:
-                shard.close()
-
-    def copy_job(unit: Unit) -> Callable[[], None]:
-        def job() -> None:
-            spec = unit.outputs[0]
-            shard = shard_of[spec.name]
-            reader.copy_into(unit.inputs[0], shard.fd, shard.position(spec.name))
-            shard.mark_written(spec.name)
-            finish({shard})
-        return job
-
-    def write_job(outputs: dict[str, torch.Tensor]) -> Callable[[], None]:
-        def job() -> None:
-            for name, tensor in outputs.items():
-                shard_of[name].write(name, tensor)
-            finish({shard_of[name] for name in outputs})
-        return job
-
-    with TensorReader() as reader, _WriteBehind() as writer:
-        for unit in units:
-            if unit.produce is None:
-                writer.submit(copy_job(unit))
-            else:
-                tensors = [reader.read(info) for info in unit.inputs]
-                outputs = unit.produce(tensors)
-                del tensors
-                writer.submit(write_job(outputs))
-            bar.advance(unit.input_bytes)
+def _execute(units: list[Unit], shard_of: dict[str, ShardFile], bar: Progress,
+             settings: ExecutionSettings | None = None) -> None:
+    """Run every unit into its shard and fsync the shards (qconvert.engine: parallel I/O, CPU or GPU)."""
+    execute(units, shard_of, bar, settings or execution_settings("auto"))
 
 
 def _report_skips(plan: Plan, notice: Notice) -> None:

@@ -106,7 +106,7 @@ def _human(n: float) -> str:
 
 def job_options(request: object) -> dict:
     """The options that decide the output's bytes (not how the run is shown or where it goes)."""
-    skip = {"show_progress", "overwrite", "dry_run", "resume", "output"}
+    skip = {"show_progress", "overwrite", "dry_run", "resume", "output", "device", "workers"}  # same bytes anywhere
     return {f.name: repr(getattr(request, f.name)) for f in dataclasses.fields(request)  # type: ignore[arg-type]
             if f.name not in skip}
 

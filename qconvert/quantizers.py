@@ -58,8 +58,19 @@ def scales_from_amax(amax: torch.Tensor, divisor: float, dtype: torch.dtype) -> 
     The zero check runs after the cast: a tiny float32 scale can still round to 0 in bf16. The eps of
     the stored dtype is what the reference tools store (llm-compressor: 0.0078125 for bf16).
     """
-    scales = (amax.to(torch.float32) / divisor).to(dtype)
+    # The divisor is a tensor on amax's device: CUDA divides by a Python scalar through its reciprocal
+    # (amax * (1/7.5) can round differently from amax / 7.5); a tensor divisor is a true division on
+    # every device, and on the CPU it is the same division as by the scalar.
+    wide = amax.to(torch.float32)
+    scales = (wide / torch.tensor(divisor, dtype=torch.float32, device=wide.device)).to(dtype)
     return scales.masked_fill_(scales == 0, torch.finfo(dtype).eps)
+
+
+def band_elements(tensor: torch.Tensor, cpu_elements: int) -> int:
+    """Elements per band for the banded quantizers: small on the CPU, where bands that fit in cache
+    are fast, and 16M on a GPU, where each band costs kernel launches and memory is not the limit.
+    Banding never changes a result (every operation is per row or per tile)."""
+    return cpu_elements if tensor.device.type == "cpu" else max(cpu_elements, 1 << 24)
 
 
 def tile_shape(shape: tuple[int, ...], strategy: str, group_size: int | None = None,
@@ -133,13 +144,13 @@ def quantize_tiled(weight: torch.Tensor, tile: tuple[int, int], kind: str, num_b
     per_tensor = (th, tw) == (out_features, in_features)
     stored = torch.float8_e4m3fn if kind == "float" else torch.int8
     values = torch.empty(weight.shape, dtype=stored, device=weight.device)
-    band_rows = max(1, (1 << 20) // max(1, in_features))
+    band_rows = max(1, band_elements(weight, 1 << 20) // max(1, in_features))
     if per_tensor or scale is not None:
         if scale is None:
             amax = max((weight[r : r + band_rows].abs().amax().to(torch.float32)
                         for r in range(0, out_features, band_rows)), default=torch.tensor(0.0))
             scale = scales_from_amax(amax, scale_divisor(kind, num_bits), weight.dtype)
-        scale = scale.to(weight.dtype).reshape(1, 1)
+        scale = scale.to(device=weight.device, dtype=weight.dtype).reshape(1, 1)
         for r in range(0, out_features, band_rows):
             band = weight[r : r + band_rows]
             values[r : r + band_rows] = quantize_tiles(band, scale, tuple(band.shape), kind, num_bits)
@@ -245,7 +256,7 @@ def quantize_and_pack_symmetric(
     packed = torch.empty(
         out_features, packed_columns(in_features, num_bits), dtype=torch.int32, device=weight.device
     )
-    rows = max(1, (1 << 19) // max(1, in_features))
+    rows = max(1, band_elements(weight, 1 << 19) // max(1, in_features))
     for start in range(0, out_features, rows):
         block = weight[start : start + rows]
         block_scales = tile_scales(block, tile, divisor)

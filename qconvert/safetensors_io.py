@@ -18,6 +18,7 @@ import math
 import os
 import stat
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,15 +313,18 @@ class TensorReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # reads and copies may run on several threads at once
 
     def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = open_regular(path)
-        return self._fds[path]
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = open_regular(path)
+            return self._fds[path]
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """A fresh tensor holding ``info``'s data (never a view of the file)."""
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    def read(self, info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
+        """A fresh tensor holding ``info``'s data (never a view of the file); ``pin_memory`` reads it
+        straight into page-locked memory, from which a GPU copies without a staging copy."""
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
         view = memoryview(buffer.numpy())
         fd = self._fd(info.file)
         done = 0
@@ -330,6 +334,18 @@ class TensorReader:
                 raise BadInputError(f"{info.file}: truncated while reading tensor {info.name}")
             done += n
         return buffer.view(info.dtype).reshape(info.shape)
+
+    def read_into(self, info: TensorInfo, out: memoryview, start: int = 0, length: int | None = None) -> None:
+        """Read bytes ``[start, start + length)`` of ``info``'s data into ``out`` (a preallocated
+        buffer, which may be one chunk of a larger read split across threads)."""
+        length = info.nbytes - start if length is None else length
+        fd = self._fd(info.file)
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [out[done:length]], info.offset + start + done)
+            if n == 0:
+                raise BadInputError(f"{info.file}: truncated while reading tensor {info.name}")
+            done += n
 
     def copy_into(self, info: TensorInfo, dst_fd: int, dst_offset: int) -> None:
         """Copy ``info``'s bytes into another file without materializing the tensor."""

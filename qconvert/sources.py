@@ -22,7 +22,7 @@ import torch
 
 from qconvert.checkpoint import Checkpoint
 from qconvert.errors import BadInputError
-from qconvert.quantizers import dequantize_tiles, packed_columns, unpack_int32
+from qconvert.quantizers import band_elements, dequantize_tiles, packed_columns, unpack_int32
 from qconvert.safetensors_io import TensorInfo, TensorReader
 from qconvert.schemes import Scheme
 
@@ -181,7 +181,7 @@ def rebuild_weight(layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torc
     weight = torch.empty(layer.shape, dtype=layer.dtype, device=values.device)
     # Bands of whole tile rows keep the (often float32) intermediates small: memory stays near the
     # size of the weight itself rather than several float32 copies of it.
-    tiles_per_band = max(1, (1 << 20) // (th * layer.shape[1]))
+    tiles_per_band = max(1, band_elements(values, 1 << 20) // (th * layer.shape[1]))
     for first in range(0, rows, tiles_per_band):
         last = min(rows, first + tiles_per_band)
         weight[first * th : last * th] = dequantize_tiles(

@@ -1,0 +1,295 @@
+"""Whole-checkpoint conversion on a GPU machine: `cp -r` + sync, qconvert on the CPU and on CUDA, and
+llm-compressor's `model_free_ptq` on CUDA with 8 workers, in one run (issue 13).
+
+    python benchmarks/gpu_convert.py --work /path/on/fast/disk [--layers 16 64] [--repeats 3 1]
+        [--schemes rtn4 fp8-block] [--deepseek] [--llmc-python python3] [--json results.json]
+
+For each size (16 layers: 7.5 GB, 64 layers: 28.4 GB), generates once a Llama-8B-shaped bf16
+checkpoint (hidden 4096, intermediate 14336, 32/8 heads, vocab 32000, ~2 GB shards; random weights),
+warms the page cache, then runs each tool as a whole process (imports included), alternating tools in
+each round, `sync` (untimed) and the previous output removed before each run; reports the median and
+the peak RSS (wait4, the process and its children) of each. Checks that qconvert's CPU and CUDA
+outputs are byte-identical (`cmp` of every file). `--deepseek` also converts a DeepSeek-style FP8 copy
+of the first size (e4m3fn + fp32 128x128 `weight_scale_inv`) into int8-block on the CPU and on CUDA.
+
+The parent process never imports torch: a large parent would hand its resident pages to the peak RSS
+of every child it starts. Generation runs in a child of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 32000
+SHARD_BYTES = 2 * 10**9
+
+
+def generate(folder: Path, layers: int) -> None:
+    """The bf16 checkpoint, written shard by shard (random normal * 0.02, made on the GPU if there is one)."""
+    import torch
+    from safetensors.torch import save_file
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(layers)
+    head_dim = HIDDEN // HEADS
+
+    def w(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
+
+    def tensors():
+        yield "model.embed_tokens.weight", (VOCAB, HIDDEN)
+        for layer in range(layers):
+            p = f"model.layers.{layer}"
+            yield f"{p}.input_layernorm.weight", (HIDDEN,)
+            yield f"{p}.self_attn.q_proj.weight", (HIDDEN, HIDDEN)
+            yield f"{p}.self_attn.k_proj.weight", (KV_HEADS * head_dim, HIDDEN)
+            yield f"{p}.self_attn.v_proj.weight", (KV_HEADS * head_dim, HIDDEN)
+            yield f"{p}.self_attn.o_proj.weight", (HIDDEN, HIDDEN)
+            yield f"{p}.post_attention_layernorm.weight", (HIDDEN,)
+            yield f"{p}.mlp.gate_proj.weight", (INTER, HIDDEN)
+            yield f"{p}.mlp.up_proj.weight", (INTER, HIDDEN)
+            yield f"{p}.mlp.down_proj.weight", (HIDDEN, INTER)
+        yield "model.norm.weight", (HIDDEN,)
+        yield "lm_head.weight", (VOCAB, HIDDEN)
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards: list[dict[str, tuple[int, ...]]] = [{}]
+    size = 0
+    for name, shape in tensors():
+        nbytes = 2 * int(torch.tensor(shape).prod())
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = shape
+        size += nbytes
+    weight_map = {}
+    for index, specs in enumerate(shards):
+        name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        data = {t: (torch.ones(s, dtype=torch.bfloat16) if len(s) == 1 else w(*s)) for t, s in specs.items()}
+        save_file(data, tmp / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(specs, name))
+        del data
+    total = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "torch_dtype": "bfloat16",
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    os.sync()
+    tmp.rename(folder)
+
+
+def generate_deepseek(source: Path, folder: Path) -> None:
+    """DeepSeek-V3-style FP8 of ``source``: each *_proj weight as e4m3fn + fp32 128x128 weight_scale_inv."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qconvert.quantizers import quantize_tiles, tile_scales
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map = {}
+    for shard in sorted(source.glob("*.safetensors")):
+        data = {}
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if name.endswith("_proj.weight"):
+                    wide = tensor.to(device).float()
+                    scales = tile_scales(wide, (128, 128), 448.0)
+                    data[name] = quantize_tiles(wide, scales, (128, 128), "float").cpu()
+                    data[name.removesuffix(".weight") + ".weight_scale_inv"] = scales.cpu()
+                else:
+                    data[name] = tensor
+        save_file(data, tmp / shard.name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(data, shard.name))
+        del data
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    os.sync()
+    tmp.rename(folder)
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB of the process and its children) of one whole process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{output[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def same_files(a: Path, b: Path) -> tuple[bool, int]:
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    if names != sorted(p.name for p in b.iterdir() if p.is_file()):
+        return False, 0
+    for name in names:
+        if subprocess.run(["cmp", "-s", str(a / name), str(b / name)]).returncode != 0:
+            return False, len(names)
+    return True, len(names)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def measure(ckpt: Path, work: Path, schemes: list[str], repeats: int, llmc_python: str | None,
+            with_cp: bool, workers: int | None, devices: list[str]) -> dict:
+    qconvert = [sys.executable, "-m", "qconvert", "quantize", str(ckpt), "--quiet"]
+    extra = ["--workers", str(workers)] if workers else []
+    commands: dict[str, tuple[list[str], Path]] = {}
+    if with_cp:
+        commands["cp"] = (["sh", "-c", f"cp -r '{ckpt}' '{work / 'out-cp'}' && sync"], work / "out-cp")
+    for scheme in schemes:
+        for device in devices:
+            out = work / f"out-{scheme}-{device}"
+            commands[f"qconvert {scheme} {device}"] = ([*qconvert, "-s", scheme, "-o", str(out), "--device", device,
+                                                         *extra], out)
+        if llmc_python:
+            out = work / f"out-{scheme}-llmc"
+            commands[f"llmc {scheme} cuda"] = ([llmc_python, str(REPO / "benchmarks" / "llmc_reference.py"), str(ckpt),
+                                                str(out), "--scheme", scheme, "--device", "cuda", "--workers", "8",
+                                                "--ignore", "lm_head", "--ignore", "model.embed_tokens"], out)
+    subprocess.run(["sh", "-c", f"cat '{ckpt}'/*.safetensors > /dev/null"], check=True)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    identical: dict[str, tuple[bool, int]] = {}
+    for round_index in range(repeats):
+        for name, (cmd, out) in commands.items():
+            shutil.rmtree(out, ignore_errors=True)
+            subprocess.run(["sync"], check=True)
+            runs[name].append(run_measured(cmd))
+            print(f"  round {round_index + 1} {name}: {runs[name][-1][0]:.2f} s, {runs[name][-1][1]:.0f} MB",
+                  flush=True)
+            last = round_index == repeats - 1
+            if not (last and name.startswith("qconvert")):
+                shutil.rmtree(out, ignore_errors=True)  # the disk holds little more than two copies
+            scheme = name.split()[1] if name.startswith("qconvert") else None
+            cpu, cuda = work / f"out-{scheme}-cpu", work / f"out-{scheme}-cuda"
+            if last and name == f"qconvert {scheme} {devices[-1]}":
+                if cpu.is_dir() and cuda.is_dir():
+                    identical[scheme] = same_files(cpu, cuda)
+                    print(f"  {scheme}: CPU and CUDA outputs byte-identical: {identical[scheme]}", flush=True)
+                shutil.rmtree(cpu, ignore_errors=True)
+                shutil.rmtree(cuda, ignore_errors=True)
+    return {"runs": runs, "identical": identical}
+
+
+def summarize(label: str, size: int, result: dict) -> list[str]:
+    runs = result["runs"]
+    timed = {name: [s for s, _ in values if s >= 0] for name, values in runs.items()}
+    med = {name: statistics.median(v) for name, v in timed.items() if v}
+    rss = {name: max(r for s, r in values if s >= 0) for name, values in runs.items() if timed[name]}
+    lines = [f"### {label}: {size / 1e9:.2f} GB bf16", "",
+             "| run | median s | runs (s) | peak RSS (MB) | GB/s of input |", "| --- | --- | --- | --- | --- |"]
+    for name in med:
+        lines.append(f"| {name} | {med[name]:.2f} | {', '.join(f'{s:.2f}' for s in timed[name])} | "
+                     f"{'–' if name == 'cp' else f'{rss[name]:.0f}'} | {size / 1e9 / med[name]:.2f} |")
+    lines.append("")
+    for scheme, (same, files) in result["identical"].items():
+        lines.append(f"- {scheme}: CPU and CUDA outputs byte-identical: {'yes' if same else 'NO'} ({files} files)")
+        gpu = med.get(f"qconvert {scheme} cuda")
+        if gpu and f"llmc {scheme} cuda" in med:
+            ratio = med[f"llmc {scheme} cuda"] / gpu
+            lines.append(f"  - vs llm-compressor on CUDA: {ratio:.2f}x faster (target >= 3x)")
+        if gpu and "cp" in med:
+            lines.append(f"  - vs cp -r + sync: {gpu / med['cp']:.2f}x its time (target <= 1.3x)")
+        if gpu and f"qconvert {scheme} cpu" in med:
+            lines.append(f"  - CUDA vs CPU path: {med[f'qconvert {scheme} cpu'] / gpu:.2f}x faster")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=REPO / "bench-work")
+    parser.add_argument("--layers", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--repeats", type=int, nargs="+", default=[3, 1], help="per size, in --layers order")
+    parser.add_argument("--schemes", nargs="+", default=["rtn4", "fp8-block"])
+    parser.add_argument("--llmc-python", default=sys.executable, help="'' to skip llm-compressor")
+    parser.add_argument("--no-cp", action="store_true")
+    parser.add_argument("--deepseek", action="store_true")
+    parser.add_argument("--deepseek-repeats", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="qconvert --device values to time")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--generate-deepseek", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.generate:
+        generate(Path(args.generate[0]), int(args.generate[1]))
+        return
+    if args.generate_deepseek:
+        generate_deepseek(Path(args.generate_deepseek[0]), Path(args.generate_deepseek[1]))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"machine": f"{platform.node()}, {os.cpu_count()} cores", "sizes": {}}
+    lines: list[str] = []
+    for index, layers in enumerate(args.layers):
+        repeats = args.repeats[min(index, len(args.repeats) - 1)]
+        ckpt = args.work / f"llama8b-shape-{layers}l"
+        for other in args.work.glob("llama8b-shape-*"):
+            if other != ckpt and not (args.deepseek and index == 0):
+                shutil.rmtree(other, ignore_errors=True)  # room on the disk for this size and its copy
+        if not (ckpt / "config.json").is_file():
+            started = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--generate", str(ckpt), str(layers)], check=True)
+            print(f"generated {ckpt} in {time.perf_counter() - started:.1f} s", flush=True)
+        size = folder_bytes(ckpt)
+        print(f"{layers} layers, {size / 1e9:.2f} GB, {repeats} repeat(s)", flush=True)
+        result = measure(ckpt, args.work, args.schemes, repeats, args.llmc_python or None, not args.no_cp,
+                         args.workers, args.devices)
+        report["sizes"][f"{layers}l"] = {"bytes": size, "repeats": repeats, **result}
+        lines += summarize(f"{layers} layers ({repeats} repeat(s))", size, result)
+        lines.append("")
+        if args.json:
+            args.json.write_text(json.dumps({**report, "table": lines}, indent=2))
+        print("\n".join(lines), flush=True)
+        if args.deepseek and index == 0:
+            fp8 = args.work / f"llama8b-shape-{layers}l-deepseek-fp8"
+            if not (fp8 / "config.json").is_file():
+                subprocess.run([sys.executable, __file__, "--generate-deepseek", str(ckpt), str(fp8)], check=True)
+            fp8_size = folder_bytes(fp8)
+            result = measure(fp8, args.work, ["int8-block"], args.deepseek_repeats, None, not args.no_cp,
+                             args.workers, args.devices)
+            report["sizes"][f"{layers}l-deepseek"] = {"bytes": fp8_size, "repeats": args.deepseek_repeats, **result}
+            label = f"DeepSeek-style FP8 of {layers} layers → int8-block ({args.deepseek_repeats} repeat(s))"
+            lines += summarize(label,
+                               fp8_size, result)
+            lines.append("")
+            shutil.rmtree(fp8, ignore_errors=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    print()
+    print(f"machine: {report['machine']}")
+    print("\n".join(lines))
+    if args.json:
+        report["table"] = lines
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""``--device`` and ``--workers``: the execution engine writes the same bytes on every device, with any
+number of I/O threads and any in-flight budget; bad values are refused in one line.
+
+The GPU tests (marked ``gpu``, run on the device machine) convert real multi-shard checkpoints with every
+scheme, the FP8 inputs and every ``convert`` op on the CPU and on CUDA and compare the files byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qconvert.engine import MAX_WORKERS, default_workers, execution_settings
+from qconvert.errors import BadInputError
+from qconvert.format import compress_weight
+from qconvert.pipeline import ConvertRequest, QuantizeRequest, convert, quantize
+from qconvert.quantizers import scales_from_amax
+from qconvert.schemes import SCHEMES, get_scheme
+from tests.conftest import build_deepseek_fp8, build_tiny_llama, run_cli, tree_digest
+
+ALL_SCHEMES = sorted(SCHEMES)
+SILENT = {"show_progress": False}
+
+
+def _quantize(model: Path, out: Path, scheme: str, device: str, workers: int | None = None, **extra: object) -> Path:
+    request = QuantizeRequest(model=str(model), scheme=get_scheme(scheme), output=out, device=device,
+                              workers=workers, max_shard_bytes=300_000, **SILENT, **extra)  # type: ignore[arg-type]
+    quantize(request, lambda _: None)
+    return out
+
+
+def _convert(model: Path, out: Path, op: str, device: str, **extra: object) -> Path:
+    request = ConvertRequest(model=str(model), op=op, output=out, device=device, max_shard_bytes=300_000,
+                             **SILENT, **extra)  # type: ignore[arg-type]
+    convert(request, lambda _: None)
+    return out
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            found.update({name: f.get_tensor(name) for name in f.keys()})
+    return found
+
+
+def _assert_same_files(a: Path, b: Path) -> None:
+    left, right = tree_digest(a), tree_digest(b)
+    assert left.keys() == right.keys()
+    differing = [name for name in left if left[name] != right[name]]
+    assert not differing, f"files differ: {differing}"
+    assert len([n for n in left if n.endswith(".safetensors")]) > 1  # really multi-shard
+
+
+# -- CPU: every machine ---------------------------------------------------------------------------
+
+
+def test_settings_defaults_and_validation() -> None:
+    settings = execution_settings("cpu", None)
+    assert settings.device == torch.device("cpu")
+    assert settings.workers == default_workers()
+    assert 2 <= default_workers() <= 8
+    assert settings.budget_bytes == 64 * settings.workers << 20
+    auto = execution_settings("auto", 3)
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for workers in (0, -1, MAX_WORKERS + 1):
+        with pytest.raises(BadInputError, match="--workers"):
+            execution_settings("cpu", workers)
+    for device in ("tpu", "cuda:x", "gpu", ""):
+        if device == "":
+            assert execution_settings(device).device.type in ("cpu", "cuda")  # empty means auto
+            continue
+        with pytest.raises(BadInputError, match="--device"):
+            execution_settings(device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_refused_without_gpu(tiny_llama: Path, tmp_path: Path) -> None:
+    result = run_cli("quantize", tiny_llama, "-o", tmp_path / "out", "--device", "cuda")
+    assert result.code == 2
+    assert result.stderr_lines == ["error: --device cuda: no CUDA GPU is visible to torch"] or (
+        len(result.stderr_lines) == 1 and "no CUDA GPU" in result.stderr_lines[0])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["--workers", "0"], ["--workers", "1000"], ["--device", "tpu"]])
+def test_bad_values_exit_2_in_one_line(tiny_llama: Path, tmp_path: Path, args: list[str]) -> None:
+    for command in (["quantize", tiny_llama], ["convert", tiny_llama, "--op", "pack"]):
+        result = run_cli(*command, "-o", tmp_path / "out", *args)
+        assert result.code == 2, result.stderr
+        assert len(result.stderr_lines) == 1 and args[0] in result.stderr_lines[0], result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_scale_division_by_tensor_matches_scalar_on_cpu() -> None:
+    """The divisor became a tensor (CUDA divides by a Python scalar via its reciprocal); on the CPU
+    the result must be the same division as before, for every divisor a scheme uses."""
+    gen = torch.Generator().manual_seed(1)
+    amax = torch.cat([torch.rand(1 << 20, generator=gen) * 10.0 ** e for e in range(-6, 4)])
+    for divisor in (7.5, 127.5, 448.0):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            expected = (amax / divisor).to(dtype)
+            expected = expected.masked_fill_(expected == 0, torch.finfo(dtype).eps)
+            assert torch.equal(scales_from_amax(amax, divisor, dtype), expected)
+
+
+@pytest.fixture(scope="module")
+def two_shard_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("dev") / "llama", max_shard_size="300KB", seed=3)
+
+
+@pytest.mark.parametrize("scheme", ["rtn4", "fp8-block", "fp8-tensor"])
+def test_cpu_auto_and_any_workers_write_identical_bytes(two_shard_llama: Path, tmp_path: Path, scheme: str) -> None:
+    """--device cpu / auto (on a machine without a GPU), 1 or 6 workers, a 1 MiB budget (every unit
+    larger than the budget runs alone): the same files, holding what the quantizer computes directly."""
+    base = _quantize(two_shard_llama, tmp_path / "cpu1", scheme, "cpu", workers=1)
+    variants = [_quantize(two_shard_llama, tmp_path / "cpu6", scheme, "cpu", workers=6)]
+    if not torch.cuda.is_available():
+        variants.append(_quantize(two_shard_llama, tmp_path / "auto", scheme, "auto"))
+    os.environ["QCONVERT_INFLIGHT_MB"] = "1"
+    try:
+        variants.append(_quantize(two_shard_llama, tmp_path / "tight", scheme, "cpu", workers=3))
+    finally:
+        del os.environ["QCONVERT_INFLIGHT_MB"]
+    for variant in variants:
+        _assert_same_files(base, variant)
+    written = _tensors(base)
+    source = _tensors(two_shard_llama)
+    name = "model.layers.1.mlp.down_proj.weight"
+    if scheme != "fp8-tensor":  # fp8-tensor's fused parts share a scale; down_proj is not fused
+        direct = compress_weight(name, source[name], get_scheme(scheme))
+        for key, tensor in direct.items():
+            assert torch.equal(written[key], tensor), key
+
+
+def test_cli_device_cpu_matches_default(tiny_llama: Path, tmp_path: Path) -> None:
+    first = run_cli("quantize", tiny_llama, "-o", tmp_path / "a", "--device", "cpu", "--workers", "2", "-q",
+                    "--max-shard-size", "300KB")
+    second = run_cli("quantize", tiny_llama, "-o", tmp_path / "b", "-q", "--max-shard-size", "300KB")
+    assert first.code == 0 and second.code == 0, first.stderr + second.stderr
+    if not torch.cuda.is_available():
+        _assert_same_files(tmp_path / "a", tmp_path / "b")
+
+
+def test_write_error_surfaces_and_leaves_no_output(two_shard_llama: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from qconvert import safetensors_io
+
+    calls = {"n": 0}
+    original = safetensors_io.ShardFile.write
+
+    def failing(self: safetensors_io.ShardFile, name: str, tensor: torch.Tensor) -> None:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(28, "No space left on device")
+        original(self, name, tensor)
+
+    monkeypatch.setattr(safetensors_io.ShardFile, "write", failing)
+    with pytest.raises(OSError, match="No space"):
+        _quantize(two_shard_llama, tmp_path / "out", "rtn4", "cpu", workers=4)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.qconvert-*"))
+
+
+# -- GPU: byte identity of the CUDA path ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A multi-shard bf16 Llama, its DeepSeek-style FP8 form, and quantized inputs for every convert op
+    (made on the CPU)."""
+    root = tmp_path_factory.mktemp("gpu")
+    llama = build_tiny_llama(root / "llama", max_shard_size="300KB", seed=7)
+    inputs = {"llama": llama, "deepseek": build_deepseek_fp8(llama, root / "deepseek")}
+    inputs["fp8"] = _quantize(llama, root / "fp8", "fp8", "cpu")  # fnuz
+    # per-tensor fp8 with no shared scales (no fused pattern matches), for shared-scale
+    inputs["fp8-tensor-unshared"] = _quantize(llama, root / "fp8t", "fp8-tensor", "cpu",
+                                              fused_patterns=[r"^(nothing)$"])
+    inputs["int8"] = _quantize(llama, root / "int8", "w8a8-int8", "cpu")  # pack
+    inputs["rtn4"] = _quantize(llama, root / "rtn4", "rtn4", "cpu")  # dequantize
+    return inputs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ALL_SCHEMES)
+def test_every_scheme_byte_identical_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, scheme: str) -> None:
+    cpu = _quantize(gpu_inputs["llama"], tmp_path / "cpu", scheme, "cpu")
+    cuda = _quantize(gpu_inputs["llama"], tmp_path / "cuda", scheme, "cuda", workers=4)
+    _assert_same_files(cpu, cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("scheme", "extra"), [("int8-block", {}), ("int8-block", {"layout": "sglang"}),
+                                               ("rtn4", {}), ("fp8-tensor", {}), ("fp8-block", {"fnuz": True})])
+def test_fp8_inputs_byte_identical_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, scheme: str,
+                                           extra: dict) -> None:
+    cpu = _quantize(gpu_inputs["deepseek"], tmp_path / "cpu", scheme, "cpu", **extra)
+    cuda = _quantize(gpu_inputs["deepseek"], tmp_path / "cuda", scheme, "cuda:0", **extra)
+    _assert_same_files(cpu, cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("op", "source", "extra"), [
+    ("fnuz", "fp8", {}), ("shared-scale", "fp8-tensor-unshared", {}), ("pack", "int8", {}),
+    ("dequantize", "rtn4", {}), ("dequantize", "deepseek", {"dtype": torch.float32}),
+])
+def test_every_convert_op_byte_identical_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, op: str, source: str,
+                                                 extra: dict) -> None:
+    cpu = _convert(gpu_inputs[source], tmp_path / "cpu", op, "cpu", **extra)
+    cuda = _convert(gpu_inputs[source], tmp_path / "cuda", op, "cuda", **extra)
+    _assert_same_files(cpu, cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ALL_SCHEMES)
+def test_large_weights_byte_identical_on_cuda(scheme: str) -> None:
+    """Llama-8B-sized weights (GPU bands of 16M elements cover several CPU bands), values spread over
+    many magnitudes with exact ties and zero tiles, for every scheme: CPU and CUDA give the same tensors."""
+    gen = torch.Generator().manual_seed(11)
+    for shape in ((14336, 4096), (1024, 4096), (4096, 14336 + 64)):
+        weight = torch.randn(shape, generator=gen) * torch.logspace(-4, 1, shape[1])
+        weight[:128, :128] = 0  # a zero tile gets eps, not NaN
+        weight[200, :16] = torch.tensor([0.5, 1.5, 2.5, -2.5, 3.5, 7.0, -7.5, 448.0] * 2)
+        weight = weight.to(torch.bfloat16)
+        s = get_scheme(scheme)
+        if s.strategy == "group" and shape[1] % (s.group_size or 1):
+            continue
+        scale = torch.tensor(0.0371, dtype=torch.bfloat16).reshape(1, 1) if scheme == "fp8-tensor" else None
+        on_cpu = compress_weight("w.weight", weight, s, scale=scale)
+        on_gpu = compress_weight("w.weight", weight.cuda(), s, scale=scale)
+        for key, tensor in on_cpu.items():
+            other = on_gpu[key].cpu()
+            assert other.dtype == tensor.dtype and torch.equal(_bytes(other), _bytes(tensor)), (key, shape)
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.gpu
+def test_cli_device_cuda(tiny_llama: Path, tmp_path: Path) -> None:
+    for device in ("cpu", "cuda", "auto"):
+        result = run_cli("quantize", tiny_llama, "-s", "fp8-block", "-o", tmp_path / device, "--device", device, "-q",
+                         "--max-shard-size", "300KB")
+        assert result.code == 0, result.stderr
+    _assert_same_files(tmp_path / "cpu", tmp_path / "cuda")
+    _assert_same_files(tmp_path / "cpu", tmp_path / "auto")
+    shutil.rmtree(tmp_path / "auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arena_mib", ["1", "2"])
+def test_tiny_arena_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, arena_mib: str,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page-locked arena smaller than most units (1 MiB: every unit runs alone through ordinary
+    memory; 2 MiB: a mix of arena regions and such units) still writes the CPU path's bytes."""
+    cpu = _quantize(gpu_inputs["llama"], tmp_path / "cpu", "fp8-block", "cpu")
+    monkeypatch.setenv("QCONVERT_INFLIGHT_MB", arena_mib)
+    cuda = _quantize(gpu_inputs["llama"], tmp_path / "cuda", "fp8-block", "cuda", workers=3)
+    _assert_same_files(cpu, cuda)
