@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 
 from qconvert.errors import BadInputError
+from qconvert.fingerprint import FINGERPRINT_NAME
 from qconvert.safetensors_io import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -51,6 +52,8 @@ class Checkpoint:
         for path in sorted(self.root.rglob("*")):
             rel = path.relative_to(self.root)
             if rel.parts[0] in (".git", ".cache") or rel in skip or not path.is_file():
+                continue
+            if rel == Path(FINGERPRINT_NAME):  # batch's record of how an output was made: not model data
                 continue
             found.append(rel)
         return found

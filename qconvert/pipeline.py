@@ -65,7 +65,31 @@ def default_output(model: str, source: Path, suffix: str) -> Path:
     return Path.cwd() / f"{model.rstrip('/').split('/')[-1]}-{suffix}"
 
 
+@dataclass
+class PreparedQuantize:
+    """A quantize run planned and ready to write (what :func:`quantize` writes; ``batch`` fans several out)."""
+
+    checkpoint: Checkpoint
+    target: Path
+    plan: Plan
+    config: dict
+    units: list[Unit]
+    started: float
+
+
 def quantize(request: QuantizeRequest, notice: Notice) -> dict:
+    prepared = prepare_quantize(request, notice)
+    checkpoint, target, units, plan = prepared.checkpoint, prepared.target, prepared.units, prepared.plan
+    if request.dry_run:
+        return summarize(checkpoint, units, target, [], time.perf_counter() - prepared.started, plan=plan,
+                         dry_run=True)
+    shards = write_checkpoint(checkpoint, units, target, prepared.config, request.max_shard_bytes,
+                              request.show_progress, notice)
+    return summarize(checkpoint, units, target, shards, time.perf_counter() - prepared.started, plan=plan)
+
+
+def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuantize:
+    """Everything of a quantize run before its first write: source, output check, plan, config, units."""
     started = time.perf_counter()
     if request.layout not in LAYOUTS:
         raise BadInputError(f"--layout {request.layout!r}: choose from {', '.join(LAYOUTS)}")
@@ -94,11 +118,7 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
             units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize)
     if request.fnuz:
         units = apply_fnuz(units)
-    if request.dry_run:
-        return summarize(checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True)
-    shards = write_checkpoint(checkpoint, units, target, config, request.max_shard_bytes,
-                              request.show_progress, notice)
-    return summarize(checkpoint, units, target, shards, time.perf_counter() - started, plan=plan)
+    return PreparedQuantize(checkpoint, target, plan, config, units, started)
 
 
 @dataclass
