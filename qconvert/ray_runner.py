@@ -36,8 +36,9 @@ def connect(address: str) -> None:
         raise BadInputError("--ray needs Ray: pip install 'qconvert[ray]'") from None
     try:
         if address == "local":  # a new cluster on this machine, whatever RAY_ADDRESS says
-            ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                     logging_level="ERROR", configure_logging=True)
+            # Tasks return a few report rows: a small object store is plenty.
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                     object_store_memory=128 * 2**20)
         elif address == "auto":
             if not os.environ.get("RAY_ADDRESS"):
                 raise BadInputError("--ray auto: RAY_ADDRESS is not set (or give the address, or 'local')")
