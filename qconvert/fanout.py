@@ -106,16 +106,18 @@ def write_outputs(outputs: list[Output], notice: Notice, advance: Callable[[int]
             for info in unit.inputs:
                 remaining[_key(info)] = remaining.get(_key(info), 0) + 1
         cache: dict[tuple[str, int], torch.Tensor] = {}
-        writer = _Writer()
-        try:
-            with TensorReader() as reader:
+        # Copies run on the writer thread with their own reader (descriptors are not shared between threads),
+        # and the writer is drained before either reader closes.
+        with TensorReader() as reader, TensorReader() as copier:
+            writer = _Writer()
+            try:
                 for _, index, _, unit in schedule:
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("cancelled")
                     output = outputs[index]
                     if output.error is None:
                         try:
-                            read_bytes += _run_unit(unit, output, reader, cache, remaining, writer, lock)
+                            read_bytes += _run_unit(unit, output, reader, copier, cache, remaining, writer, lock)
                         except (KeyboardInterrupt, Cancelled):
                             raise
                         except Exception as exc:
@@ -126,8 +128,8 @@ def write_outputs(outputs: list[Output], notice: Notice, advance: Callable[[int]
                         if remaining[key] == 0:
                             cache.pop(key, None)
                     advance(unit.input_bytes)
-        finally:
-            writer.close()
+            finally:
+                writer.close()
         for output in outputs:
             read_bytes += _finish(output, notice)
     finally:
@@ -154,9 +156,11 @@ def _open(output: Output, notice: Notice) -> None:
         output.error = exc
 
 
-def _run_unit(unit: Unit, output: Output, reader: TensorReader, cache: dict[tuple[str, int], torch.Tensor],
-              remaining: dict[tuple[str, int], int], writer: _Writer, lock: threading.Lock) -> int:
-    """Run one unit of one output; returns the bytes it read from the input."""
+def _run_unit(unit: Unit, output: Output, reader: TensorReader, copier: TensorReader,
+              cache: dict[tuple[str, int], torch.Tensor], remaining: dict[tuple[str, int], int], writer: _Writer,
+              lock: threading.Lock) -> int:
+    """Run one unit of one output; returns the bytes it read from the input. ``copier`` belongs to the
+    writer thread."""
     read = 0
     if unit.produce is None and remaining[_key(unit.inputs[0])] == 1 and _key(unit.inputs[0]) not in cache:
         info, spec = unit.inputs[0], unit.outputs[0]
@@ -164,8 +168,9 @@ def _run_unit(unit: Unit, output: Output, reader: TensorReader, cache: dict[tupl
 
         def copy() -> None:
             try:
-                reader.copy_into(info, shard.fd, shard.position(spec.name))
+                copier.copy_into(info, shard.fd, shard.position(spec.name))
                 shard.mark_written(spec.name)
+                _close_complete([shard])
             except Exception as exc:
                 _fail(output, exc, lock)
 
@@ -188,11 +193,20 @@ def _run_unit(unit: Unit, output: Output, reader: TensorReader, cache: dict[tupl
         try:
             for name, tensor in produced.items():
                 output._shard_of[name].write(name, tensor)
+            _close_complete([output._shard_of[name] for name in produced])
         except Exception as exc:
             _fail(output, exc, lock)
 
     writer.submit(write)
     return read
+
+
+def _close_complete(shards: list[ShardFile]) -> None:
+    """Close (and fsync) each shard as soon as its last tensor is in, so the flush to disk overlaps the
+    rest of the work, as in a single run."""
+    for shard in shards:
+        if not shard.pending and shard.fd >= 0:
+            shard.close()
 
 
 def _fail(output: Output, exc: BaseException, lock: threading.Lock) -> None:
@@ -209,7 +223,8 @@ def _finish(output: Output, notice: Notice) -> int:
     try:
         folder = output._folder.path
         for shard in output._shard_files:
-            shard.close()  # fsyncs; raises if a planned tensor was never written
+            if shard.fd >= 0:
+                shard.close()  # fsyncs; raises if a planned tensor was never written
         if len(output.shards) > 1:
             write_index(folder, {name: list(shard.specs.values())
                                  for name, shard in zip(output.shards, output._shard_files, strict=True)})
