@@ -47,17 +47,20 @@ main(sys.argv[1:])
 """
 
 
-def run(args: list[str]) -> tuple[float, int]:
-    """(wall seconds, bytes read) of one whole `qconvert` process."""
-    with tempfile.NamedTemporaryFile("r", suffix=".io") as io_file:
+def run(args: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds (user + system), bytes read) of one whole `qconvert` process."""
+    with tempfile.NamedTemporaryFile("r", suffix=".io") as io_file, tempfile.TemporaryFile("w+") as err:
         env = {**os.environ, "QCONVERT_BENCH_IO": io_file.name}
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
-            raise SystemExit(f"failed ({proc.returncode}): qconvert {' '.join(args)}\n{proc.stderr[-2000:]}")
+            err.seek(0)
+            raise SystemExit(f"failed ({proc.returncode}): qconvert {' '.join(args)}\n{err.read()[-2000:]}")
         counters = dict(line.split(": ") for line in Path(io_file.name).read_text().splitlines())
-    return seconds, int(counters["rchar"])
+    return seconds, usage.ru_utime + usage.ru_stime, int(counters["rchar"])
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -78,6 +81,7 @@ def main() -> None:
         with shard.open("rb") as f:
             while f.read(64 << 20):
                 pass
+    load_before = os.getloadavg()[0]
     out = args.work / "batch-speed"
     shutil.rmtree(out, ignore_errors=True)
     jobs = out / "jobs.yaml"
@@ -86,36 +90,42 @@ def main() -> None:
                                           "output": str(out / "batch" / "{scheme}")}]}))
 
     times: dict[str, list[float]] = {"separate": [], "batch": []}
+    cpu: dict[str, list[float]] = {"separate": [], "batch": []}
     reads: dict[str, list[int]] = {"separate": [], "batch": []}
     for _ in range(args.repeats):
-        total_s, total_read = 0.0, 0
+        total_s, total_cpu, total_read = 0.0, 0.0, 0
         for scheme in schemes:
-            seconds, read = run(["quantize", str(ckpt), "-s", scheme, "-o", str(out / "separate" / scheme), "-q",
-                                 "--overwrite"])
-            total_s += seconds
-            total_read += read
+            seconds, cpu_s, read = run(["quantize", str(ckpt), "-s", scheme, "-o", str(out / "separate" / scheme),
+                                        "-q", "--overwrite"])
+            total_s, total_cpu, total_read = total_s + seconds, total_cpu + cpu_s, total_read + read
         times["separate"].append(total_s)
+        cpu["separate"].append(total_cpu)
         reads["separate"].append(total_read)
-        seconds, read = run(["batch", str(jobs), "--force", "--quiet", "--report", str(out / "report.jsonl")])
+        seconds, cpu_s, read = run(["batch", str(jobs), "--force", "--quiet", "--report", str(out / "report.jsonl")])
         times["batch"].append(seconds)
+        cpu["batch"].append(cpu_s)
         reads["batch"].append(read)
 
     identical = all(digest(out / "separate" / s) == digest(out / "batch" / s) for s in schemes)
     sep, bat = statistics.median(times["separate"]), statistics.median(times["batch"])
     sep_read, bat_read = statistics.median(reads["separate"]), statistics.median(reads["batch"])
     print(f"checkpoint: {ckpt} ({size / 1e9:.2f} GB of shards); schemes {'+'.join(schemes)}; "
-          f"{args.repeats} repeats, median; {platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}")
+          f"{args.repeats} repeats, median; {platform.node()} {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}; load average {load_before:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end")
     print("page cache warm for every run (it cannot be dropped here)")
     print()
-    print("| variant | wall s (median) | all runs s | bytes read (rchar) |")
-    print("| --- | ---: | --- | ---: |")
-    print(f"| {len(schemes)} separate `quantize` runs | {sep:.2f} | "
-          f"{', '.join(f'{t:.2f}' for t in times['separate'])} | {sep_read / 1e9:.2f} GB |")
-    print(f"| one `batch` job, `schemes: [{', '.join(schemes)}]` | {bat:.2f} | "
-          f"{', '.join(f'{t:.2f}' for t in times['batch'])} | {bat_read / 1e9:.2f} GB |")
+    sep_cpu, bat_cpu = statistics.median(cpu["separate"]), statistics.median(cpu["batch"])
+    print("| variant | wall s (median) | wall s, all runs | CPU s (median) | CPU s, all runs | bytes read (rchar) |")
+    print("| --- | ---: | --- | ---: | --- | ---: |")
+    for label, key in ((f"{len(schemes)} separate `quantize` runs", "separate"),
+                       (f"one `batch` job, `schemes: [{', '.join(schemes)}]`", "batch")):
+        print(f"| {label} | {statistics.median(times[key]):.2f} | {', '.join(f'{t:.2f}' for t in times[key])} | "
+              f"{statistics.median(cpu[key]):.2f} | {', '.join(f'{t:.2f}' for t in cpu[key])} | "
+              f"{statistics.median(reads[key]) / 1e9:.2f} GB |")
     print()
-    print(f"batch / separate: time {bat / sep:.3f}x (target < 0.8x), bytes read {bat_read / sep_read:.3f}x; "
-          f"outputs byte-identical: {identical}")
+    print(f"batch / separate: wall time {bat / sep:.3f}x (target < 0.8x), CPU time {bat_cpu / sep_cpu:.3f}x, "
+          f"bytes read {bat_read / sep_read:.3f}x; outputs byte-identical: {identical}")
     if not identical:
         raise SystemExit("the batch outputs differ from the separate runs")
 

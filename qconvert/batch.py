@@ -26,7 +26,8 @@ from qconvert.fingerprint import digest, input_files, is_up_to_date, read_finger
 from qconvert.pipeline import QuantizeRequest, prepare_quantize, summarize
 
 TOP_KEYS = ("defaults", "jobs")
-JOB_ONLY_KEYS = ("model", "schemes")
+JOB_ONLY_KEYS = ("model",)
+SCHEME_KEYS = ("scheme", "schemes")
 # quantize options that are the batch command's own business (or meaningless in a job file)
 BATCH_LEVEL = {"dry_run": "--dry-run", "quiet": "--quiet", "json": "--json", "debug": "--debug"}
 TEMPLATE_FIELDS = ("name", "scheme")
@@ -192,7 +193,10 @@ def load_jobs(path: Path) -> list[Job]:
     for key in defaults:
         if key in JOB_ONLY_KEYS:
             raise BadInputError(f"{path}: defaults, key {key!r}: belongs in each job, not in defaults")
-        _check_key(key, options, path, "defaults")
+        if key != "schemes":
+            _check_key(key, options, path, "defaults")
+    if "scheme" in defaults and "schemes" in defaults:
+        raise BadInputError(f"{path}: defaults, key 'schemes': give either scheme or schemes, not both")
 
     jobs: list[Job] = []
     owners: dict[Path, str] = {}
@@ -205,7 +209,7 @@ def load_jobs(path: Path) -> list[Job]:
             raise BadInputError(f"{path}: {label}, key 'model': expected the model folder or hub id")
         job_keys = _normalize_keys(entry, label, path)
         for key in job_keys:
-            if key not in JOB_ONLY_KEYS:
+            if key not in (*JOB_ONLY_KEYS, "schemes"):
                 _check_key(key, options, path, label)
         job = _build_job(index, model, defaults, job_keys, options, path, label)
         for output in job.outputs:
@@ -236,26 +240,30 @@ def _check_key(key: str, options: dict[str, OptionSpec], path: Path, label: str)
 def _build_job(index: int, model: str, defaults: dict, job_keys: dict, options: dict[str, OptionSpec], path: Path,
                label: str) -> Job:
     def bad(key: str, message: str) -> BadInputError:
-        return BadInputError(f"{path}: {label}, key {key!r}: {message}")
+        origin = " (from defaults)" if key not in job_keys and key in defaults else ""
+        return BadInputError(f"{path}: {label}, key {key!r}{origin}: {message}")
 
+    if "scheme" in job_keys and "schemes" in job_keys:
+        raise bad("schemes", "give either scheme or schemes, not both")
+    # the job's own scheme(s) win over the defaults' scheme(s)
+    source = job_keys if any(k in job_keys for k in SCHEME_KEYS) else defaults
+    merged = {k: v for k, v in {**defaults, **job_keys}.items() if k not in (*JOB_ONLY_KEYS, *SCHEME_KEYS)}
+    merged.update({k: source[k] for k in SCHEME_KEYS if k in source})
     values: dict = {}
-    for key, raw in {**defaults, **job_keys}.items():
-        if key in JOB_ONLY_KEYS:
+    for key, raw in merged.items():
+        if key == "schemes":
             continue
         try:
             values[key] = _convert(options[key], raw)
         except ValueError as exc:
             raise bad(key, str(exc)) from None
-    if "schemes" in job_keys:
-        if "scheme" in job_keys:
-            raise bad("schemes", "give either scheme or schemes, not both")
-        raw = job_keys["schemes"]
+    if "schemes" in merged:
+        raw = merged["schemes"]
         if isinstance(raw, str):
             raw = [raw]
         if not isinstance(raw, list) or not raw or not all(isinstance(s, str) and s for s in raw):
             raise bad("schemes", "expected a non-empty list of scheme names")
         schemes, scheme_key = list(raw), "schemes"
-        values.pop("scheme", None)
     else:
         schemes, scheme_key = [values.pop("scheme", options["scheme"].default)], "scheme"
     for scheme in schemes:

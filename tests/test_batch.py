@@ -212,6 +212,9 @@ BAD_JOB_FILES = [
     ("jobs:\n  - model: {llama}\n    scheme: rtn4\n    schemes: [rtn8]\n", "jobs[0] ({llama}), key 'schemes'"),
     ("jobs:\n  - model: {llama}\n    output: {llama}/inside\n", "jobs[0] ({llama}), key 'output'"),
     ("defaults:\n  colour: red\njobs:\n  - model: {llama}\n", "defaults, key 'colour'"),
+    ("defaults:\n  max_shard_size: lots\njobs:\n  - model: {llama}\n",
+     "jobs[0] ({llama}), key 'max_shard_size' (from defaults)"),
+    ("defaults:\n  scheme: rtn4\n  schemes: [rtn8]\njobs:\n  - model: {llama}\n", "defaults, key 'schemes'"),
     ("defaults:\n  model: {llama}\njobs:\n  - model: {llama}\n", "defaults, key 'model'"),
     ("jobs:\n  - scheme: rtn4\n", "jobs[0], key 'model'"),
     ("job:\n  - model: {llama}\n", "unknown top-level key 'job'"),
@@ -245,6 +248,12 @@ def test_defaults_take_dashes_or_underscores(models: dict[str, Path], tmp_path: 
     request = job.outputs[1].request
     assert request.max_shard_bytes == 2 * 10**6 and request.allow_requantize and request.ignore == ["re:.*down_proj.*"]
     assert request.scheme == get_scheme("rtn8")
+
+    # schemes in defaults apply to every job that names none; a job's own scheme wins
+    jobs.write_text(f"defaults:\n  schemes: [rtn4, fp8]\n  output: o/{{name}}-{{scheme}}\n"
+                    f"jobs:\n  - model: {models['llama']}\n  - model: {models['small']}\n    scheme: rtn8\n")
+    first, second = load_jobs(jobs)
+    assert [o.scheme for o in first.outputs] == ["rtn4", "fp8"] and [o.scheme for o in second.outputs] == ["rtn8"]
 
 
 def test_exit_codes() -> None:
