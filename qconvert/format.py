@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from qconvert import __version__
 from qconvert.errors import BadInputError
 from qconvert.quantizers import packed_columns, quantize_and_pack_symmetric, quantize_tiled
 from qconvert.safetensors_io import TensorSpec
 from qconvert.schemes import Scheme
+from qconvert.serving import fused_modules
 
 LAYOUTS = ("compressed-tensors", "sglang")
 
@@ -73,6 +73,11 @@ def compress_weight(name: str, weight: torch.Tensor, scheme: Scheme, layout: str
     return {name: values, f"{prefix}.weight_scale": stored_scale}
 
 
+# compressed-tensors writes its own library version into `version`; ours is the release of the format
+# we write and test against (the conformance tiers and the llm-compressor comparison use it).
+COMPRESSED_TENSORS_VERSION = "0.20.0"
+
+
 def config_group(scheme: Scheme, targets: list[str]) -> dict:
     return {
         "targets": targets,
@@ -83,27 +88,61 @@ def config_group(scheme: Scheme, targets: list[str]) -> dict:
     }
 
 
+def _with_fused_names(schemes_by_module: dict[str, Scheme | None]) -> dict[str, Scheme | None]:
+    """``schemes_by_module`` (None: left unquantized) plus the fused layers engines build from them.
+
+    A fused layer has one scheme: parts that differ cannot be served, so they are refused here, before
+    any work, with the names of the parts.
+    """
+    result = dict(schemes_by_module)
+    for fused, parts in fused_modules(list(schemes_by_module)).items():
+        schemes = {p: schemes_by_module.get(p, "missing") for p in parts}
+        names = {None if s is None else getattr(s, "name", s) for s in schemes.values()}
+        if len(names) > 1:
+            detail = ", ".join(f"{p.rpartition('.')[2]}={'none' if s is None else getattr(s, 'name', s)}"
+                               for p, s in schemes.items())
+            raise BadInputError(
+                f"{fused.rpartition('.')[0]}: vLLM and SGLang load {', '.join(p.rpartition('.')[2] for p in parts)} "
+                f"as one fused layer ({fused.rpartition('.')[2]}) with one scheme, but they would get {detail}; "
+                "give them the same scheme (or ignore all of them)")
+        result[fused] = schemes[parts[0]]  # type: ignore[assignment]
+    return result
+
+
 def quantization_config(schemes_by_module: dict[str, Scheme], ignore: list[str],
                         layout: str = "compressed-tensors", extra_groups: dict | None = None) -> dict:
-    """The config block for the layers as planned: one group, or one group per scheme (mixed)."""
+    """The config block for the layers as planned: one group, or one group per scheme (mixed).
+
+    Field for field what compressed-tensors' ``QuantizationConfig`` dumps (as llm-compressor writes it).
+    Explicit module targets and ignore entries also name the fused layers engines build (``qkv_proj``,
+    ``gate_up_proj``), so that engines matching fused names find them too.
+    """
+    everything = _with_fused_names({**dict.fromkeys(ignore), **schemes_by_module})
+    ignore = list(ignore) + sorted(m for m, s in everything.items() if s is None and m not in ignore)
     by_scheme: dict[str, tuple[Scheme, list[str]]] = {}
-    for module, scheme in schemes_by_module.items():
-        by_scheme.setdefault(scheme.name, (scheme, []))[1].append(module)
+    for module, scheme in everything.items():
+        if scheme is not None:
+            by_scheme.setdefault(scheme.name, (scheme, []))[1].append(module)
     if layout == "sglang":
         if set(by_scheme) != {"int8-block"}:
             raise BadInputError("--layout sglang writes only the int8-block scheme, with no other scheme mixed in")
         return {"quant_method": "blockwise_int8", "activation_scheme": "dynamic",
                 "weight_block_size": list(by_scheme["int8-block"][0].block or (128, 128)),
-                "ignored_layers": list(ignore)}
+                "ignored_layers": ignore}
     if len(by_scheme) == 1:
         (scheme, _), = by_scheme.values()
-        groups = {"group_0": config_group(scheme, ["Linear"])}
+        groups = {scheme.preset: config_group(scheme, ["Linear"])}
         fmt = scheme.format
     else:
-        groups = {
-            f"group_{i}": config_group(scheme, sorted(modules))
-            for i, (scheme, modules) in enumerate(by_scheme.values())
-        }
+        # The group with the most layers targets "Linear" (every linear layer not named elsewhere), the others
+        # name their layers: vLLM, SGLang and compressed-tensors all try name targets before class names, and
+        # SGLang reads a block scheme's block size for fused layers from the "Linear" group only. Every other
+        # linear layer is in `ignore`, so the catch-all cannot reach a layer meant to stay unquantized.
+        catch_all = max(by_scheme, key=lambda name: len(by_scheme[name][1]))
+        groups = {}
+        for key, (scheme, modules) in by_scheme.items():
+            name = scheme.preset if scheme.preset not in groups else scheme.name
+            groups[name] = config_group(scheme, ["Linear"] if key == catch_all else sorted(modules))
         fmt = "mixed-precision"
     if extra_groups:
         groups.update(extra_groups)
@@ -111,11 +150,11 @@ def quantization_config(schemes_by_module: dict[str, Scheme], ignore: list[str],
         "quant_method": "compressed-tensors",
         "format": fmt,
         "quantization_status": "compressed",
-        "version": __version__,
+        "version": COMPRESSED_TENSORS_VERSION,
         "global_compression_ratio": None,
         "kv_cache_scheme": None,
-        "ignore": list(ignore),
-        "sparsity_config": {},
+        "moe_sparsity_config": None,
+        "ignore": ignore,
         "transform_config": {},
         "config_groups": groups,
     }

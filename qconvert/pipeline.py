@@ -26,6 +26,7 @@ from qconvert.planning import Plan, make_plan
 from qconvert.progress import Progress
 from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
 from qconvert.schemes import Scheme
+from qconvert.serving import SGLANG_VERSION, VLLM_VERSION, family_of, output_kind, servers_missing, serves_in
 from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_layers
 from qconvert.units import DEFAULT_FUSED_PATTERNS, Unit, apply_fnuz, quantize_units, shared_tensor_scales
 from qconvert.writing import (
@@ -56,6 +57,7 @@ class QuantizeRequest:
     dry_run: bool = False
     allow_requantize: bool = False
     fnuz: bool = False
+    force_layout: bool = False
     show_progress: bool = True
 
 
@@ -75,6 +77,7 @@ class PreparedQuantize:
     config: dict
     units: list[Unit]
     started: float
+    summary_extra: dict = field(default_factory=dict)  # what the summary adds (serves_in)
 
 
 def quantize(request: QuantizeRequest, notice: Notice) -> dict:
@@ -82,10 +85,11 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
     checkpoint, target, units, plan = prepared.checkpoint, prepared.target, prepared.units, prepared.plan
     if request.dry_run:
         return summarize(checkpoint, units, target, [], time.perf_counter() - prepared.started, plan=plan,
-                         dry_run=True)
+                         dry_run=True, **prepared.summary_extra)
     shards = write_checkpoint(checkpoint, units, target, prepared.config, request.max_shard_bytes,
                               request.show_progress, notice)
-    return summarize(checkpoint, units, target, shards, time.perf_counter() - prepared.started, plan=plan)
+    return summarize(checkpoint, units, target, shards, time.perf_counter() - prepared.started, plan=plan,
+                     **prepared.summary_extra)
 
 
 def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuantize:
@@ -98,12 +102,24 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
     if not request.dry_run:
         check_output_location(source, target, request.overwrite)
     checkpoint = open_checkpoint(source)
+    family = family_of(checkpoint.config)
     with TensorReader() as reader:
         stored = stored_layers(checkpoint, reader)
         view = logical_view(checkpoint, stored)
         plan = make_plan(replace(checkpoint, tensors=view), request.scheme, request.ignore, request.targets,
                          request.overrides)
         config = quantization_config(plan.schemes_by_module, plan.ignore, request.layout)
+        if request.layout == "sglang" and family != "deepseek" and not request.force_layout:
+            architecture = ", ".join(map(str, (checkpoint.config or {}).get("architectures") or [])) or "this model"
+            raise BadInputError(
+                f"--layout sglang: SGLang {SGLANG_VERSION}'s loader for {architecture} renames weight_scale_inv to "
+                "weight_scale, so the block scales would never reach BlockInt8LinearMethod (it would serve "
+                "garbage); only DeepSeek-family loaders keep them. Use the compressed-tensors layout, or "
+                "--force-layout")
+        if request.fnuz:
+            config["qconvert_fp8_format"] = "e4m3fnuz"  # mark the output: the dtype alone is easy to miss
+        kinds = sorted({output_kind(s.name, request.layout, "fnuz" if request.fnuz and s.kind == "float" else None)
+                        for s in plan.quantize.values()})
         # Units are built first without shared scales, so that a refusal (--allow-requantize) comes
         # before the pre-pass reads every fused tensor; building them again later costs no I/O.
         units, notes = quantize_units(view, plan, request.layout, stored, {}, request.allow_requantize)
@@ -111,6 +127,7 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
         if stored:
             notes.insert(0, f"note: the input is quantized ({describe_stored(stored)}); matching layers are "
                          "copied, others rebuilt and requantized, unquantized ones written back in full precision")
+        notes.extend(_serving_notes(kinds, family, request.fnuz))
         for note in notes:
             notice(note)
         if not request.dry_run:
@@ -118,7 +135,24 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
             units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize)
     if request.fnuz:
         units = apply_fnuz(units)
-    return PreparedQuantize(checkpoint, target, plan, config, units, started)
+    serving = [s.to_json() for s in serves_in(kinds, family)]
+    return PreparedQuantize(checkpoint, target, plan, config, units, started, {"serves_in": serving})
+
+
+def _serving_notes(kinds: list[str], family: str, fnuz: bool) -> list[str]:
+    """What the user should know about where the output can be served (from the serving table)."""
+    notes = []
+    if fnuz:
+        notes.append(f"note: --fnuz writes e4m3fnuz values for runtimes that read fp8 weights as stored (qconvert "
+                     f"verify); vLLM {VLLM_VERSION} and SGLang {SGLANG_VERSION} load plain e4m3fn checkpoints and "
+                     "normalize them to fnuz on ROCm themselves, so for them leave out --fnuz")
+    elif servers_missing(kinds, family):
+        where = "; ".join(s.describe() for s in serves_in(kinds, family)) or "nothing we have tested"
+        hint = (" (for SGLang, --layout sglang on DeepSeek-family models)"
+                if "int8-block" in kinds else "")
+        notes.append(f"note: neither vLLM {VLLM_VERSION} nor SGLang {SGLANG_VERSION} loads {', '.join(kinds)} in "
+                     f"this layout for this architecture; it loads in: {where}{hint}")
+    return notes
 
 
 @dataclass

@@ -11,11 +11,10 @@ BLOCK = (128, 128)
 
 
 def _activations(kind: str, strategy: str, group_size: int | None = None) -> dict:
-    """Dynamic (runtime-computed) symmetric 8-bit activation quantization, as compressed-tensors spells it."""
-    return {
-        "num_bits": 8, "type": kind, "symmetric": True, "group_size": group_size, "strategy": strategy,
-        "block_structure": None, "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {},
-    }
+    """Dynamic (runtime-computed) symmetric 8-bit activation quantization, serialized exactly as
+    compressed-tensors' ``QuantizationArgs`` dumps it (fields left at their defaults are omitted)."""
+    return {"num_bits": 8, "type": kind, "symmetric": True, "group_size": group_size, "strategy": strategy,
+            "dynamic": True}
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,7 @@ class Scheme:
     strategy: str  # "group" | "channel" | "block" | "tensor"
     format: str  # compressed-tensors format: "pack-quantized" | "int-quantized" | "float-quantized"
     summary: str
-    runtime: str
+    preset: str  # the config group's name: llm-compressor's preset for the same scheme where one exists
     group_size: int | None = None
     block: tuple[int, int] | None = None
     activations: dict | None = None
@@ -51,26 +50,29 @@ class Scheme:
             return self
         if self.strategy not in ("group", "channel") or self.format != "pack-quantized":
             raise BadInputError(f"--group-size does not apply to scheme {self.name} ({self.label})")
+        # Another grouping is no longer llm-compressor's preset: the config group gets the scheme's own name.
         if group_size == -1:
-            return dataclasses.replace(self, strategy="channel", group_size=None)
+            return dataclasses.replace(self, strategy="channel", group_size=None, preset=self.name)
         if group_size <= 0:
             raise BadInputError(f"--group-size {group_size}: must be a positive integer or -1 (per channel)")
-        return dataclasses.replace(self, strategy="group", group_size=group_size)
+        if group_size == self.group_size:
+            return self
+        return dataclasses.replace(self, strategy="group", group_size=group_size, preset=self.name)
 
     def weights_args(self) -> dict:
-        """The ``weights`` entry of a compressed-tensors config group."""
-        return {
+        """The ``weights`` entry of a compressed-tensors config group, as ``QuantizationArgs.model_dump``
+        writes it (and so llm-compressor): unset optional fields such as the observer are omitted."""
+        args = {
             "num_bits": self.num_bits,
             "type": self.kind,
             "symmetric": True,
             "group_size": self.group_size if self.strategy == "group" else None,
             "strategy": self.strategy,
-            "block_structure": list(self.block) if self.strategy == "block" and self.block else None,
             "dynamic": False,
-            "actorder": None,
-            "observer": "minmax",
-            "observer_kwargs": {},
         }
+        if self.strategy == "block" and self.block:
+            args["block_structure"] = list(self.block)
+        return args
 
     def tile(self, shape: tuple[int, ...]) -> tuple[int, int]:
         from qconvert.quantizers import tile_shape
@@ -84,43 +86,41 @@ SCHEMES: dict[str, Scheme] = {
         Scheme(
             "rtn4", "int", 4, "group", "pack-quantized",
             "int4 symmetric round-to-nearest, one scale per 128 inputs, 8 values per int32",
-            "vLLM CompressedTensorsWNA16 (Marlin W4A16); transformers via compressed-tensors",
-            group_size=128,
+            "W4A16", group_size=128,
         ),
         Scheme(
             "rtn8", "int", 8, "group", "pack-quantized",
             "int8 symmetric round-to-nearest, one scale per 128 inputs, 4 values per int32",
-            "vLLM CompressedTensorsWNA16 (Marlin W8A16); transformers via compressed-tensors",
-            group_size=128,
+            "W8A16", group_size=128,
         ),
         Scheme(
             "int8-block", "int", 8, "block", "int-quantized",
             "int8 weights, one scale per 128x128 block; int8 activations per token per 128 channels",
-            "qconvert's block-INT8 kernels; SGLang blockwise_int8 with --layout sglang",
+            "INT8_BLOCK",
             block=BLOCK, activations=_activations("int", "group", 128),
         ),
         Scheme(
             "w8a8-int8", "int", 8, "channel", "int-quantized",
             "int8 weights per output channel; int8 activations per token (dynamic)",
-            "vLLM CompressedTensorsW8A8Int8",
+            "W8A8",
             activations=_activations("int", "token"),
         ),
         Scheme(
             "fp8", "float", 8, "channel", "float-quantized",
             "fp8 e4m3fn weights per output channel; fp8 activations per token (dynamic)",
-            "vLLM CompressedTensorsW8A8Fp8",
+            "FP8_DYNAMIC",
             activations=_activations("float", "token"),
         ),
         Scheme(
             "fp8-block", "float", 8, "block", "float-quantized",
             "fp8 e4m3fn weights, one scale per 128x128 block; fp8 activations per token per 128 channels",
-            "vLLM CompressedTensorsW8A8Fp8 (block)",
+            "FP8_BLOCK",
             block=BLOCK, activations=_activations("float", "group", 128),
         ),
         Scheme(
             "fp8-tensor", "float", 8, "tensor", "float-quantized",
             "fp8 e4m3fn weights, one scale per tensor, shared by q/k/v and by gate/up; fp8 activations per token",
-            "vLLM CompressedTensorsW8A8Fp8 (no requantization at load)",
+            "FP8_TENSOR_WEIGHTS",
             activations=_activations("float", "token"), shared_fused_scale=True,
         ),
     )

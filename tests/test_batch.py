@@ -113,6 +113,7 @@ def test_batch_report_bytes_rerun_and_force(models: dict[str, Path], tmp_path: P
             assert row["error"] is None and row["exit_code"] == 0
             assert row["bytes_out"] == sum(p.stat().st_size for p in Path(row["output"]).rglob("*") if p.is_file())
             assert row["bytes_in"] > row["bytes_out"] > 0
+            assert isinstance(row["serves_in"], list)  # copied from the quantize summary
     # one read for the two-scheme job: it read the model once, not once per output
     llama_rows = [r for r in rows if r["model"] == str(models["llama"])]
     assert llama_rows[0]["job_bytes_read"] < 1.01 * llama_rows[0]["bytes_in"]

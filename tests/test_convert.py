@@ -131,7 +131,7 @@ def test_pack_int_quantized_keeps_values_and_static_scales(tiny_llama: Path, tmp
     out = _load_tensors(tmp_path / "packed")
     config = read_config(tmp_path / "packed")["quantization_config"]
     assert config["format"] == "pack-quantized"
-    group = config["config_groups"]["group_0"]
+    group = next(iter(config["config_groups"].values()))
     assert group["format"] == "pack-quantized" and group["input_activations"]["dynamic"] is False
     modules = [n.removesuffix(".weight_packed") for n in out if n.endswith(".weight_packed")]
     assert len(modules) == 14

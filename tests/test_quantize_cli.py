@@ -65,7 +65,7 @@ def test_tiny_llama_loads_in_transformers_with_our_exact_weights(
 
     qconfig = read_config(out)["quantization_config"]
     assert qconfig["format"] == "pack-quantized" and qconfig["ignore"] == ["lm_head"]
-    assert qconfig["config_groups"]["group_0"]["weights"]["num_bits"] == bits
+    assert next(iter(qconfig["config_groups"].values()))["weights"]["num_bits"] == bits
     assert summary["quantized_layers"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
 
     # Tensors that are not quantized pass through bit-identical.
@@ -113,7 +113,7 @@ def test_group_size_per_channel_and_skipped_layers(tiny_llama: Path, tmp_path: P
     # Per channel: one scale per output row, loadable and exact.
     result = run_cli("quantize", tiny_llama, "-o", tmp_path / "chan", "-s", "rtn8", "--group-size", "-1", "--json")
     assert result.code == 0, result.stderr
-    weights = read_config(tmp_path / "chan")["quantization_config"]["config_groups"]["group_0"]["weights"]
+    weights = next(iter(read_config(tmp_path / "chan")["quantization_config"]["config_groups"].values()))["weights"]
     assert weights["strategy"] == "channel" and weights["group_size"] is None
     tensors = _load_tensors(tmp_path / "chan")
     assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (256, 1)
@@ -124,14 +124,15 @@ def test_group_size_per_channel_and_skipped_layers(tiny_llama: Path, tmp_path: P
 
 def test_ignore_and_targets(tiny_llama: Path, tmp_path: Path) -> None:
     result = run_cli("quantize", tiny_llama, "-o", tmp_path / "ign", "--ignore", "re:.*self_attn.*",
-                     "--ignore", "model.layers.1.mlp.up_proj", "--json")
+                     "--ignore", "model.layers.1.mlp.down_proj", "--json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     quantized = {layer["module"] for layer in summary["layers"]}
-    assert not any("self_attn" in m for m in quantized) and "model.layers.1.mlp.up_proj" not in quantized
+    assert not any("self_attn" in m for m in quantized) and "model.layers.1.mlp.down_proj" not in quantized
     assert len(quantized) == 5
     ignore = read_config(tmp_path / "ign")["quantization_config"]["ignore"]
-    assert "model.layers.0.self_attn.q_proj" in ignore and "model.layers.1.mlp.up_proj" in ignore
+    assert "model.layers.0.self_attn.q_proj" in ignore and "model.layers.1.mlp.down_proj" in ignore
+    assert "model.layers.0.self_attn.qkv_proj" in ignore  # the fused name engines match
     _load_with_compressed_tensors(tmp_path / "ign")  # loads: every unquantized Linear is ignored
 
     pattern = r"re:.*mlp\.(gate|up)_proj$"
@@ -230,7 +231,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path) -> None:
 def test_schemes_and_version(tmp_path: Path) -> None:
     result = run_cli("schemes", "--json")
     assert result.code == 0
-    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    rows = {row["name"]: row for row in json.loads(result.stdout)["schemes"]}
     assert rows["rtn4"]["bits"] == 4 and rows["rtn8"]["group_size"] == 128
     table = run_cli("schemes")
     assert "pack-quantized" in table.stdout

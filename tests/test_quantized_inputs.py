@@ -30,7 +30,8 @@ def test_deepseek_fp8_block_to_int8_block(deepseek_fp8: Path, tiny_llama: Path, 
     assert tree_digest(deepseek_fp8) == before
     summary = json.loads(result.stdout)
     assert sorted(layer["module"] for layer in summary["layers"]) == sorted(LINEARS)
-    assert read_config(out)["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] == "block"
+    (group,) = read_config(out)["quantization_config"]["config_groups"].values()
+    assert group["weights"]["strategy"] == "block"
 
     source = _load_tensors(tiny_llama)
     fp8 = _load_tensors(deepseek_fp8)
@@ -58,22 +59,22 @@ def test_deepseek_fp8_block_to_int8_block(deepseek_fp8: Path, tiny_llama: Path, 
 
 def test_matching_layers_are_copied_not_requantized(deepseek_fp8: Path, tmp_path: Path) -> None:
     out = tmp_path / "fp8-block"
-    result = run_cli("quantize", deepseek_fp8, "-s", "fp8-block", "-o", out, "--ignore", "model.layers.1.mlp.up_proj")
+    result = run_cli("quantize", deepseek_fp8, "-s", "fp8-block", "-o", out, "--ignore", "model.layers.1.mlp.down_proj")
     assert result.code == 0, result.stderr
     source, written = _load_tensors(deepseek_fp8), _load_tensors(out)
     for module in LINEARS:
-        if module == "model.layers.1.mlp.up_proj":
+        if module == "model.layers.1.mlp.down_proj":
             continue
         assert torch.equal(written[f"{module}.weight"].view(torch.uint8), source[f"{module}.weight"].view(torch.uint8))
         scale = written[f"{module}.weight_scale"]
         assert scale.dtype == torch.float32 and torch.equal(scale, source[f"{module}.weight_scale_inv"])
     # The ignored layer is written back in full precision: the FP8 values times their block scales.
-    up = written["model.layers.1.mlp.up_proj.weight"]
-    values = source["model.layers.1.mlp.up_proj.weight"].float()
-    scales = source["model.layers.1.mlp.up_proj.weight_scale_inv"]
+    up = written["model.layers.1.mlp.down_proj.weight"]
+    values = source["model.layers.1.mlp.down_proj.weight"].float()
+    scales = source["model.layers.1.mlp.down_proj.weight_scale_inv"]
     expected = (values * scales.repeat_interleave(128, 0).repeat_interleave(128, 1)[: up.shape[0], : up.shape[1]])
     assert up.dtype == torch.bfloat16 and torch.equal(up, expected.to(torch.bfloat16))
-    assert "model.layers.1.mlp.up_proj" in read_config(out)["quantization_config"]["ignore"]
+    assert "model.layers.1.mlp.down_proj" in read_config(out)["quantization_config"]["ignore"]
     theirs = ct_decompress(out)
     model = _load_with_compressed_tensors(out)
     for module in theirs:
@@ -121,7 +122,8 @@ def test_float_inputs_are_requantized(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 def test_inspect_names_each_input_format(tiny_llama: Path, deepseek_fp8: Path, tmp_path: Path) -> None:
-    assert run_cli("quantize", tiny_llama, "-s", "int8-block", "--layout", "sglang", "-o", tmp_path / "sgl").code == 0
+    assert run_cli("quantize", tiny_llama, "-s", "int8-block", "--layout", "sglang", "--force-layout",
+                   "-o", tmp_path / "sgl").code == 0
     assert run_cli("quantize", tiny_llama, "-s", "w8a8-int8", "-o", tmp_path / "w8a8").code == 0
     assert run_cli("quantize", tiny_llama, "-s", "fp8-block", "--fnuz", "-o", tmp_path / "fnuz").code == 0
     assert run_cli("quantize", tiny_llama, "-s", "rtn4", "--group-size", "64", "-o", tmp_path / "rtn4").code == 0

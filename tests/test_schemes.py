@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qconvert.quantizers import dequantize_tiles, unpack_int32
+from qconvert.serving import Engine, output_kind, serving_for
 from tests.conftest import read_config, run_cli
 from tests.test_quantize_cli import _load_tensors, _load_with_compressed_tensors
 
@@ -79,10 +80,12 @@ def test_scheme_matches_compressed_tensors_and_transformers(tiny_llama: Path, tm
     summary = json.loads(result.stdout)
     assert summary["quantized_layers"] == 14
     qconfig = read_config(out)["quantization_config"]
-    group = qconfig["config_groups"]["group_0"]
+    group = next(iter(qconfig["config_groups"].values()))
     assert qconfig["format"] == group["format"] == ("float-quantized" if "fp8" in scheme else "int-quantized")
     assert group["input_activations"]["dynamic"] is True
 
+    # This test is the transformers row of the serving table: it loads every scheme the table says it does.
+    assert any(s.engine == Engine.TRANSFORMERS for s in serving_for(output_kind(scheme)))
     tensors = _load_tensors(out)
     theirs = ct_decompress(out)
     model = _load_with_compressed_tensors(out)
@@ -123,7 +126,8 @@ def test_fp8_outputs_equal_the_reference_formulas(tmp_path: Path, scheme: str, t
 
 def test_sglang_layout_holds_the_same_values(tiny_llama: Path, tmp_path: Path) -> None:
     assert run_cli("quantize", tiny_llama, "-s", "int8-block", "-o", tmp_path / "ct", "-q").code == 0
-    result = run_cli("quantize", tiny_llama, "-s", "int8-block", "--layout", "sglang", "-o", tmp_path / "sgl", "-q")
+    result = run_cli("quantize", tiny_llama, "-s", "int8-block", "--layout", "sglang", "--force-layout",
+                     "-o", tmp_path / "sgl", "-q")
     assert result.code == 0, result.stderr
     config = read_config(tmp_path / "sgl")["quantization_config"]
     assert config == {"quant_method": "blockwise_int8", "activation_scheme": "dynamic",
@@ -165,20 +169,25 @@ def test_mixed_schemes_and_overrides_file(tiny_llama: Path, tmp_path: Path) -> N
     overrides.write_text("# attention in fp8, first MLP down in int4\nre:.*self_attn.*=fp8\n"
                          "model.layers.0.mlp.down_proj=rtn4\n")
     result = run_cli("quantize", tiny_llama, "-s", "rtn8", "-o", tmp_path / "out", "--overrides", overrides,
-                     "--override", "model.layers.1.mlp.up_proj=none", "--json")
+                     "--override", r"re:model\.layers\.1\.mlp\.(gate|up)_proj=none", "--json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     by_module = {layer["module"]: layer["scheme"] for layer in summary["layers"]}
     assert by_module["model.layers.0.self_attn.q_proj"] == "fp8"
     assert by_module["model.layers.0.mlp.down_proj"] == "rtn4"
     assert by_module["model.layers.1.mlp.down_proj"] == "rtn8"
-    assert "model.layers.1.mlp.up_proj" not in by_module
+    assert "model.layers.1.mlp.up_proj" not in by_module and "model.layers.1.mlp.gate_proj" not in by_module
     qconfig = read_config(tmp_path / "out")["quantization_config"]
     assert qconfig["format"] == "mixed-precision"
     groups = {g["format"] + str(g["weights"]["num_bits"]): g for g in qconfig["config_groups"].values()}
     assert set(groups) == {"float-quantized8", "pack-quantized4", "pack-quantized8"}
     assert groups["pack-quantized4"]["targets"] == ["model.layers.0.mlp.down_proj"]
-    assert "model.layers.1.mlp.up_proj" in qconfig["ignore"]
+    # Engines fuse q/k/v and gate/up: the fused names are written beside the separate ones.
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.qkv_proj"} <= set(
+        groups["float-quantized8"]["targets"])
+    assert "model.layers.0.mlp.gate_up_proj" in groups["pack-quantized8"]["targets"]
+    assert {"model.layers.1.mlp.up_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.gate_up_proj"} <= set(
+        qconfig["ignore"])
     tensors = _load_tensors(tmp_path / "out")
     theirs = ct_decompress(tmp_path / "out")
     assert set(theirs) == set(by_module)

@@ -25,7 +25,7 @@ def quantized(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         outputs[scheme] = root / scheme
         assert run_cli("quantize", tiny_llama, "-s", scheme, "-o", outputs[scheme], "-q").code == 0
     outputs["int8-block-sglang"] = root / "sglang"
-    assert run_cli("quantize", tiny_llama, "-s", "int8-block", "--layout", "sglang", "-o",
+    assert run_cli("quantize", tiny_llama, "-s", "int8-block", "--layout", "sglang", "--force-layout", "-o",
                    outputs["int8-block-sglang"], "-q").code == 0
     outputs["fp8-fnuz"] = root / "fnuz"
     assert run_cli("quantize", tiny_llama, "-s", "fp8-block", "--fnuz", "-o", outputs["fp8-fnuz"], "-q").code == 0

@@ -1,0 +1,223 @@
+"""Which engine serves which of our outputs: the one table of truth.
+
+Each entry was observed by the conformance tier (``tests/engines/``, ``make engines``), which runs the
+engines' own config parsing and weight loaders on checkpoints we write and fails when an engine and this
+table disagree. ``qconvert schemes``, the ``serves_in`` field of ``quantize --json`` and the README's
+"loads in" column are all made from it.
+
+An output *kind* is a scheme, optionally with a layout (``int8-block@sglang``) or the ``convert`` op that
+produced it (``fp8+fnuz``). Several entries for one engine give the method it picks from each minimum GPU
+capability upwards (vLLM falls back to weight-only FP8 below sm89, for instance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+
+class Engine(str, Enum):
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    TRANSFORMERS = "transformers"
+    QCONVERT = "qconvert"  # qconvert's own kernels (`qconvert verify`)
+
+
+# The versions the conformance tier pins and tests.
+VLLM_VERSION = "0.33.0"
+SGLANG_VERSION = "0.5.23"
+TRANSFORMERS_VERSION = "5.23"
+
+
+@dataclass(frozen=True)
+class Serving:
+    engine: Engine
+    version: str  # engine version the conformance tier tested
+    method: str  # what the engine picks for linear layers
+    min_capability: int | None  # lowest CUDA capability (80 = sm80) at which it loads; None: not GPU-bound
+    families: tuple[str, ...] = ("*",)  # architecture families it holds for; "*" = every family tested
+    moe_method: str | None = None  # what it picks for MoE experts, where tested
+    note: str = ""
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["engine"] = self.engine.value
+        data["families"] = list(self.families)
+        return data
+
+    def describe(self) -> str:
+        where = "" if self.min_capability is None else f" sm{self.min_capability}+"
+        families = "" if self.families == ("*",) else f" ({', '.join(self.families)} only)"
+        return f"{self.engine.value} {self.version} {self.method}{where}{families}"
+
+
+def _vllm(method: str, capability: int, moe: str | None = None, **kw: object) -> Serving:
+    return Serving(Engine.VLLM, VLLM_VERSION, method, capability, moe_method=moe, **kw)  # type: ignore[arg-type]
+
+
+def _sglang(method: str, capability: int, moe: str | None = None, **kw: object) -> Serving:
+    return Serving(Engine.SGLANG, SGLANG_VERSION, method, capability, moe_method=moe, **kw)  # type: ignore[arg-type]
+
+
+# SGLang's DeepSeek loader concatenates q_a_proj and kv_a_proj_with_mqa tensors of every name into its fused
+# layer, `weight_shape` included ([2] + [2] -> [4]), and the fused layer's weight_shape parameter is [2]: load fails.
+_SGLANG_NOT_MLA_PACKED: dict = {"families": ("llama",),
+                                "note": "SGLang: DeepSeek MLA fused q_a/kv_a weight_shape fails to load"}
+
+_TRANSFORMERS = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None)
+_QCONVERT = Serving(Engine.QCONVERT, "", "verify (Triton kernels)", None)
+
+SERVES: dict[str, tuple[Serving, ...]] = {
+    "rtn4": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED),
+             _TRANSFORMERS, _QCONVERT),
+    "rtn8": (_vllm("CompressedTensorsWNA16", 80), _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED),
+             _TRANSFORMERS, _QCONVERT),
+    "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75),
+                  _sglang("CompressedTensorsW8A8Int8", 80, families=("llama",),
+                          note="SGLang: int8 MoE experts only on NPU (DeepSeek refused)"), _TRANSFORMERS, _QCONVERT),
+    "fp8": (_vllm("CompressedTensorsW8A16Fp8", 80), _vllm("CompressedTensorsW8A8Fp8", 89),
+            _sglang("CompressedTensorsW8A16Fp8", 80, "CompressedTensorsW8A8Fp8MoE"),
+            _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS, _QCONVERT),
+    "fp8-block": (_vllm("CompressedTensorsW8A8Fp8", 89),
+                  _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS, _QCONVERT),
+    "fp8-tensor": (_vllm("CompressedTensorsW8A16Fp8", 80), _vllm("CompressedTensorsW8A8Fp8", 89),
+                   _sglang("CompressedTensorsW8A16Fp8", 80, families=("llama",)),
+                   _sglang("CompressedTensorsW8A8Fp8", 89, families=("llama",),
+                           note="SGLang's fp8 MoE takes tensor weights only with static tensor activations"),
+                   _TRANSFORMERS, _QCONVERT),
+    # No engine accepts int8 weights with block scales through compressed-tensors.
+    "int8-block": (_TRANSFORMERS, _QCONVERT),
+    # SGLang's blockwise_int8 reaches the scales only where the model's loader keeps `weight_scale_inv`.
+    "int8-block@sglang": (_sglang("BlockInt8LinearMethod", 80, "BlockInt8MoEMethod", families=("deepseek",)),
+                          _QCONVERT),
+    # Per-tensor scales made equal across q/k/v and gate/up: SGLang loads it as it loads fp8-tensor.
+    "fp8-tensor+shared-scale": (_sglang("CompressedTensorsW8A16Fp8", 80, families=("llama",)),
+                                _sglang("CompressedTensorsW8A8Fp8", 89, families=("llama",))),
+    # Values as stored; vLLM and SGLang load plain e4m3fn and normalize to fnuz on ROCm themselves.
+    "fp8+fnuz": (_QCONVERT,),
+    "fp8-block+fnuz": (_QCONVERT,),
+    "fp8-tensor+fnuz": (_QCONVERT,),
+}
+
+
+def output_kind(scheme: str, layout: str = "compressed-tensors", op: str | None = None) -> str:
+    kind = scheme if layout == "compressed-tensors" else f"{scheme}@{layout}"
+    return f"{kind}+{op}" if op else kind
+
+
+def serving_for(kind: str, family: str = "llama") -> list[Serving]:
+    """The engines that serve ``kind`` for an architecture ``family`` (empty when none is known)."""
+    return [s for s in SERVES.get(kind, ()) if "*" in s.families or family in s.families]
+
+
+def pick(kind: str, engine: Engine, capability: int, family: str = "llama") -> Serving | None:
+    """What ``engine`` picks at ``capability`` for ``kind``: the entry with the highest minimum capability
+    that the GPU meets, or None when the engine does not load it there."""
+    usable = [s for s in serving_for(kind, family) if s.engine == engine
+              and (s.min_capability is None or s.min_capability <= capability)]
+    return max(usable, key=lambda s: s.min_capability or 0, default=None)
+
+
+# How vLLM and SGLang fuse a checkpoint's separate layers into one at load (their packed-modules maps):
+# fused leaf name → the leaves it is made of. A fused layer has one scheme, so its parts must share one,
+# and a config written for the separate names must also name the fused layer (SGLang matches targets and
+# ignore entries against the fused name for models that define no packed-modules map, e.g. Llama).
+ENGINE_FUSIONS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA with a q LoRA rank
+}
+
+# Architecture families, by the `architectures` entry of config.json (prefix match).
+_FAMILIES = {
+    "deepseek": ("DeepseekV2", "DeepseekV3", "DeepseekV32", "KimiK2"),
+}
+
+
+def family_of(config: dict | None) -> str:
+    """The architecture family the table's entries are keyed by ("llama" for every other decoder)."""
+    for architecture in (config or {}).get("architectures") or []:
+        for family, prefixes in _FAMILIES.items():
+            if str(architecture).startswith(prefixes):
+                return family
+    return "llama"
+
+
+def fused_modules(modules: list[str]) -> dict[str, list[str]]:
+    """The fused layers an engine builds from ``modules``: fused module name → its parts present here
+    (every part of the engine's fusion, or none, in a well-formed checkpoint)."""
+    present = set(modules)
+    fused: dict[str, list[str]] = {}
+    for module in modules:
+        prefix, _, leaf = module.rpartition(".")
+        for fused_leaf, parts in ENGINE_FUSIONS.items():
+            if leaf == parts[0]:
+                members = [f"{prefix}.{part}" if prefix else part for part in parts]
+                if any(m in present for m in members[1:]):
+                    fused[f"{prefix}.{fused_leaf}" if prefix else fused_leaf] = members
+    return fused
+
+
+def serves_in(kinds: list[str], family: str = "llama") -> list[Serving]:
+    """The engines that serve an output made of layers of every kind in ``kinds`` (a mixed-precision
+    checkpoint needs each kind served): per engine, the entry with the highest minimum capability."""
+    result = []
+    for engine in Engine:
+        entries = []
+        for kind in kinds:
+            usable = [s for s in serving_for(kind, family) if s.engine == engine]
+            if not usable:
+                break
+            entries.append(max(usable, key=lambda s: s.min_capability or 0))
+        else:
+            if entries:
+                chosen = max(entries, key=lambda s: s.min_capability or 0)
+                if len(kinds) > 1:
+                    methods = sorted({e.method for e in entries})
+                    chosen = Serving(chosen.engine, chosen.version, " + ".join(methods), chosen.min_capability,
+                                     chosen.families, chosen.moe_method, chosen.note)
+                result.append(chosen)
+    return result
+
+
+def servers_missing(kinds: list[str], family: str = "llama") -> bool:
+    """True when no serving engine (vLLM, SGLang) loads such an output."""
+    return not any(s.engine in (Engine.VLLM, Engine.SGLANG) for s in serves_in(kinds, family))
+
+
+def markdown_table() -> str:
+    """The README's "loads in" table, made from :data:`SERVES` (a test keeps the README equal to it)."""
+
+    def cell(kind: str, family: str) -> str:
+        parts = []
+        for s in serving_for(kind, family):
+            where = f" sm{s.min_capability}+" if s.min_capability else ""
+            version = f" {s.version}" if s.version else ""
+            parts.append(f"{s.engine.value}{version} `{s.method.removeprefix('CompressedTensors')}`{where}")
+        return "; ".join(parts) or "–"
+
+    lines = ["| output | Llama-family (Llama, Qwen, Mistral, ...) | DeepSeek-family (V2/V3) |", "| --- | --- | --- |"]
+    lines += [f"| `{kind}` | {cell(kind, 'llama')} | {cell(kind, 'deepseek')} |" for kind in SERVES]
+    return "\n".join(lines) + "\n"
+
+
+README_MARKERS = ("<!-- serving-table -->\n", "<!-- /serving-table -->")
+
+
+def readme_with_table(readme: str) -> str:
+    """``readme`` with the text between :data:`README_MARKERS` replaced by :func:`markdown_table`."""
+    start, end = README_MARKERS
+    head, _, rest = readme.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}{markdown_table()}{end}{tail}"
+
+
+if __name__ == "__main__":  # python -m qconvert.serving [README.md]: print the table, or write it into the README
+    import sys
+    from pathlib import Path
+
+    if len(sys.argv) > 1:
+        path = Path(sys.argv[1])
+        path.write_text(readme_with_table(path.read_text()))
+    else:
+        print(markdown_table(), end="")

@@ -1,0 +1,57 @@
+"""Summarise the conformance tier's own results (``build/engines/<engine>.json``) as a markdown table.
+
+``python tests/engines/summarize.py [RESULTS_DIR] [--readme README.md]`` prints the table, or writes it into
+the README between ``<!-- conformance-results -->`` markers, so the README's summary is the tests' data.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+MARKERS = ("<!-- conformance-results -->\n", "<!-- /conformance-results -->")
+
+
+def load(results: Path) -> list[dict]:
+    records: list[dict] = []
+    for path in sorted(results.glob("*.json")):
+        data = json.loads(path.read_text())
+        records.extend(data if isinstance(data, list) else data.get("results", []))
+    return records
+
+
+def table(records: list[dict]) -> str:
+    rows: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for record in records:
+        rows[(f"{record['engine']} {record['version']}", record["kind"], record["family"])].append(record)
+    lines = ["| engine | output | family | loads at | refused at | picks (at the highest capability) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for (engine, kind, family), cases in sorted(rows.items()):
+        loaded = sorted({c["capability"] for c in cases if c["loaded"]})
+        refused = sorted({c["capability"] for c in cases if not c["loaded"]})
+        best = max(cases, key=lambda c: (c["loaded"], c["capability"]))
+        picks = ", ".join(f"{layer}: {name}" for layer, name in sorted((best.get("picks") or {}).items())) or "–"
+        lines.append(f"| {engine} | `{kind}` | {family} | {', '.join(f'sm{c}' for c in loaded) or '–'} | "
+                     f"{', '.join(f'sm{c}' for c in refused) or '–'} | {picks} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    readme = None
+    if "--readme" in argv:
+        at = argv.index("--readme")
+        readme, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2:]
+    results = Path(argv[0]) if argv else Path("build/engines")
+    text = table(load(results))
+    if readme is not None:
+        head, _, rest = readme.read_text().partition(MARKERS[0])
+        _, _, tail = rest.partition(MARKERS[1])
+        readme.write_text(f"{head}{MARKERS[0]}{text}{MARKERS[1]}{tail}")
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

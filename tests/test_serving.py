@@ -1,0 +1,214 @@
+"""What the serving table and the engines' behaviour mean for the checkpoints we write (issue 10).
+
+The engines themselves run in the conformance tier (tests/engines/, ``make engines``); these tests cover
+qconvert's side: config fields as compressed-tensors / llm-compressor write them, fused layer names,
+refusals of outputs an engine would load wrongly, notices, and ``serves_in`` from the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qconvert import serving
+from qconvert.cli import main
+from tests.conftest import REPO, read_config
+
+
+def run_inline(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """The CLI in this process (the process boundary is not what these tests are about)."""
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def stderr_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def as_deepseek(tiny_llama: Path, folder: Path) -> Path:
+    """The tiny Llama with a DeepSeek-V3 architecture entry: the family the serving table keys on."""
+    shutil.copytree(tiny_llama, folder)
+    config = read_config(folder)
+    config["architectures"] = ["DeepseekV3ForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_sglang_layout_refused_where_the_loader_drops_the_scales(tiny_llama: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_inline(capsys, "quantize", tiny_llama, "-s", "int8-block", "--layout", "sglang",
+                              "-o", tmp_path / "out")
+    assert code == 2 and not (tmp_path / "out").exists()
+    (line,) = stderr_lines(err)
+    assert "LlamaForCausalLM" in line and "weight_scale_inv" in line and "--force-layout" in line
+    deepseek = as_deepseek(tiny_llama, tmp_path / "ds")
+    code, out, err = run_inline(capsys, "quantize", deepseek, "-s", "int8-block", "--layout", "sglang",
+                                "-o", tmp_path / "ds-out", "--json")
+    assert code == 0, err
+    engines = {e["engine"] for e in json.loads(out)["serves_in"]}
+    assert engines == {"sglang", "qconvert"}
+
+
+def test_int8_block_says_where_it_loads(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_inline(capsys, "quantize", tiny_llama, "-s", "int8-block", "-o", tmp_path / "out", "--json")
+    assert code == 0, err
+    notes = [line for line in stderr_lines(err) if "neither vLLM" in line]
+    assert len(notes) == 1 and "transformers" in notes[0] and "--layout sglang" in notes[0]
+    assert [e["engine"] for e in json.loads(out)["serves_in"]] == ["transformers", "qconvert"]
+
+
+@pytest.mark.parametrize("scheme", ["rtn4", "w8a8-int8", "fp8-block"])
+def test_serves_in_comes_from_the_table(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        scheme: str) -> None:
+    code, out, err = run_inline(capsys, "quantize", tiny_llama, "-s", scheme, "-o", tmp_path / "o", "--dry-run",
+                                "--json")
+    assert code == 0, err
+    assert not any("neither vLLM" in line for line in stderr_lines(err))
+    expected = [s.to_json() for s in serving.serves_in([scheme])]
+    assert json.loads(out)["serves_in"] == expected
+    assert {"vllm", "sglang"} <= {e["engine"] for e in expected}
+
+
+def test_mixed_serves_in_needs_every_kind(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_inline(capsys, "quantize", tiny_llama, "-s", "fp8-block", "--override", "re:.*mlp.*=rtn4",
+                                "-o", tmp_path / "o", "--dry-run", "--json")
+    assert code == 0, err
+    by_engine = {e["engine"]: e for e in json.loads(out)["serves_in"]}
+    # rtn4 needs sm80 in vLLM, fp8-block sm89: the mixed checkpoint needs the stricter of the two.
+    assert by_engine["vllm"]["min_capability"] == 89
+    assert "WNA16" in by_engine["vllm"]["method"] and "W8A8Fp8" in by_engine["vllm"]["method"]
+
+
+def test_splitting_a_fused_layer_is_refused(tiny_llama: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_inline(capsys, "quantize", tiny_llama, "-s", "rtn8", "--override",
+                              "model.layers.0.self_attn.q_proj=rtn4", "-o", tmp_path / "o")
+    assert code == 2 and not (tmp_path / "o").exists()
+    (line,) = stderr_lines(err)
+    assert "qkv_proj" in line and "q_proj=rtn4" in line and "k_proj=rtn8" in line
+    code, _, err = run_inline(capsys, "quantize", tiny_llama, "-s", "rtn8", "--ignore",
+                              "model.layers.1.mlp.up_proj", "-o", tmp_path / "o")
+    assert code == 2
+    (line,) = stderr_lines(err)
+    assert "gate_up_proj" in line and "up_proj=none" in line
+
+
+def test_pack_refuses_dynamic_activations_and_blocks(tiny_llama: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    for scheme, expected in (("w8a8-int8", "W8A8"), ("int8-block", "W8A8")):
+        source = tmp_path / scheme
+        assert run_inline(capsys, "quantize", tiny_llama, "-s", scheme, "-o", source, "-q")[0] == 0
+        code, _, err = run_inline(capsys, "convert", source, "--op", "pack", "-o", tmp_path / f"{scheme}-packed")
+        assert code == 2 and not (tmp_path / f"{scheme}-packed").exists()
+        (line,) = stderr_lines(err)
+        assert "dynamically" in line and expected in line and "weight_packed" in line
+
+
+def test_fnuz_outputs_are_marked_and_explained(tiny_llama: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_inline(capsys, "quantize", tiny_llama, "-s", "fp8", "--fnuz", "-o", tmp_path / "q", "--json")
+    assert code == 0, err
+    assert read_config(tmp_path / "q")["quantization_config"]["qconvert_fp8_format"] == "e4m3fnuz"
+    assert any("normalize them to fnuz on ROCm themselves" in line for line in stderr_lines(err))
+    assert [e["engine"] for e in json.loads(out)["serves_in"]] == ["qconvert"]
+    assert run_inline(capsys, "quantize", tiny_llama, "-s", "fp8", "-o", tmp_path / "plain", "-q")[0] == 0
+    assert "qconvert_fp8_format" not in read_config(tmp_path / "plain")["quantization_config"]
+    code, _, err = run_inline(capsys, "convert", tmp_path / "plain", "--op", "fnuz", "-o", tmp_path / "c")
+    assert code == 0, err
+    assert read_config(tmp_path / "c")["quantization_config"]["qconvert_fp8_format"] == "e4m3fnuz"
+    assert any("normalize them to fnuz on ROCm themselves" in line for line in stderr_lines(err))
+
+
+def test_schemes_json_carries_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_inline(capsys, "schemes", "--json")
+    assert code == 0
+    data = json.loads(out)
+    rows = {row["name"]: row for row in data["schemes"]}
+    assert rows["rtn4"]["serves_in"]["llama"] == [s.to_json() for s in serving.serving_for("rtn4")]
+    assert not any(e["engine"] in ("vllm", "sglang") for e in rows["int8-block"]["serves_in"]["llama"])
+    assert "int8-block@sglang" in data["other_outputs"]
+
+
+# llm-compressor's model_free_ptq presets that coincide with our schemes.
+LLMC_PRESETS = {"rtn4": "W4A16", "rtn8": "W8A16", "w8a8-int8": "W8A8", "fp8": "FP8_DYNAMIC", "fp8-block": "FP8_BLOCK"}
+STUBS = REPO.parent / "shared" / "device" / "stubs"  # a stand-in for `datasets`, imported but unused
+
+
+def _llmc_available() -> bool:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(STUBS), os.environ.get("PYTHONPATH")]))}
+    probe = subprocess.run([sys.executable, "-c", "import llmcompressor"], capture_output=True, env=env)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_config_fields_equal_llm_compressor(tiny_llama: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Field by field, our quantization_config is llm-compressor's (0.14, model_free_ptq) for the same scheme,
+    and the tensors are bit-identical."""
+    if not _llmc_available():
+        pytest.skip("llmcompressor is not importable (make setup installs it without its dependencies)")
+    import compressed_tensors
+
+    from qconvert.format import COMPRESSED_TENSORS_VERSION
+
+    script = (
+        "import sys\nfrom llmcompressor import model_free_ptq\n"
+        "for arg in sys.argv[3:]:\n"
+        "    preset, out = arg.split('=')\n"
+        "    model_free_ptq(sys.argv[1], out, scheme=preset, ignore=['lm_head'], max_workers=1, device='cpu')\n"
+    )
+    jobs = [f"{preset}={tmp_path / ('llmc-' + scheme)}" for scheme, preset in LLMC_PRESETS.items()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(STUBS), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_llama), "-", *jobs], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for scheme in LLMC_PRESETS:
+        ours_dir, theirs_dir = tmp_path / scheme, tmp_path / f"llmc-{scheme}"
+        assert run_inline(capsys, "quantize", tiny_llama, "-s", scheme, "-o", ours_dir, "-q")[0] == 0
+        ours = read_config(ours_dir)["quantization_config"]
+        theirs = read_config(theirs_dir)["quantization_config"]
+        # `version` is the compressed-tensors release: ours names the one we write and test against.
+        assert ours.pop("version") == COMPRESSED_TENSORS_VERSION
+        if compressed_tensors.__version__.split("+")[0] == COMPRESSED_TENSORS_VERSION:
+            assert theirs["version"] == COMPRESSED_TENSORS_VERSION
+        theirs.pop("version")
+        assert ours == theirs, scheme
+        # llm-compressor also quantizes embed_tokens (it skips only what `ignore` names): compare the tensors
+        # both wrote, which must cover every layer we quantized.
+        theirs_tensors = _tensor_files(theirs_dir)
+        ours_tensors = _tensor_files(ours_dir)
+        quantized = {n.rpartition(".")[0] for n in ours_tensors if ".weight_" in n}
+        common = {n for n in set(ours_tensors) & set(theirs_tensors) if n.rpartition(".")[0] in quantized}
+        assert {n for n in ours_tensors if n.rpartition(".")[0] in quantized} == common, scheme
+        for name in sorted(common):
+            with safe_open(ours_tensors[name], "pt") as o, safe_open(theirs_tensors[name], "pt") as t:
+                assert torch.equal(o.get_tensor(name).view(torch.uint8).flatten(),
+                                   t.get_tensor(name).view(torch.uint8).flatten()), (scheme, name)
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    files = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            files.update(dict.fromkeys(f.keys(), shard))
+    return files
+
+
+def test_readme_table_is_the_serving_table() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert serving.README_MARKERS[0] in readme
+    assert readme == serving.readme_with_table(readme), "run: python -m qconvert.serving README.md"
