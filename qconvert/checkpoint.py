@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import BadInputError
+from qconvert.fingerprint import FINGERPRINT_NAME
 from qconvert.safetensors_io import TensorInfo, open_regular, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -67,7 +68,7 @@ class Checkpoint:
             for entry in sorted(files + [d for d in dirs if (here / d).is_symlink()]):
                 path = here / entry
                 rel = path.relative_to(self.root)
-                if rel in skip:
+                if rel in skip or rel == Path(FINGERPRINT_NAME):  # batch's record of an output: not model data
                     continue
                 problem = _copy_problem(path, allowed)
                 if problem:

@@ -535,3 +535,89 @@ def _main(args: list[str]) -> None:
         code = EXIT_FAILURE
     sys.exit(code if isinstance(code, int) else 0)
 
+
+@app.command()
+def batch(
+    jobs_file: Annotated[Path, typer.Argument(help="The job file (YAML): defaults and jobs.")],
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write the report (JSON Lines, one line per output) here.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report's JSON lines on stdout.")] = False,
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="Run the jobs as Ray tasks: a cluster address, 'auto' "
+                                 "(RAY_ADDRESS) or 'local' (start one on this machine).")
+    ] = None,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", min=1, help="Jobs run at once (default 1; with --ray, all).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and plan every output; write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild outputs that are up to date.")] = False,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Start no job after one has failed.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no error lines.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the conversions of a job file: several schemes from one read, up-to-date outputs skipped.
+
+    Exit 0 when nothing failed, 2 when every failure was bad input, 1 otherwise.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from qconvert.batch import Settings, load_jobs, run_local, summary_line
+    from qconvert.batch import exit_code as batch_exit_code
+
+    started = time.perf_counter()
+    job_list = load_jobs(jobs_file)
+    settings = Settings(force=force, dry_run=dry_run, fail_fast=fail_fast)
+    total = sum(len(job.outputs) for job in job_list)
+    terminal = sys.stderr.isatty() and not quiet
+    bar = tqdm(total=total, unit="output", desc="batch", disable=not terminal, dynamic_ncols=True, leave=False)
+    rows: list[dict] = []
+    sink = report.open("w") if report is not None else None
+
+    def emit(line: dict) -> None:
+        text = json.dumps(line)
+        if sink is not None:
+            sink.write(text + "\n")
+            sink.flush()
+        if as_json:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+    def on_rows(new: list[dict]) -> None:
+        for line in new:
+            rows.append(line)
+            emit(line)
+            bar.update()
+            what = f"{line['status']:<7} {line['output']}"
+            if line["status"] == "failed" and not quiet:
+                tqdm.write(f"error: {line['model']} {line['scheme']}: {line['error']}", file=sys.stderr)
+            elif terminal:
+                detail = line.get("reason") or (f"{line['seconds']:.1f} s, {_human_bytes(line['bytes_in'])} -> "
+                                                f"{_human_bytes(line['bytes_out'])}")
+                tqdm.write(f"{what}  ({detail})", file=sys.stderr)
+
+    try:
+        if ray is not None:
+            from qconvert.ray_runner import run_on_ray
+
+            run_on_ray(job_list, settings, ray, jobs, on_rows)
+        else:
+            run_local(job_list, settings, jobs or 1, on_rows)
+        summary = summary_line(rows, len(job_list), time.perf_counter() - started, dry_run)
+        emit(summary)
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
+    counts = summary["summary"]
+    if not as_json:
+        out.print(f"batch: {counts['outputs']} outputs: {counts['ok']} ok, {counts['skipped']} skipped, "
+                  f"{counts['failed']} failed{' (dry run)' if dry_run else ''}, {counts['seconds']:.1f} s",
+                  markup=False)
+    code = batch_exit_code(rows)
+    if code:
+        raise typer.Exit(code)

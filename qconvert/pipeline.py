@@ -83,12 +83,40 @@ def default_output(model: str, source: Path, suffix: str) -> Path:
     return Path.cwd() / f"{model.rstrip('/').split('/')[-1]}-{suffix}"
 
 
+@dataclass
+class PreparedQuantize:
+    """A quantize run planned and ready to write (what :func:`quantize` writes; ``batch`` fans several out)."""
+
+    checkpoint: Checkpoint
+    target: Path
+    plan: Plan
+    config: dict
+    units: list[Unit]
+    started: float
+    summary_extra: dict = field(default_factory=dict)  # what the summary adds (serves_in)
+    settings: ExecutionSettings | None = None  # where and with how many workers to execute
+
+
 def quantize(request: QuantizeRequest, notice: Notice) -> dict:
     with run_guard():  # releases the output's lock however the run ends
         return _quantize(request, notice)
 
 
 def _quantize(request: QuantizeRequest, notice: Notice) -> dict:
+    prepared = prepare_quantize(request, notice)
+    checkpoint, target, units, plan = prepared.checkpoint, prepared.target, prepared.units, prepared.plan
+    if request.dry_run:
+        return summarize(checkpoint, units, target, [], time.perf_counter() - prepared.started, plan=plan,
+                         dry_run=True, **prepared.summary_extra)
+    shards = write_checkpoint(checkpoint, units, target, prepared.config, request.max_shard_bytes,
+                              request.show_progress, notice, resume=request.resume, options=job_options(request),
+                              settings=prepared.settings)
+    return summarize(checkpoint, units, target, shards, time.perf_counter() - prepared.started, plan=plan,
+                     **prepared.summary_extra)
+
+
+def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuantize:
+    """Everything of a quantize run before its first write: source, output check, plan, config, units."""
     started = time.perf_counter()
     if request.layout not in LAYOUTS:
         raise BadInputError(f"--layout {request.layout!r}: choose from {', '.join(LAYOUTS)}")
@@ -136,14 +164,7 @@ def _quantize(request: QuantizeRequest, notice: Notice) -> dict:
     if request.fnuz:
         units = apply_fnuz(units)
     serving = [s.to_json() for s in serves_in(kinds, family)]
-    if request.dry_run:
-        return summarize(checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True,
-                         serves_in=serving)
-    shards = write_checkpoint(checkpoint, units, target, config, request.max_shard_bytes,
-                              request.show_progress, notice, resume=request.resume, options=job_options(request),
-                              settings=settings)
-    return summarize(checkpoint, units, target, shards, time.perf_counter() - started, plan=plan,
-                     serves_in=serving)
+    return PreparedQuantize(checkpoint, target, plan, config, units, started, {"serves_in": serving}, settings)
 
 
 def _serving_notes(kinds: list[str], family: str, fnuz: bool) -> list[str]:
