@@ -10,7 +10,7 @@ DEMO_OUT ?= build/all-MiniLM-L6-v2-rtn4
 # several GB of CUDA packages. Where torch is already installed (the GPU machines), it is kept.
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -e '.[test,ray]'
 	@# llm-compressor, the reference tool whose configs and tensors tests compare with: its data-free path
 	@# needs none of its heavy dependencies (a stand-in for `datasets` lives in ../shared/device/stubs).
 	$(PYTHON) -c "import llmcompressor" 2>/dev/null || $(PYTHON) -m pip install -q --no-deps llmcompressor==0.14.0.1 loguru nvidia-ml-py
