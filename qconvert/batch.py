@@ -24,6 +24,7 @@ from qconvert.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadInputError
 from qconvert.fanout import Cancelled, Output, write_outputs
 from qconvert.fingerprint import digest, input_files, is_up_to_date, read_fingerprint, write_fingerprint
 from qconvert.pipeline import QuantizeRequest, prepare_quantize, summarize
+from qconvert.writing import run_guard
 
 TOP_KEYS = ("defaults", "jobs")
 JOB_ONLY_KEYS = ("model",)
@@ -385,8 +386,15 @@ def run_job(job: Job, settings: Settings, advance: Callable[[int], None] | None 
             cancel: threading.Event | None = None) -> list[dict]:
     """Every output of one job: skipped when up to date, otherwise built from one read of the model.
 
-    Returns one report row per output, in the job's order. Only interrupts escape.
+    Returns one report row per output, in the job's order. Only interrupts escape. The outputs' locks
+    (taken when each output is planned) are held for the job and released when it ends.
     """
+    with run_guard():
+        return _run_job(job, settings, advance, cancel)
+
+
+def _run_job(job: Job, settings: Settings, advance: Callable[[int], None] | None,
+             cancel: threading.Event | None) -> list[dict]:
     from qconvert.checkpoint import resolve_source
 
     started = time.perf_counter()

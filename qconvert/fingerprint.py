@@ -44,9 +44,13 @@ def digest(files: list[list[object]], options: dict, version: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# qconvert's own bookkeeping in an output folder: not part of what the output is.
+_BOOKKEEPING = (FINGERPRINT_NAME, ".qconvert-journal.json")  # the latter: --resume's journal, gone after the rename
+
+
 def output_files(folder: Path) -> list[list[object]]:
     return [[str(p.relative_to(folder)), p.stat().st_size] for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != FINGERPRINT_NAME]
+            if p.is_file() and p.name not in _BOOKKEEPING]
 
 
 def write_fingerprint(folder: Path, key: str, model: str, options: dict, version: str) -> None:

@@ -23,6 +23,7 @@ from qconvert.fingerprint import FINGERPRINT_NAME
 from qconvert.pipeline import QuantizeRequest, prepare_quantize
 from qconvert.safetensors_io import TensorReader
 from qconvert.schemes import get_scheme
+from qconvert.writing import run_guard
 from tests.conftest import CliResult, build_tiny_llama, tree_digest
 
 
@@ -190,7 +191,7 @@ jobs:
     rows = [json.loads(line) for line in dry.stdout.splitlines()]
     assert [r["status"] for r in rows[:-1]] == ["ok", "ok"] and all(r["dry_run"] for r in rows[:-1])
     assert rows[0]["bytes_out"] > 0 and rows[-1]["summary"]["dry_run"] is True
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # (the failed run's parent)
 
 
 BAD_JOB_FILES = [
@@ -266,7 +267,8 @@ def test_exit_codes() -> None:
     assert exit_code([bad, broken]) == 1
 
 
-def test_one_read_feeds_every_output(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_read_feeds_every_output(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     request: pytest.FixtureRequest) -> None:
     """Every input tensor is read once for a three-scheme job (copies included), and an output that fails
     midway is abandoned alone: the others are complete and byte-identical."""
     reads: list[str] = []
@@ -276,6 +278,9 @@ def test_one_read_feeds_every_output(models: dict[str, Path], tmp_path: Path, mo
         reads.append(info.name)  # type: ignore[attr-defined]
         return original(self, info)  # type: ignore[arg-type]
 
+    guard = run_guard()  # prepare_quantize locks each target, as batch's run_job does inside one guard
+    guard.__enter__()
+    request.addfinalizer(lambda: guard.__exit__(None, None, None))
     prepared = [prepare_quantize(QuantizeRequest(str(models["llama"]), get_scheme(s), tmp_path / s,
                                                  show_progress=False), lambda _: None)
                 for s in ("rtn4", "fp8-block", "w8a8-int8")]
@@ -296,6 +301,7 @@ def test_one_read_feeds_every_output(models: dict[str, Path], tmp_path: Path, mo
     assert read == prepared[0].checkpoint.tensor_bytes + 2 * sum(
         (models["llama"] / rel).stat().st_size for rel in prepared[0].checkpoint.other_files)
     assert [type(o.error).__name__ if o.error else None for o in outputs] == [None, "BadInputError", None]
+    guard.__exit__(None, None, None)  # the locks go with the run
     assert not (tmp_path / "fp8-block").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["rtn4", "w8a8-int8"]
     for scheme in ("rtn4", "w8a8-int8"):
         single = tmp_path / "single" / scheme
