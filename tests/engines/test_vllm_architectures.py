@@ -48,11 +48,14 @@ from tests.test_architectures import build_checkpoint, run_quantize  # noqa: E40
 
 # The matrix's architectures vLLM 0.33.0 registers a model class for (its registry, by the config's
 # `architectures`). Left out: llama and deepseek_v3 (test_vllm.py covers them), bert and t5 (no generative model
-# class for them in vLLM), gpt2 (nothing quantized: its Conv1D layers stay as they are), granitemoe and gpt_oss
-# (their fused 3-D experts stay unquantized), gemma3_mm (gemma3 text covers its language model).
+# class for them in vLLM), gpt2 (nothing quantized: its Conv1D layers stay as they are).
 ARCHITECTURES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma2", "gemma3", "opt", "gpt_neox",
-                 "olmo2", "falcon", "qwen2_vl", "llava")
+                 "olmo2", "falcon", "granitemoe", "gpt_oss", "qwen2_vl", "llava", "gemma3_mm")
 MOE = ("qwen3_moe", "mixtral")
+# MoE architectures whose fused 3-D experts qconvert keeps unquantized (--keep-fused-experts): the config's
+# `ignore` names the routers but not the experts modules, and vLLM matches its FusedMoE layers to the "Linear"
+# target, so it builds quantized expert parameters the checkpoint does not have (see KNOWN_REFUSALS).
+FUSED_EXPERTS_KEPT = ("granitemoe", "gpt_oss")
 
 # vLLM's block-FP8 layers need every part of a fused layer (q/k/v → qkv_proj) to span whole 128-row blocks
 # (``validate_fp8_block_shape``); the matrix's tiny models have 64-row k/v projections (2 KV heads of 32; Falcon's
@@ -65,20 +68,25 @@ KNOWN_REFUSALS: dict[tuple[str, str, int], str] = {
     **{(arch, "fp8-block", 90): _NARROW.format(rows=64)
        for arch in ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3", "olmo2")},
     ("falcon", "fp8-block", 90): _NARROW.format(rows=32),
+    **{("granitemoe", "fp8-block", 90): _NARROW.format(rows=64), ("gpt_oss", "fp8-block", 90): _NARROW.format(rows=64)},
+    **{("granitemoe", "rtn4", c): "AttributeError: Layer model.layers.0.block_sparse_moe.experts has no parameter "
+       "'w13_weight' for checkpoint weight 'model.layers.0.block_sparse_moe.experts.gate_up_proj'" for c in (80, 90)},
+    **{("gpt_oss", "rtn4", c): "KeyError: 'layers.0.mlp.experts.w2_weight'" for c in (80, 90)},
 }
 # The same architectures with k/v projections of 128 rows (the matrix's config otherwise): 4 KV heads of 32;
 # Falcon: head_dim 128 (hidden 512, 4 heads).
 WIDE_KV: dict[str, dict] = {
-    **{arch: {"num_key_value_heads": 4} for arch, _, _ in KNOWN_REFUSALS if arch != "falcon"},
+    **{arch: {"num_key_value_heads": 4} for arch, _, _ in KNOWN_REFUSALS
+       if arch != "falcon" and arch not in FUSED_EXPERTS_KEPT},
     "falcon": {"hidden_size": 512},
 }
 
 # Multimodal architectures whose vLLM model module cannot be imported here: vLLM's qwen2_vl.py imports
-# transformers' Qwen2-VL image processor, and its llava.py (through its Pixtral/Mistral support) torchvision and
-# mistral_common; torchvision's PyPI wheels link libtorch_cuda.so / libc10_cuda.so, which the CPU torch lacks
+# transformers' Qwen2-VL image processor, which imports torchvision; its gemma3_mm.py and llava.py need torchvision
+# too (llava.py also mistral_common, a pure-Python package the venv could get); torchvision's PyPI wheels link libtorch_cuda.so / libc10_cuda.so, which the CPU torch lacks
 # (its CPU builds are only on download.pytorch.org). vLLM's registry inspection then fails before any model class
 # is built ("Model architectures [...] failed to be inspected").
-NEEDS_TORCHVISION = ("qwen2_vl", "llava")
+NEEDS_TORCHVISION = ("qwen2_vl", "llava", "gemma3_mm")
 
 RESULTS: list[harness.Result] = []
 
