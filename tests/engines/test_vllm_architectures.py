@@ -83,9 +83,10 @@ WIDE_KV: dict[str, dict] = {
 
 # Multimodal architectures whose vLLM model module cannot be imported here: vLLM's qwen2_vl.py imports
 # transformers' Qwen2-VL image processor, which imports torchvision; its gemma3_mm.py and llava.py need torchvision
-# too (llava.py also mistral_common, a pure-Python package the venv could get); torchvision's PyPI wheels link libtorch_cuda.so / libc10_cuda.so, which the CPU torch lacks
-# (its CPU builds are only on download.pytorch.org). vLLM's registry inspection then fails before any model class
-# is built ("Model architectures [...] failed to be inspected").
+# too (llava.py also mistral_common, a pure-Python package the venv could get). torchvision's PyPI wheels link
+# libtorch_cuda.so / libc10_cuda.so, which the CPU torch lacks (its CPU builds are only on download.pytorch.org).
+# vLLM's registry inspection then fails before any model class is built ("Model architectures [...] failed to be
+# inspected"; the subprocess's error: "ModuleNotFoundError: No module named 'torchvision'").
 NEEDS_TORCHVISION = ("qwen2_vl", "llava", "gemma3_mm")
 
 RESULTS: list[harness.Result] = []
