@@ -54,7 +54,7 @@ _state: dict[str, Any] = {"capability": 90}
 class Result:
     engine: str
     version: str
-    family: str  # "llama" | "deepseek"
+    family: str  # "llama" | "deepseek", or the model_type (tests/engines/test_vllm_architectures.py)
     kind: str  # output kind, as in qconvert.serving (e.g. "fp8-block", "fp8+fnuz", "mixed:fp8-block+rtn4")
     capability: int
     picks: dict[str, str] = field(default_factory=dict)  # layer kind → scheme / method class name
@@ -200,17 +200,25 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:600]}"
 
 
-def model_config(folder: Path) -> Any:
-    """vLLM's ModelConfig for the folder (parses config.json, incl. quantization_config); one per checkpoint."""
+def model_config(folder: Path, max_model_len: int | None = 256) -> Any:
+    """vLLM's ModelConfig for the folder (parses config.json, incl. quantization_config); one per checkpoint.
+    ``max_model_len=None``: the one vLLM derives from the config (tiny models may allow fewer than 256)."""
     bootstrap()
     from vllm.config import ModelConfig
 
-    return ModelConfig(model=str(folder), dtype="bfloat16", enforce_eager=True, max_model_len=256, seed=0)
+    return ModelConfig(model=str(folder), dtype="bfloat16", enforce_eager=True, max_model_len=max_model_len, seed=0)
+
+
+# Modules of a multimodal model's vision tower and projector (qconvert leaves them unquantized): their layer
+# kinds are named "vision:<leaf>", apart from the language model's.
+_VISION_PREFIXES = ("visual.", "vision_tower.", "multi_modal_projector.", "vision_model.")
 
 
 def _layer_kind(module_name: str) -> str:
     leaf = module_name.rsplit(".", 1)[-1]
-    return "experts" if leaf in ("experts", "routed_experts") else leaf
+    kind = "experts" if leaf in ("experts", "routed_experts") else leaf
+    vision = any(module_name.startswith(p) or f".{p}" in module_name for p in _VISION_PREFIXES)
+    return f"vision:{kind}" if vision else kind
 
 
 def _disk_tensors(folder: Path) -> dict[str, Any]:
@@ -253,7 +261,13 @@ def _expected(model: Any, disk: dict[str, Any]) -> Iterator[tuple[str, list[list
     row-groups (experts; one group for a plain layer), each a list of parts concatenated along dim 0, and
     whether any one part may be the value (``weight_shape``: a fused layer keeps one part's shape)."""
     packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
-    expert_map = model.get_expert_mapping() if hasattr(model, "get_expert_mapping") else []
+    expert_map = model.get_expert_mapping() if hasattr(model, "get_expert_mapping") else _experts_mapping(model)
+    sources = _sources(model, disk)
+
+    def on_disk(groups: list[list[str]]) -> list[list[str]]:
+        """vLLM-side names → the checkpoint's (through the model's ``hf_to_vllm_mapper``, where it has one)."""
+        return [[n for part in group for n in sources.get(part, [part])] for group in groups]
+
     for name, _ in model.named_parameters():
         module, _, leaf = name.rpartition(".")
         prefix, _, mod_leaf = module.rpartition(".")
@@ -267,11 +281,43 @@ def _expected(model: Any, disk: dict[str, Any]) -> Iterator[tuple[str, list[list
                     order = {"w1": 0, "w3": 1, "w2": 0}[shard]
                     by_expert.setdefault(expert, []).append((order, f"{name[:at]}.{weight_name}{suffix}"))
             groups = [[n for _, n in sorted(parts)] for _, parts in sorted(by_expert.items())]
-            yield name, groups or [[name]], any_part
-        elif mod_leaf in packed:
-            yield name, [[f"{prefix}.{part}.{leaf}" for part in packed[mod_leaf]]], any_part
+            yield name, on_disk(groups or [[name]]), any_part
+        elif mod_leaf in packed and name not in disk and name not in sources:
+            # (a checkpoint that already holds the fused layer, e.g. Phi-3's qkv_proj, is loaded as it is)
+            yield name, on_disk([[f"{prefix}.{part}.{leaf}" for part in packed[mod_leaf]]]), any_part
         else:
-            yield name, [[name]], any_part
+            yield name, on_disk([[name]]), any_part
+
+
+def _experts_mapping(model: Any) -> list[tuple[str, str, int, str]]:
+    """For models without ``get_expert_mapping`` (their experts load through the MoE runner's own
+    ``load_weights``, e.g. Qwen3-MoE, Mixtral): vLLM's model-wide expert mapping, made by its own
+    ``RoutedExperts.make_expert_params_mapping`` from the experts layer's checkpoint names."""
+    try:
+        from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    except ImportError:
+        return []
+    layer = next((m for m in model.modules() if isinstance(m, RoutedExperts)), None)
+    if layer is None:
+        return []
+    return RoutedExperts.make_expert_params_mapping(model, layer.ckpt_gate_proj_name, layer.ckpt_down_proj_name,
+                                                    layer.ckpt_up_proj_name, layer.moe_config.num_logical_experts)
+
+
+def _sources(model: Any, disk: dict[str, Any]) -> dict[str, list[str]]:
+    """vLLM parameter name → the checkpoint names the model's own ``hf_to_vllm_mapper`` maps onto it (several,
+    in shard order, where the mapper stacks them, e.g. a vision tower's q/k/v → qkv); only renamed names."""
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    if mapper is None:
+        return {}
+    shards: dict[str, list[tuple[int, str]]] = {}
+    order = {str(shard): i for i, (_, shard) in enumerate(mapper.orig_to_new_stacked.values())}
+    for disk_name in disk:
+        mapped = mapper._map_name_with_shard(disk_name)
+        if mapped is None or mapped[0] == disk_name:
+            continue
+        shards.setdefault(mapped[0], []).append((order.get(str(mapped[1]), 0), disk_name))
+    return {name: [n for _, n in sorted(parts)] for name, parts in shards.items()}
 
 
 def _compare(name: str, got: Any, groups: list[list[str]], any_part: bool, disk: dict[str, Any]) -> str | None:
@@ -342,6 +388,8 @@ def run_case(folder: Path, family: str, kind: str, capability: int, mc: Any | No
     for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         if method is None or name.endswith(".attn") or name.endswith("embed_tokens") or name == "lm_head":
+            continue
+        if "Embedding" in type(method).__name__:  # other models' embeddings and (tied) LM heads
             continue
         scheme = getattr(module, "scheme", None)
         pick = type(scheme if scheme is not None else method).__name__

@@ -1,0 +1,248 @@
+"""vLLM conformance tier over the architecture matrix (issue 11): every architecture of ``tests/arch_matrix.py``
+that vLLM 0.33.0 has a model class for, through that real model class.
+
+Each architecture's tiny seeded random checkpoint (the matrix's own builder, ``build_checkpoint``) is quantized
+in-process by qconvert in rtn4 and fp8-block (and fp8 for the MoE ones); vLLM parses the config, builds its model
+class for the architecture (``MistralForCausalLM``, ``Qwen3MoeForCausalLM``, ``Qwen2VLForConditionalGeneration``, its
+Transformers backend for GPT-NeoX and Olmo2, ...) so that ``CompressedTensorsConfig`` picks a method per layer, and
+every tensor goes through the model's own ``load_weights`` (see ``vllm_harness``: every parameter written, equal to
+the checkpoint, nothing on disk left unused). Capabilities: sm90 for every scheme, sm80 as well for rtn4; one
+checkpoint per architecture and scheme, reused across capabilities.
+
+The test asserts that vLLM loads a case exactly when ``qconvert.serving`` says vLLM serves the kind for the
+architecture's family (every non-DeepSeek architecture is family "llama" there), and that every quantized layer
+kind gets the table's ``method`` (MoE experts: ``moe_method``); routers and vision-tower layers (which qconvert
+leaves unquantized) must get vLLM's unquantized linear method. Where vLLM refuses what the table claims, the case
+is ``xfail(strict=True)`` with vLLM's exact message (``KNOWN_REFUSALS``).
+
+Stubbed, as in ``test_vllm.py``: vLLM runs on its CPU platform with the capability query patched, kernel selection
+falls back where this CPU has no kernel, and no post-load processing runs. Results go to
+``${QCONVERT_ENGINES_REPORT:-build/engines}/vllm-architectures.json`` (``family`` = the model_type).
+
+Run in the vLLM venv: ``make engines``; skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.engines import vllm_harness as harness
+
+_REASON = harness.unavailable_reason()
+if _REASON:
+    pytest.skip(_REASON, allow_module_level=True)
+
+os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(sys.prefix) / "vllm-cache"))
+
+from qconvert import serving  # noqa: E402
+from qconvert.errors import BadInputError  # noqa: E402
+from tests.arch_matrix import CASES, ArchCase  # noqa: E402
+from tests.test_architectures import build_checkpoint, run_quantize  # noqa: E402
+
+# The matrix's architectures vLLM 0.33.0 registers a model class for (its registry, by the config's
+# `architectures`). Left out: llama and deepseek_v3 (test_vllm.py covers them), bert and t5 (no generative model
+# class for them in vLLM), gpt2 (nothing quantized: its Conv1D layers stay as they are).
+ARCHITECTURES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma2", "gemma3", "opt", "gpt_neox",
+                 "olmo2", "falcon", "granitemoe", "gpt_oss", "qwen2_vl", "llava", "gemma3_mm")
+MOE = ("qwen3_moe", "mixtral")
+# MoE architectures whose fused 3-D experts qconvert keeps unquantized (--keep-fused-experts): the config's
+# `ignore` names the routers but not the experts modules, and vLLM matches its FusedMoE layers to the "Linear"
+# target, so it builds quantized expert parameters the checkpoint does not have (see KNOWN_REFUSALS).
+FUSED_EXPERTS_KEPT = ("granitemoe", "gpt_oss")
+
+# vLLM's block-FP8 layers need every part of a fused layer (q/k/v → qkv_proj) to span whole 128-row blocks
+# (``validate_fp8_block_shape``); the matrix's tiny models have 64-row k/v projections (2 KV heads of 32; Falcon's
+# multi-query k/v: 32 rows), which qconvert quantizes in fp8-block with a partial block. The table lists fp8-block
+# as served by vLLM for every "llama"-family model with no shape condition: a real disagreement, kept here as
+# strict xfails with vLLM's message; each of these architectures is also run in fp8-block with wider k/v
+# projections (``WIDE_KV``), which must load.
+_NARROW = "ValueError: Weight output_partition_size = {rows} is not divisible by weight quantization block_n = 128."
+KNOWN_REFUSALS: dict[tuple[str, str, int], str] = {
+    **{(arch, "fp8-block", 90): _NARROW.format(rows=64)
+       for arch in ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3", "olmo2")},
+    ("falcon", "fp8-block", 90): _NARROW.format(rows=32),
+    **{("granitemoe", "fp8-block", 90): _NARROW.format(rows=64), ("gpt_oss", "fp8-block", 90): _NARROW.format(rows=64)},
+    **{("granitemoe", "rtn4", c): "AttributeError: Layer model.layers.0.block_sparse_moe.experts has no parameter "
+       "'w13_weight' for checkpoint weight 'model.layers.0.block_sparse_moe.experts.gate_up_proj'" for c in (80, 90)},
+    **{("gpt_oss", "rtn4", c): "KeyError: 'layers.0.mlp.experts.w2_weight'" for c in (80, 90)},
+}
+# The same architectures with k/v projections of 128 rows (the matrix's config otherwise): 4 KV heads of 32;
+# Falcon: head_dim 128 (hidden 512, 4 heads).
+WIDE_KV: dict[str, dict] = {
+    **{arch: {"num_key_value_heads": 4} for arch, _, _ in KNOWN_REFUSALS
+       if arch != "falcon" and arch not in FUSED_EXPERTS_KEPT},
+    "falcon": {"hidden_size": 512},
+}
+
+# Multimodal architectures whose vLLM model module cannot be imported here: vLLM's qwen2_vl.py imports
+# transformers' Qwen2-VL image processor, which imports torchvision; its gemma3_mm.py and llava.py need torchvision
+# too (llava.py also mistral_common, a pure-Python package the venv could get). torchvision's PyPI wheels link
+# libtorch_cuda.so / libc10_cuda.so, which the CPU torch lacks (its CPU builds are only on download.pytorch.org).
+# vLLM's registry inspection then fails before any model class is built ("Model architectures [...] failed to be
+# inspected"; the subprocess's error: "ModuleNotFoundError: No module named 'torchvision'").
+NEEDS_TORCHVISION = ("qwen2_vl", "llava", "gemma3_mm")
+
+RESULTS: list[harness.Result] = []
+
+
+class KnownRefusal(AssertionError):
+    """vLLM refused the case with exactly the message ``KNOWN_REFUSALS`` records (any other failure fails)."""
+
+
+def _case(name: str) -> ArchCase:
+    """The matrix's case; ``<arch>+kv128``: the same with the ``WIDE_KV`` config changes."""
+    arch, _, variant = name.partition("+")
+    case = next(c for c in CASES if c.name == arch)
+    return replace(case, name=name, config={**case.config, **WIDE_KV[arch]}) if variant else case
+
+
+def _schemes(arch: str) -> tuple[str, ...]:
+    return ("rtn4", "fp8-block", "fp8") if arch in MOE else ("rtn4", "fp8-block")
+
+
+def _params() -> list:
+    params = []
+    for arch in ARCHITECTURES:
+        for scheme in _schemes(arch):
+            for capability in (80, 90) if scheme == "rtn4" else (90,):
+                marks = []
+                if (arch, scheme, capability) in KNOWN_REFUSALS:
+                    marks.append(pytest.mark.xfail(strict=True, raises=KnownRefusal,
+                                                   reason=KNOWN_REFUSALS[arch, scheme, capability]))
+                params.append(pytest.param(arch, scheme, capability, id=f"{arch}-{scheme}-sm{capability}",
+                                           marks=marks))
+    params += [pytest.param(f"{arch}+kv128", "fp8-block", 90, id=f"{arch}+kv128-fp8-block-sm90") for arch in WIDE_KV]
+    return params
+
+
+class Checkpoints:
+    """Each architecture's source and each (architecture, scheme) output built once per module."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[tuple[str, str], tuple[Path | None, str]] = {}
+        self.configs: dict[Path, object] = {}
+
+    def get(self, arch: str, scheme: str) -> tuple[Path | None, str]:
+        if (arch, scheme) not in self.built:
+            case = _case(arch)
+            source = build_checkpoint(case, self.root)
+            out = self.root / f"{arch}-{scheme}"
+            try:
+                run_quantize(case, source, scheme, out)
+                self.built[arch, scheme] = (out, "")
+            except BadInputError as error:
+                self.built[arch, scheme] = (None, str(error))
+        return self.built[arch, scheme]
+
+    def model_config(self, folder: Path) -> object:
+        if folder not in self.configs:
+            try:
+                self.configs[folder] = harness.model_config(folder, max_model_len=None)
+            except Exception as error:  # vLLM's refusal to parse the config is an observation
+                self.configs[folder] = error
+        return self.configs[folder]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
+    built = Checkpoints(tmp_path_factory.mktemp("vllm-architectures"))
+    # Every source is built by transformers before vLLM builds any model: vLLM's Transformers backend (GPT-NeoX,
+    # Olmo2) decorates transformers' own model classes in place, after which transformers cannot build them alone.
+    for param in _params():
+        arch, scheme, _ = param.values
+        if arch.partition("+")[0] not in NEEDS_TORCHVISION or importlib.util.find_spec("torchvision") is not None:
+            built.get(arch, scheme)
+    return built
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report() -> object:
+    yield
+    if not RESULTS:
+        return
+    table = harness.markdown(RESULTS)
+    print(f"\n\nvLLM {harness.VERSION} architecture results\n\n{table}")
+    target = Path(os.environ.get("QCONVERT_ENGINES_REPORT", "build/engines"))
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "vllm-architectures.json").write_text(json.dumps([r.to_json() for r in RESULTS], indent=1) + "\n")
+    (target / "vllm-architectures.md").write_text(table)
+
+
+def _family(folder: Path) -> str:
+    """The table's family for the checkpoint (by its config's `architectures`)."""
+    return serving.family_of(json.loads((folder / "config.json").read_text()))
+
+
+@pytest.mark.parametrize(("arch", "scheme", "capability"), _params())
+def test_vllm_loads_the_architecture_as_the_table_says(checkpoints: Checkpoints, arch: str, scheme: str,
+                                                       capability: int) -> None:
+    if arch in NEEDS_TORCHVISION and importlib.util.find_spec("torchvision") is None:
+        pytest.skip(f"vLLM's {arch} model module imports torchvision, which this CPU venv cannot have (module doc)")
+    model_type = _case(arch).model_type
+    family_label = model_type + arch.partition("+")[1] + arch.partition("+")[2]  # e.g. "mistral+kv128"
+    folder, refusal = checkpoints.get(arch, scheme)
+    assert folder is not None, f"qconvert refuses {arch} in {scheme}: {refusal}"
+    family = _family(folder)
+    config = checkpoints.model_config(folder)
+    if isinstance(config, Exception):
+        result = harness.Result(harness.ENGINE, harness.VERSION, family_label, scheme, capability,
+                                problems=[harness._one_line(config)])
+    else:
+        result = harness.run_case(folder, family_label, scheme, capability, config)
+    RESULTS.append(result)
+
+    entry = serving.pick(scheme, serving.Engine.VLLM, capability, family)
+    served = entry is not None
+    known = KNOWN_REFUSALS.get((arch, scheme, capability))
+    if known is not None and served and not result.loaded and result.problems == [known]:
+        raise KnownRefusal(f"the table says vLLM serves {arch} in {scheme} at sm{capability}; vLLM: {known}")
+    assert result.loaded == served, (
+        f"vLLM {'loads' if result.loaded else 'does not load'} {arch} ({scheme}) at sm{capability}, the table "
+        f"(family {family}) says it {'does' if served else 'does not'}: {result.problems[:3]}")
+    if not result.loaded:
+        return
+    assert entry is not None
+    wrong = {}
+    quantized = 0
+    for layer, pick in result.picks.items():
+        if layer == "gate" or layer.startswith("vision:"):  # router, vision tower: unquantized by qconvert
+            want = "UnquantizedLinearMethod"
+        else:
+            want = entry.moe_method if layer == "experts" else entry.method
+            quantized += 1
+        if pick != want:
+            wrong[layer] = f"{pick} (table: {want})"
+    assert not wrong, f"{arch} ({scheme}) sm{capability}: {wrong}"
+    assert quantized, f"{arch}: vLLM built no quantized layer: {result.picks}"
+    if arch in MOE:
+        assert "experts" in result.picks, f"{arch}: vLLM built no MoE experts layer: {result.picks}"
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_the_harness_sees_a_damaged_expert(checkpoints: Checkpoints, tmp_path: Path, arch: str) -> None:
+    """The expert checks can fail: one expert's scales left out of the checkpoint is reported (never written by
+    vLLM's MoE loader, or a missing part of what vLLM's expert mapping expects)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = checkpoints.get(arch, "rtn4")
+    assert folder is not None
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    shard = next(broken.glob("*.safetensors"))
+    tensors = load_file(shard)
+    dropped = next(n for n in sorted(tensors) if ".experts.1." in n and n.endswith("weight_scale"))
+    del tensors[dropped]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = harness.run_case(broken, _case(arch).model_type, "rtn4", 90, harness.model_config(broken, None))
+    assert not result.loaded
+    assert any("experts" in problem for problem in result.problems), result.problems
