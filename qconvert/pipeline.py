@@ -23,7 +23,7 @@ from qconvert.conversions import plan_conversion
 from qconvert.engine import ExecutionSettings, execute, execution_settings, warm_up
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
-from qconvert.planning import Plan, check_coverage, make_plan
+from qconvert.planning import Plan, check_coverage, make_plan, module_of
 from qconvert.preflight import (
     check_plan,
     finish_shard,
@@ -35,7 +35,15 @@ from qconvert.preflight import (
 from qconvert.progress import Progress
 from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
 from qconvert.schemes import Scheme
-from qconvert.serving import SGLANG_VERSION, VLLM_VERSION, family_of, output_kind, servers_missing, serves_in
+from qconvert.serving import (
+    SGLANG_VERSION,
+    VLLM_VERSION,
+    family_of,
+    misaligned_layer,
+    output_kind,
+    servers_missing,
+    serves_in,
+)
 from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_layers
 from qconvert.units import Unit, apply_fnuz, quantize_units, shared_tensor_scales
 from qconvert.writing import (
@@ -155,7 +163,13 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
         if stored:
             notes.insert(0, f"note: the input is quantized ({describe_stored(stored)}); matching layers are "
                          "copied, others rebuilt and requantized, unquantized ones written back in full precision")
-        notes.extend(_serving_notes(kinds, family, request.fnuz))
+        misaligned = _block_misaligned(plan, view, request.layout)
+        if misaligned is not None:
+            notes.append(f"note: {misaligned[0]} {list(misaligned[1])} is not whole 128x128 blocks: vLLM and SGLang "
+                         "refuse block-scaled layers with a partial block (qconvert verify and transformers load "
+                         "it); for those engines give such layers (and the rest of their fused layer) fp8, e.g. "
+                         "--override 're:.*self_attn.*=fp8'")
+        notes.extend(_serving_notes(kinds, family, request.fnuz, misaligned is not None))
         for note in notes:
             notice(note)
         if not request.dry_run:
@@ -163,19 +177,28 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
             units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize)
     if request.fnuz:
         units = apply_fnuz(units)
-    serving = [s.to_json() for s in serves_in(kinds, family)]
+    serving = [s.to_json() for s in serves_in(kinds, family, misaligned is not None)]
     return PreparedQuantize(checkpoint, target, plan, config, units, started, {"serves_in": serving}, settings)
 
 
-def _serving_notes(kinds: list[str], family: str, fnuz: bool) -> list[str]:
+def _block_misaligned(plan: Plan, view: dict[str, TensorInfo], layout: str) -> tuple[str, tuple[int, ...]] | None:
+    """The first layer of a block scheme that is not whole blocks (engines refuse it), or None."""
+    for name, scheme in plan.quantize.items():
+        hit = misaligned_layer(output_kind(scheme.name, layout), [(module_of(name), view[name].shape)])
+        if hit is not None:
+            return hit
+    return None
+
+
+def _serving_notes(kinds: list[str], family: str, fnuz: bool, misaligned: bool = False) -> list[str]:
     """What the user should know about where the output can be served (from the serving table)."""
     notes = []
     if fnuz:
         notes.append(f"note: --fnuz writes e4m3fnuz values for runtimes that read fp8 weights as stored (qconvert "
                      f"verify); vLLM {VLLM_VERSION} and SGLang {SGLANG_VERSION} load plain e4m3fn checkpoints and "
                      "normalize them to fnuz on ROCm themselves, so for them leave out --fnuz")
-    elif servers_missing(kinds, family):
-        where = "; ".join(s.describe() for s in serves_in(kinds, family)) or "nothing we have tested"
+    elif servers_missing(kinds, family, misaligned):
+        where = "; ".join(s.describe() for s in serves_in(kinds, family, misaligned)) or "nothing we have tested"
         hint = (" (for SGLang, --layout sglang on DeepSeek-family models)"
                 if "int8-block" in kinds else "")
         notes.append(f"note: neither vLLM {VLLM_VERSION} nor SGLang {SGLANG_VERSION} loads {', '.join(kinds)} in "

@@ -280,6 +280,12 @@ def _ignore_list(checkpoint: Checkpoint, plan: Plan) -> list[str]:
     towers: set[str] = set()
     quantized_modules = {module_of(name) for name in plan.quantize}
     for skipped in plan.skipped:
+        if len(skipped.shape) == 3 and skipped.kind == LayerKind.EXPERTS:
+            # Kept 3-D fused experts: engines build one fused-MoE layer (`...experts`) for them, which must be
+            # ignored too, or vLLM allocates quantized expert parameters that nothing on disk fills.
+            parent = skipped.module.rpartition(".")[0]
+            names.add(_portable_entry(parent if parent.endswith(".experts") else f"{parent}.experts", facts))
+            continue
         if not skipped.runtime_linear:
             continue
         tower = facts.vision_tower(skipped.module)

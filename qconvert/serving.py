@@ -166,11 +166,14 @@ def fused_modules(modules: list[str]) -> dict[str, list[str]]:
     return fused
 
 
-def serves_in(kinds: list[str], family: str = "llama") -> list[Serving]:
+def serves_in(kinds: list[str], family: str = "llama", block_misaligned: bool = False) -> list[Serving]:
     """The engines that serve an output made of layers of every kind in ``kinds`` (a mixed-precision
-    checkpoint needs each kind served): per engine, the entry with the highest minimum capability."""
+    checkpoint needs each kind served): per engine, the entry with the highest minimum capability.
+    ``block_misaligned``: some block-scheme layer is not whole blocks (see :func:`misaligned_layer`)."""
     result = []
     for engine in Engine:
+        if block_misaligned and engine in (Engine.VLLM, Engine.SGLANG):
+            continue
         entries = []
         for kind in kinds:
             usable = [s for s in serving_for(kind, family) if s.engine == engine]
@@ -188,9 +191,9 @@ def serves_in(kinds: list[str], family: str = "llama") -> list[Serving]:
     return result
 
 
-def servers_missing(kinds: list[str], family: str = "llama") -> bool:
+def servers_missing(kinds: list[str], family: str = "llama", block_misaligned: bool = False) -> bool:
     """True when no serving engine (vLLM, SGLang) loads such an output."""
-    return not any(s.engine in (Engine.VLLM, Engine.SGLANG) for s in serves_in(kinds, family))
+    return not any(s.engine in (Engine.VLLM, Engine.SGLANG) for s in serves_in(kinds, family, block_misaligned))
 
 
 def markdown_table() -> str:
@@ -229,3 +232,17 @@ if __name__ == "__main__":  # python -m qconvert.serving [README.md]: print the 
         path.write_text(readme_with_table(path.read_text()))
     else:
         print(markdown_table(), end="")
+
+
+# Block methods of vLLM and SGLang need every quantized layer's output and input size (and every part of a fused
+# layer) to be whole blocks; a partial block, which qconvert itself writes correctly, is refused at load
+# ("output_partition_size = 64 is not divisible by weight quantization block_n = 128").
+BLOCK_ALIGNED_KINDS = {"fp8-block": 128}
+
+
+def misaligned_layer(kind: str, layers: list[tuple[str, tuple[int, ...]]]) -> tuple[str, tuple[int, ...]] | None:
+    """The first (module, shape) of ``kind`` that vLLM and SGLang would refuse for partial blocks, or None."""
+    block = BLOCK_ALIGNED_KINDS.get(kind.split("+")[0])
+    if block is None:
+        return None
+    return next(((m, s) for m, s in layers if s[0] % block or s[1] % block), None)

@@ -212,3 +212,23 @@ def test_readme_table_is_the_serving_table() -> None:
     readme = (REPO / "README.md").read_text()
     assert serving.README_MARKERS[0] in readme
     assert readme == serving.readme_with_table(readme), "run: python -m qconvert.serving README.md"
+
+
+def test_partial_blocks_are_not_served_by_the_engines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM refuses fp8-block layers that are not whole 128x128 blocks (tests/engines/test_vllm_architectures.py
+    records its message); qconvert writes them correctly, says so, and leaves vLLM and SGLang out of serves_in."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")  # k/v: 64 rows
+    code, out, err = run_inline(capsys, "quantize", tmp_path / "m", "-s", "fp8-block", "-o", tmp_path / "o", "--json")
+    assert code == 0, err
+    notes = [line for line in stderr_lines(err) if "not whole 128x128 blocks" in line]
+    assert len(notes) == 1 and "k_proj [64, 256]" in notes[0]
+    assert not {"vllm", "sglang"} & {e["engine"] for e in json.loads(out)["serves_in"]}
+    code, out, err = run_inline(capsys, "quantize", tmp_path / "m", "-s", "fp8-block", "--override",
+                                "re:.*self_attn.*=fp8", "-o", tmp_path / "o2", "--json")
+    assert code == 0, err
+    assert {"vllm", "sglang"} <= {e["engine"] for e in json.loads(out)["serves_in"]}
