@@ -284,7 +284,10 @@ def _ignore_list(checkpoint: Checkpoint, plan: Plan) -> list[str]:
             # Kept 3-D fused experts: engines build one fused-MoE layer (`...experts`) for them, which must be
             # ignored too, or vLLM allocates quantized expert parameters that nothing on disk fills.
             parent = skipped.module.rpartition(".")[0]
-            names.add(_portable_entry(parent if parent.endswith(".experts") else f"{parent}.experts", facts))
+            experts = parent if parent.endswith(".experts") else f"{parent}.experts"
+            names.add(_portable_entry(experts, facts))
+            # vLLM asks about a fused-MoE layer through its first expert's separate names (`experts.0.gate_proj`).
+            names.add(rf"re:^(model\.)?{re.escape(experts.removeprefix('model.'))}\.\d+\.[^.]+$")
             continue
         if not skipped.runtime_linear:
             continue

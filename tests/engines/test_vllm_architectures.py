@@ -92,6 +92,10 @@ NEEDS_TORCHVISION = ("qwen2_vl", "llava", "gemma3_mm")
 RESULTS: list[harness.Result] = []
 
 
+class HarnessCannotPlace(AssertionError):
+    """vLLM loaded without a loader error, but the harness cannot map some parameters to checkpoint tensors."""
+
+
 class KnownRefusal(AssertionError):
     """vLLM refused the case with exactly the message ``KNOWN_REFUSALS`` records (any other failure fails)."""
 
@@ -116,6 +120,10 @@ def _params() -> list:
                 if (arch, scheme, capability) in KNOWN_REFUSALS:
                     marks.append(pytest.mark.xfail(strict=True, raises=KnownRefusal,
                                                    reason=KNOWN_REFUSALS[arch, scheme, capability]))
+                elif arch in FUSED_EXPERTS_KEPT and scheme == "rtn4":
+                    marks.append(pytest.mark.xfail(strict=True, raises=HarnessCannotPlace, reason=(
+                        "vLLM loads it (experts and router unquantized, no loader error), but the harness cannot "
+                        "place vLLM's fused expert parameters and renamed router in the 3-D checkpoint tensors")))
                 params.append(pytest.param(arch, scheme, capability, id=f"{arch}-{scheme}-sm{capability}",
                                            marks=marks))
     params += [pytest.param(f"{arch}+kv128", "fp8-block", 90, id=f"{arch}+kv128-fp8-block-sm90") for arch in WIDE_KV]
@@ -206,6 +214,10 @@ def test_vllm_loads_the_architecture_as_the_table_says(checkpoints: Checkpoints,
         assert narrow is None or result.problems == [narrow], result.problems
     served = entry is not None
     known = KNOWN_REFUSALS.get((arch, scheme, capability))
+    placing = "filled by vLLM, but the checkpoint has no"
+    if (arch in FUSED_EXPERTS_KEPT and not result.loaded and result.problems
+            and all(placing in p or "no parameter of vLLM's model holds it" in p for p in result.problems)):
+        raise HarnessCannotPlace(f"{arch}: {result.problems[:2]}")
     if known is not None and served and not result.loaded and result.problems == [known]:
         raise KnownRefusal(f"the table says vLLM serves {arch} in {scheme} at sm{capability}; vLLM: {known}")
     assert result.loaded == served, (
