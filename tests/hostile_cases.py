@@ -797,7 +797,7 @@ NUMERIC_CASES = [
     Case("names: stray weight_scale_inv beside a bf16 weight (sglang layout)",
          _with_scheme(_rewrite_tensor(DOWN, lambda t: None, add={
              "model.layers.0.mlp.down_proj.weight_scale_inv": torch.ones(1, 2)}), "--scheme", "int8-block",
-             "--layout", "sglang"),
+             "--layout", "sglang", "--force-layout"),
          needles=("down_proj.weight_scale_inv", "twice")),
     Case("names: stray weight_packed beside a bf16 weight", _rewrite_tensor(DOWN, lambda t: None, add={
         "model.layers.0.mlp.down_proj.weight_packed": torch.zeros(128, 32, dtype=torch.int32)}),

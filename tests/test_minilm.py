@@ -28,7 +28,7 @@ def test_embedding_fidelity(minilm_dir: Path, tmp_path: Path, scheme: str) -> No
     # Every encoder Linear (6 layers x 6) and the pooler; embeddings and LayerNorms left alone.
     assert summary["quantized_layers"] == 37
     skipped = {s["module"]: s["reason"] for s in summary["skipped"]}
-    assert skipped["embeddings.word_embeddings"] == "embedding"
+    assert skipped["embeddings.word_embeddings"].startswith("embedding")
     assert read_config(out)["quantization_config"]["ignore"] == []
     assert (out / "1_Pooling" / "config.json").is_file() and (out / "modules.json").is_file()
 

@@ -32,7 +32,10 @@ def ct_decompress(folder: Path) -> dict[str, torch.Tensor]:
     linear = torch.nn.Linear(1, 1, device="meta")
     rebuilt = {}
     for module in sorted(modules):
-        (scheme,) = [g for g in config.config_groups.values() if is_match(module, linear, g.targets, config.ignore)]
+        matching = [g for g in config.config_groups.values() if is_match(module, linear, g.targets, config.ignore)]
+        # compressed-tensors' precedence: a group naming the module wins over a class-name ("Linear") group.
+        named = [g for g in matching if any(t != "Linear" for t in g.targets if is_match(module, linear, [t]))]
+        (scheme,) = named or matching
         state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == module}
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
         rebuilt[module] = compressor.decompress(state, scheme)["weight"]
