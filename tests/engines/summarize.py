@@ -32,7 +32,12 @@ def table(records: list[dict]) -> str:
         loaded = sorted({c["capability"] for c in cases if c["loaded"]})
         refused = sorted({c["capability"] for c in cases if not c["loaded"]})
         best = max(cases, key=lambda c: (c["loaded"], c["capability"]))
-        picks = ", ".join(f"{layer}: {name}" for layer, name in sorted((best.get("picks") or {}).items())) or "–"
+        # The distinct methods picked (linear layers, then MoE experts), short names: the full per-layer picks
+        # are in the JSON.
+        methods = best.get("picks") or {}
+        linear = sorted({n.removeprefix("CompressedTensors") for k, n in methods.items() if k != "experts"})
+        experts = methods.get("experts", "").removeprefix("CompressedTensors")
+        picks = ", ".join(linear) + (f"; experts: {experts}" if experts else "") if methods else "–"
         lines.append(f"| {engine} | `{kind}` | {family} | {', '.join(f'sm{c}' for c in loaded) or '–'} | "
                      f"{', '.join(f'sm{c}' for c in refused) or '–'} | {picks} |")
     return "\n".join(lines) + "\n"
