@@ -70,6 +70,10 @@ _VLLM_FP8_MOE = "CompressedTensorsW8A8Fp8MoEMethod"
 _VLLM_FP8_TENSOR = (_vllm("CompressedTensorsW8A16Fp8", 75, families=("llama",)),
                     _vllm("CompressedTensorsW8A8Fp8", 89, families=("llama",)))
 _TRANSFORMERS = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None)
+# transformers' weight conversion of per-expert MoE tensors fails for int-quantized experts and for fp8 block
+# scales of experts larger than one block (tests/arch_matrix.py leaves those out, and says why): dense models only.
+_TRANSFORMERS_DENSE = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None,
+                              families=("llama",), note="dense models; MoE experts fail transformers' conversion")
 _QCONVERT = Serving(Engine.QCONVERT, "", "verify (Triton kernels)", None)
 
 SERVES: dict[str, tuple[Serving, ...]] = {
@@ -79,13 +83,15 @@ SERVES: dict[str, tuple[Serving, ...]] = {
              _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED), _TRANSFORMERS, _QCONVERT),
     "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75, "CompressedTensorsW8A8Int8MoEMethod"),
                   _sglang("CompressedTensorsW8A8Int8", 80, families=("llama",),
-                          note="SGLang: int8 MoE experts only on NPU (DeepSeek refused)"), _TRANSFORMERS, _QCONVERT),
+                          note="SGLang: int8 MoE experts only on NPU (DeepSeek refused)"), _TRANSFORMERS_DENSE,
+                  _QCONVERT),
     "fp8": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE), _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE),
             _sglang("CompressedTensorsW8A16Fp8", 80, "CompressedTensorsW8A8Fp8MoE"),
             _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS, _QCONVERT),
     "fp8-block": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE),
                   _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE),
-                  _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS, _QCONVERT),
+                  _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS_DENSE,
+                  _QCONVERT),
     # vLLM's FP8 MoE method takes per-tensor weights only with static per-tensor activations (a bare
     # AssertionError in CompressedTensorsW8A8Fp8MoEMethod otherwise): DeepSeek-family MoE models do not load.
     "fp8-tensor": (*_VLLM_FP8_TENSOR,
@@ -94,7 +100,7 @@ SERVES: dict[str, tuple[Serving, ...]] = {
                            note="SGLang's fp8 MoE takes tensor weights only with static tensor activations"),
                    _TRANSFORMERS, _QCONVERT),
     # No engine accepts int8 weights with block scales through compressed-tensors.
-    "int8-block": (_TRANSFORMERS, _QCONVERT),
+    "int8-block": (_TRANSFORMERS_DENSE, _QCONVERT),
     # SGLang's blockwise_int8 reaches the scales only where the model's loader keeps `weight_scale_inv`.
     "int8-block@sglang": (_sglang("BlockInt8LinearMethod", 80, "BlockInt8MoEMethod", families=("deepseek",)),
                           _QCONVERT),
