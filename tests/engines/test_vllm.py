@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -157,14 +156,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
 @pytest.fixture(scope="module", autouse=True)
 def report() -> object:
     yield
-    if not RESULTS:
-        return
-    table = harness.markdown(RESULTS)
-    print(f"\n\nvLLM {harness.VERSION} conformance results\n\n{table}")
-    target = Path(os.environ.get("QCONVERT_ENGINES_REPORT", "build/engines"))
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "vllm.json").write_text(json.dumps([r.to_json() for r in RESULTS], indent=1) + "\n")
-    (target / "vllm.md").write_text(table)
+    harness.write_report(RESULTS, "vllm", "conformance results")
 
 
 def _expected_pick(case: Case, layer_kind: str, family: str, capability: int) -> tuple[str | None, bool]:

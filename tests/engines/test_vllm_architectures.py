@@ -174,14 +174,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
 @pytest.fixture(scope="module", autouse=True)
 def report() -> object:
     yield
-    if not RESULTS:
-        return
-    table = harness.markdown(RESULTS)
-    print(f"\n\nvLLM {harness.VERSION} architecture results\n\n{table}")
-    target = Path(os.environ.get("QCONVERT_ENGINES_REPORT", "build/engines"))
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "vllm-architectures.json").write_text(json.dumps([r.to_json() for r in RESULTS], indent=1) + "\n")
-    (target / "vllm-architectures.md").write_text(table)
+    harness.write_report(RESULTS, "vllm-architectures", "architecture results")
 
 
 def _family(folder: Path) -> str:

@@ -447,3 +447,18 @@ def markdown(results: list[Result]) -> str:
             lines.append(f"| {r.engine} | {r.version} | {r.kind} | {r.family} | {layer} | sm{r.capability} | "
                          f"{pick} | {'yes' if r.loaded else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def write_report(results: list[Result], name: str, title: str) -> None:
+    """Print the results table and write it (JSON for tests/engines/summarize.py, and markdown) under
+    ``$QCONVERT_ENGINES_REPORT`` (default build/engines) as ``NAME.json`` / ``NAME.md``."""
+    if not results:
+        return
+    import json
+
+    table = markdown(results)
+    print(f"\n\nvLLM {VERSION} {title}\n\n{table}")
+    target = Path(os.environ.get("QCONVERT_ENGINES_REPORT", "build/engines"))
+    target.mkdir(parents=True, exist_ok=True)
+    (target / f"{name}.json").write_text(json.dumps([r.to_json() for r in results], indent=1) + "\n")
+    (target / f"{name}.md").write_text(table)
