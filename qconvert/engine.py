@@ -7,10 +7,11 @@ read (``pread``) while it works on the oldest one. On the CPU the room is a byte
 a region of one page-locked arena allocated at the start: large tensors are read into it by several
 threads in chunks, go over on a copy stream, compute on a compute stream, and come back on a third
 stream straight into the arena; a writer thread gives the input region back once its copy is done,
-waits for the results, writes them at their final offsets (``pwrite``), then starts the disk's
-writeback of those bytes so that the final ``fsync`` finds little left to do. Tensors that pass
-through are copied file to file by the writer threads (``copy_file_range``), several at once. Every
-shard is fsynced at the end, all in parallel.
+waits for the results, writes them at their final offsets (``pwrite``), starts the disk's writeback
+of those bytes so that the ``fsync`` finds little left to do, then hashes them for the shard's
+journal digest (so a finished shard is never read back whole). Tensors that pass through are copied
+file to file by the writer threads (``copy_file_range``), several at once. Each shard is fsynced (and
+journaled, for ``--resume``) by a writer thread as soon as its last tensor is written.
 
 Host memory: the interpreter and torch, plus at most ``budget`` bytes of tensors in flight (a unit
 larger than the budget runs alone). GPU memory: one unit's inputs, outputs and temporaries at a time,
@@ -30,6 +31,7 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -415,8 +417,8 @@ class Engine:
         shard = self.shard_of[spec.name]
         position = shard.position(spec.name)
         self.reader.copy_into(info, shard.fd, position)
-        shard.mark_written(spec.name)
         self.writeback.start(shard.fd, position, info.nbytes)
+        shard.mark_written(spec.name)  # hashes what was copied (read back from the page cache)
         self.profile.add("copy", started)
         self._close_if_complete(shard)
 
@@ -505,8 +507,7 @@ class Engine:
             started = time.perf_counter()
             for name, tensor in outputs.items():
                 shard = self.shard_of[name]
-                shard.write(name, tensor)
-                self.writeback.start(shard.fd, shard.position(name), tensor.numel() * tensor.element_size())
+                shard.write(name, tensor, written=partial(self.writeback.start, shard.fd))  # writeback, then hash
             self.profile.add("write", started)
             for shard in {id(self.shard_of[name]): self.shard_of[name] for name in outputs}.values():
                 self._close_if_complete(shard)

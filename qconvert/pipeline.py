@@ -293,7 +293,7 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
             for name, specs in zip(names, layout, strict=False):
                 if name in reused:
                     continue
-                shard = ShardFile(out.path / name, specs)
+                shard = ShardFile(out.path / name, specs, digest=True)
                 shard.on_close = partial(finish_shard, out)
                 shards.append(shard)
                 shard_of.update({spec.name: shard for spec in specs})

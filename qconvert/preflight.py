@@ -25,10 +25,10 @@ from qconvert.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from qconvert.errors import BadInputError
 from qconvert.planning import Plan, module_of
 from qconvert.progress import Progress
-from qconvert.safetensors_io import ShardFile, TensorInfo, TensorSpec, open_regular
+from qconvert.safetensors_io import ShardFile, TensorInfo, TensorSpec, open_regular, shard_regions
 from qconvert.sources import StoredLayer
 from qconvert.units import Unit
-from qconvert.writing import OutputFolder, check_shard, sha256_file
+from qconvert.writing import OutputFolder, check_shard
 
 Notice = Callable[[str], None]
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
@@ -130,15 +130,16 @@ def job_fingerprint(checkpoint: Checkpoint, shards: dict[str, list[TensorSpec]],
 
 
 def finish_shard(out: OutputFolder, shard: ShardFile) -> None:
-    """A shard's bytes are on disk: read its header back with the reference reader, then journal it."""
+    """A shard's bytes are on disk: read its header back with the reference reader, then journal it with
+    its digest (hashed while it was written: no second pass over the shard)."""
     check_shard(shard.path, set(shard.specs))
-    out.record(shard.path.name, sha256_file(shard.path))
+    out.record(shard.path.name, shard.digest())
 
 
 def reuse_finished(out: OutputFolder, names: list[str], layout: list[list[TensorSpec]], units: list[Unit],
                    bar: Progress, notice: Notice) -> tuple[set[str], list[Unit]]:
     """The shards an earlier run of this job finished (still intact), and the units left to run."""
-    reused = {name for name in names if out.reusable(name)}
+    reused = {name for name, specs in zip(names, layout, strict=True) if out.reusable(name, shard_regions(specs))}
     if not reused:
         return reused, units
     notice(f"note: --resume: reusing {len(reused)} of {len(names)} shards finished by the earlier run")

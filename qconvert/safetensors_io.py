@@ -13,6 +13,7 @@ Format: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -394,42 +395,102 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def _shard_layout(specs: list[TensorSpec], metadata: dict[str, str] | None
+                  ) -> tuple[bytes, list[TensorSpec], dict[str, int], int]:
+    """A shard's header (length prefix included), its tensors in file order, their offsets from the end of
+    the header, and the data size. Tensors are placed by decreasing item size (see :class:`ShardFile`)."""
+    ordered = sorted(specs, key=lambda s: -s.dtype.itemsize)
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offsets: dict[str, int] = {}
+    position = 0
+    for spec in ordered:
+        header[spec.name] = {
+            "dtype": DTYPE_CODES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [position, position + spec.nbytes],
+        }
+        offsets[spec.name] = position
+        position += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, ordered, offsets, position
+
+
+def shard_regions(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> list[tuple[int, int]]:
+    """(start, length) of the header and of each tensor of the shard :class:`ShardFile` writes for
+    ``specs``, in file order: together they cover the file exactly."""
+    head, ordered, offsets, _ = _shard_layout(specs, metadata)
+    return [(0, len(head))] + [(len(head) + offsets[spec.name], spec.nbytes) for spec in ordered]
+
+
+def _combine(region_digests: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(region_digests)).hexdigest()
+
+
+def file_digest(path: Path, regions: list[tuple[int, int]]) -> str | None:
+    """A shard's digest: the sha256 of the sha256 of each region (:func:`shard_regions`), in file order.
+
+    Regions rather than one sha256 of the whole file, so that the writer threads can hash each tensor
+    as they write it, in any order, instead of reading the whole shard back after its fsync. None when
+    the file is missing or not exactly the size the regions cover."""
+    digests = []
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        end = max((start + length for start, length in regions), default=0)
+        if os.fstat(fd).st_size != end:
+            return None
+        for start, length in regions:
+            digest = hashlib.sha256()
+            done = 0
+            while done < length:
+                chunk = os.pread(fd, min(_COPY_CHUNK, length - done), start + done)
+                if not chunk:
+                    return None
+                digest.update(chunk)
+                done += len(chunk)
+            digests.append(digest.digest())
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return _combine(digests)
+
+
 class ShardFile:
     """A safetensors file whose layout is fixed up front, so tensors can be written in any order.
 
     Tensors are placed by decreasing item size, which keeps every tensor aligned to its element
     size (as the reference writer does) without padding between tensors.
+
+    With ``digest``, each tensor is hashed as it is written (``write``: the bytes in memory; ``mark_written``,
+    for bytes copied file to file: read back from this file), so that :meth:`digest` is ready as soon as
+    the last tensor is written, without reading the shard back (see :func:`file_digest`).
     """
 
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None,
+                 digest: bool = False):
         self.path = path
-        ordered = sorted(specs, key=lambda s: -s.dtype.itemsize)
-        header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
-        self.offsets: dict[str, int] = {}
-        position = 0
-        for spec in ordered:
-            header[spec.name] = {
-                "dtype": DTYPE_CODES[spec.dtype],
-                "shape": list(spec.shape),
-                "data_offsets": [position, position + spec.nbytes],
-            }
-            self.offsets[spec.name] = position
-            position += spec.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-        self.data_start = 8 + len(raw)
+        head, ordered, self.offsets, size = _shard_layout(specs, metadata)
+        self.data_start = len(head)
         self.specs = {spec.name: spec for spec in specs}
+        self._order = [spec.name for spec in ordered]
         self.pending = set(self.specs)
-        # Called with the shard once its bytes are on disk (the writer reads it back and journals it).
+        # Called with the shard once its bytes are on disk (the writer checks its header and journals it).
         self.on_close: Callable[[ShardFile], None] | None = None
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
-        os.ftruncate(self.fd, self.data_start + position)
+        self._digests: dict[str, bytes] | None = {"": hashlib.sha256(head).digest()} if digest else None
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, head, 0)
+        os.ftruncate(self.fd, self.data_start + size)
 
     def position(self, name: str) -> int:
         return self.data_start + self.offsets[name]
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, written: Callable[[int, int], None] | None = None) -> None:
+        """Write ``name``'s bytes at their place; ``written(position, nbytes)`` is called as soon as they are in
+        the file (before they are hashed: the engine starts the disk's writeback there)."""
         spec = self.specs[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise AssertionError(
@@ -440,10 +501,38 @@ class ShardFile:
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], self.position(name) + done)
+        if written is not None:
+            written(self.position(name), len(view))
+        if self._digests is not None:
+            self._digests[name] = hashlib.sha256(view).digest()  # hashlib lets other threads run meanwhile
         self.pending.discard(name)
 
     def mark_written(self, name: str) -> None:
+        """``name``'s bytes were put in this file by someone else (``TensorReader.copy_into``)."""
+        if self._digests is not None:
+            digest, start, length = hashlib.sha256(), self.position(name), self.specs[name].nbytes
+            done = 0
+            while done < length:
+                chunk = os.pread(self.fd, min(_COPY_CHUNK, length - done), start + done)
+                if not chunk:
+                    raise OSError(f"{self.path}: {name} reads back short")
+                digest.update(chunk)
+                done += len(chunk)
+            self._digests[name] = digest.digest()
         self.pending.discard(name)
+
+    def digest(self) -> str:
+        """:func:`file_digest` of this shard, once every tensor is written: from the hashes taken while
+        writing when the shard was made with ``digest``, else by reading the file back."""
+        if self.pending:
+            raise AssertionError(f"{self.path}: tensors never written: {sorted(self.pending)[:5]}")
+        if self._digests is None:
+            regions = [(0, self.data_start)] + [(self.position(n), self.specs[n].nbytes) for n in self._order]
+            found = file_digest(self.path, regions)
+            if found is None:
+                raise AssertionError(f"{self.path}: not the planned size")
+            return found
+        return _combine([self._digests[""]] + [self._digests[name] for name in self._order])
 
     def close(self) -> None:
         if self.pending:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qconvert.errors import BadInputError, QConvertError
-from qconvert.safetensors_io import TensorSpec
+from qconvert.safetensors_io import TensorSpec, file_digest
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -241,6 +241,7 @@ def interrupt_outcome() -> str:
 
 
 JOURNAL_NAME = ".qconvert-journal.json"
+JOURNAL_VERSION = 2  # 2: shard digests are safetensors_io.file_digest (1 was the sha256 of the whole file)
 
 
 class OutputFolder:
@@ -252,7 +253,8 @@ class OutputFolder:
 
     The temporary folder's name says who made it (:class:`Owner`), so that a later run can remove the
     leftovers of a run that died (SIGKILL, OOM, power) or, with ``resume``, adopt its finished shards:
-    a journal inside it records the job's fingerprint and each finished shard's sha256.
+    a journal inside it records the job's fingerprint and each finished shard's digest (sha256 of its
+    regions' sha256, see ``safetensors_io.file_digest``).
     """
 
     def __init__(self, target: Path, fingerprint: str = "", resume: bool = False,
@@ -266,7 +268,7 @@ class OutputFolder:
         self.fingerprint = fingerprint
         self.resume = resume
         self.notice = notice or (lambda _message: None)
-        self.finished: dict[str, str] = {}  # shard name → sha256, as journaled
+        self.finished: dict[str, str] = {}  # shard name → digest, as journaled
         self._lock = threading.Lock()
 
     def __enter__(self) -> OutputFolder:
@@ -315,6 +317,11 @@ class OutputFolder:
             journal = json.loads((partial / JOURNAL_NAME).read_text())
         except (OSError, ValueError):
             return False
+        if isinstance(journal, dict) and journal.get("fingerprint") == self.fingerprint \
+                and journal.get("version") != JOURNAL_VERSION:
+            self.notice(f"note: --resume: {partial.name} was made by another qconvert version (journal version "
+                        f"{journal.get('version')!r}); starting from the beginning")
+            return False
         if not isinstance(journal, dict) or journal.get("fingerprint") != self.fingerprint:
             self.notice(f"note: --resume: {partial.name} was made by a different job (input or options differ); "
                         "starting from the beginning")
@@ -323,13 +330,14 @@ class OutputFolder:
         self.finished = {k: v for k, v in shards.items() if isinstance(v, str)} if isinstance(shards, dict) else {}
         return True
 
-    def reusable(self, name: str) -> bool:
-        """Whether shard ``name`` was finished by the adopted run and is still intact (sha256)."""
+    def reusable(self, name: str, regions: list[tuple[int, int]]) -> bool:
+        """Whether shard ``name`` was finished by the adopted run and is still intact: its digest over
+        ``regions`` (``safetensors_io.shard_regions`` of its planned tensors) is the journaled one."""
         expected = self.finished.get(name)
         path = self.path / name
         if expected is None or not path.is_file():
             return False
-        if sha256_file(path) == expected:
+        if file_digest(path, regions) == expected:
             return True
         self.notice(f"note: --resume: {name} does not match its journal; writing it again")
         return False
@@ -341,7 +349,8 @@ class OutputFolder:
             self._write_journal()
 
     def _write_journal(self) -> None:
-        data = {"version": 1, "fingerprint": self.fingerprint, "owner": OWNER.token, "shards": self.finished}
+        data = {"version": JOURNAL_VERSION, "fingerprint": self.fingerprint, "owner": OWNER.token,
+                "shards": self.finished}
         tmp = self.path / (JOURNAL_NAME + ".tmp")
         with open(tmp, "w") as f:
             json.dump(data, f)
@@ -384,14 +393,6 @@ class OutputFolder:
         if self._retired.exists():
             shutil.rmtree(self._retired, ignore_errors=True)
             _OUTCOME[-1] = f"the output was already complete at {self.target}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_shard(path: Path, names: set[str]) -> None:

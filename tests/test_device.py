@@ -22,6 +22,7 @@ from qconvert.pipeline import ConvertRequest, QuantizeRequest, convert, quantize
 from qconvert.quantizers import scales_from_amax
 from qconvert.schemes import SCHEMES, get_scheme
 from tests.conftest import build_deepseek_fp8, build_tiny_llama, run_cli, tree_digest
+from tests.test_convert import _with_static_scales
 
 ALL_SCHEMES = sorted(SCHEMES)
 SILENT = {"show_progress": False}
@@ -155,11 +156,11 @@ def test_write_error_surfaces_and_leaves_no_output(two_shard_llama: Path, tmp_pa
     calls = {"n": 0}
     original = safetensors_io.ShardFile.write
 
-    def failing(self: safetensors_io.ShardFile, name: str, tensor: torch.Tensor) -> None:
+    def failing(self: safetensors_io.ShardFile, name: str, tensor: torch.Tensor, **kwargs: object) -> None:
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(28, "No space left on device")
-        original(self, name, tensor)
+        original(self, name, tensor, **kwargs)
 
     monkeypatch.setattr(safetensors_io.ShardFile, "write", failing)
     from qconvert.errors import QConvertError
@@ -186,6 +187,8 @@ def gpu_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     inputs["fp8-tensor-unshared"] = _quantize(llama, root / "fp8t", "fp8-tensor", "cpu",
                                               fused_patterns=[r"^(nothing)$"])
     inputs["int8"] = _quantize(llama, root / "int8", "w8a8-int8", "cpu")  # pack
+    # pack refuses dynamic activations (issue 10): give the layers static scales, as a calibrated wNa8o8 has
+    _with_static_scales(inputs["int8"], "int", "model.layers.1.self_attn.k_proj")
     inputs["rtn4"] = _quantize(llama, root / "rtn4", "rtn4", "cpu")  # dequantize
     return inputs
 
@@ -199,7 +202,9 @@ def test_every_scheme_byte_identical_on_cuda(gpu_inputs: dict[str, Path], tmp_pa
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("scheme", "extra"), [("int8-block", {}), ("int8-block", {"layout": "sglang"}),
+# The FP8 input is a Llama in DeepSeek's FP8 form: --layout sglang is refused for Llama without --force-layout.
+@pytest.mark.parametrize(("scheme", "extra"), [("int8-block", {}),
+                                               ("int8-block", {"layout": "sglang", "force_layout": True}),
                                                ("rtn4", {}), ("fp8-tensor", {}), ("fp8-block", {"fnuz": True})])
 def test_fp8_inputs_byte_identical_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, scheme: str,
                                            extra: dict) -> None:

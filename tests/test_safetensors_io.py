@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qconvert.errors import BadInputError
-from qconvert.safetensors_io import ShardFile, TensorReader, TensorSpec, read_header
+from qconvert.safetensors_io import ShardFile, TensorReader, TensorSpec, file_digest, read_header, shard_regions
 
 TENSORS = {
     "a.bf16_odd": torch.randn(3, 5).to(torch.bfloat16),  # 30 bytes: would misalign what follows
@@ -65,6 +66,45 @@ def test_reader_matches_safe_open_and_copies_bytes(tmp_path: Path) -> None:
     with safe_open(dst, "pt") as f:
         for name, tensor in TENSORS.items():
             assert torch.equal(_bytes(f.get_tensor(name)), _bytes(tensor))
+
+
+def test_digest_taken_while_writing_is_the_files(tmp_path: Path) -> None:
+    """The journal digest hashed as tensors are written (in memory, or read back after a file-to-file copy)
+    is the one computed from the file over the planned regions; any changed byte or size changes it."""
+    src = tmp_path / "src.safetensors"
+    save_file(TENSORS, src)
+    header = read_header(src)
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in TENSORS.items()]
+    regions = shard_regions(specs)
+    assert regions[0][0] == 0 and all(a + n == b for (a, n), (b, _) in pairwise(regions))
+    path = tmp_path / "out.safetensors"
+    shard = ShardFile(path, specs, digest=True)
+    copied = {"b.int64", "g.empty"}
+    with TensorReader() as reader:
+        for name in reversed(list(TENSORS)):
+            if name in copied:
+                reader.copy_into(header.tensors[name], shard.fd, shard.position(name))
+                shard.mark_written(name)
+            else:
+                shard.write(name, TENSORS[name])
+    digest = shard.digest()
+    shard.close()
+    assert regions[-1][0] + regions[-1][1] == path.stat().st_size
+    assert file_digest(path, regions) == digest
+    plain = ShardFile(tmp_path / "plain.safetensors", specs)  # no digest kept: read back instead
+    for name in TENSORS:
+        plain.write(name, TENSORS[name])
+    assert plain.digest() == digest
+    plain.close()
+    raw = bytearray(path.read_bytes())
+    for index in (3, regions[2][0], len(raw) - 1):  # header, a tensor, the last byte
+        changed = raw.copy()
+        changed[index] ^= 1
+        path.write_bytes(bytes(changed))
+        assert file_digest(path, regions) != digest
+    path.write_bytes(bytes(raw) + b"\0")
+    assert file_digest(path, regions) is None
+    assert file_digest(tmp_path / "missing", regions) is None
 
 
 def test_unwritten_tensor_is_an_error(tmp_path: Path) -> None:
