@@ -8,8 +8,9 @@ a region of one page-locked arena allocated at the start: large tensors are read
 threads in chunks, go over on a copy stream, compute on a compute stream, and come back on a third
 stream straight into the arena; a writer thread gives the input region back once its copy is done,
 waits for the results, writes them at their final offsets (``pwrite``), starts the disk's writeback
-of those bytes so that the ``fsync`` finds little left to do, then hashes them for the shard's
-journal digest (so a finished shard is never read back whole). Tensors that pass through are copied
+of those bytes so that the ``fsync`` finds little left to do, gives the region back, then hashes
+the bytes from the page cache for the shard's journal digest (on the CPU, from memory), so that a
+finished shard is never read back whole. Tensors that pass through are copied
 file to file by the writer threads (``copy_file_range``), several at once. Each shard is fsynced (and
 journaled, for ``--resume``) by a writer thread as soon as its last tensor is written.
 
@@ -496,7 +497,7 @@ class Engine:
 
     def _write(self, pending: _Pending, outputs: dict[str, torch.Tensor], loaded: torch.cuda.Event | None,
                ready: torch.cuda.Event | None) -> None:
-        inputs_released = loaded is None
+        inputs_released, outputs_released = loaded is None, False
         try:
             if loaded is not None:
                 loaded.synchronize()  # the inputs are on the GPU: their host region is free again
@@ -505,14 +506,25 @@ class Engine:
             if ready is not None:
                 ready.synchronize()
             started = time.perf_counter()
+            # On a GPU the results sit in the arena, which the main thread is waiting to reuse: write them,
+            # give the region back, then hash them for the journal from the page cache (mark_written). On
+            # the CPU, hash them from memory (no second copy on machines with few cores).
+            in_arena = self.arena is not None
             for name, tensor in outputs.items():
                 shard = self.shard_of[name]
-                shard.write(name, tensor, written=partial(self.writeback.start, shard.fd))  # writeback, then hash
+                shard.write(name, tensor, written=partial(self.writeback.start, shard.fd), finish=not in_arena)
             self.profile.add("write", started)
+            if in_arena:
+                self._release(pending, inputs=False, outputs=True)
+                outputs_released = True
+                started = time.perf_counter()
+                for name in outputs:
+                    self.shard_of[name].mark_written(name)
+                self.profile.add("hash", started)
             for shard in {id(self.shard_of[name]): self.shard_of[name] for name in outputs}.values():
                 self._close_if_complete(shard)
         finally:
-            self._release(pending, inputs=not inputs_released, outputs=True)
+            self._release(pending, inputs=not inputs_released, outputs=not outputs_released)
 
     def _close_shards(self) -> None:
         """fsync and close every shard not closed yet, in parallel."""

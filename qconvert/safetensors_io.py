@@ -423,6 +423,26 @@ def shard_regions(specs: list[TensorSpec], metadata: dict[str, str] | None = Non
     return [(0, len(head))] + [(len(head) + offsets[spec.name], spec.nbytes) for spec in ordered]
 
 
+_HASH_CHUNK = 4 << 20
+_hash_buffers = threading.local()  # one reusable read buffer per thread that hashes file ranges
+
+
+def _hash_range(fd: int, start: int, length: int) -> bytes | None:
+    """sha256 of ``length`` bytes of ``fd`` from ``start`` (None if the file ends first)."""
+    buffer = getattr(_hash_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _hash_buffers.buffer = memoryview(bytearray(_HASH_CHUNK))
+    digest = hashlib.sha256()
+    done = 0
+    while done < length:
+        count = os.preadv(fd, [buffer[: min(_HASH_CHUNK, length - done)]], start + done)
+        if count <= 0:
+            return None
+        digest.update(buffer[:count])  # hashlib lets other threads run meanwhile
+        done += count
+    return digest.digest()
+
+
 def _combine(region_digests: list[bytes]) -> str:
     return hashlib.sha256(b"".join(region_digests)).hexdigest()
 
@@ -443,15 +463,10 @@ def file_digest(path: Path, regions: list[tuple[int, int]]) -> str | None:
         if os.fstat(fd).st_size != end:
             return None
         for start, length in regions:
-            digest = hashlib.sha256()
-            done = 0
-            while done < length:
-                chunk = os.pread(fd, min(_COPY_CHUNK, length - done), start + done)
-                if not chunk:
-                    return None
-                digest.update(chunk)
-                done += len(chunk)
-            digests.append(digest.digest())
+            digest = _hash_range(fd, start, length)
+            if digest is None:
+                return None
+            digests.append(digest)
     except OSError:
         return None
     finally:
@@ -466,8 +481,9 @@ class ShardFile:
     size (as the reference writer does) without padding between tensors.
 
     With ``digest``, each tensor is hashed as it is written (``write``: the bytes in memory; ``mark_written``,
-    for bytes copied file to file: read back from this file), so that :meth:`digest` is ready as soon as
-    the last tensor is written, without reading the shard back (see :func:`file_digest`).
+    for bytes copied file to file or written with ``finish=False``: read back from this file's page cache),
+    so that :meth:`digest` is ready as soon as the last tensor is written, without reading the shard back
+    whole (see :func:`file_digest`).
     """
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None,
@@ -488,9 +504,11 @@ class ShardFile:
     def position(self, name: str) -> int:
         return self.data_start + self.offsets[name]
 
-    def write(self, name: str, tensor: torch.Tensor, written: Callable[[int, int], None] | None = None) -> None:
+    def write(self, name: str, tensor: torch.Tensor, written: Callable[[int, int], None] | None = None,
+              finish: bool = True) -> None:
         """Write ``name``'s bytes at their place; ``written(position, nbytes)`` is called as soon as they are in
-        the file (before they are hashed: the engine starts the disk's writeback there)."""
+        the file (before they are hashed: the engine starts the disk's writeback there). With ``finish=False``
+        the tensor is neither hashed nor done: the caller lets go of ``tensor`` and calls :meth:`mark_written`."""
         spec = self.specs[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise AssertionError(
@@ -503,22 +521,20 @@ class ShardFile:
             done += os.pwrite(self.fd, view[done:], self.position(name) + done)
         if written is not None:
             written(self.position(name), len(view))
+        if not finish:
+            return
         if self._digests is not None:
             self._digests[name] = hashlib.sha256(view).digest()  # hashlib lets other threads run meanwhile
         self.pending.discard(name)
 
     def mark_written(self, name: str) -> None:
-        """``name``'s bytes were put in this file by someone else (``TensorReader.copy_into``)."""
+        """``name``'s bytes are in this file (put there by ``TensorReader.copy_into``, or by :meth:`write` with
+        ``finish=False``): hash them back from the file if the shard keeps digests; the tensor is done."""
         if self._digests is not None:
-            digest, start, length = hashlib.sha256(), self.position(name), self.specs[name].nbytes
-            done = 0
-            while done < length:
-                chunk = os.pread(self.fd, min(_COPY_CHUNK, length - done), start + done)
-                if not chunk:
-                    raise OSError(f"{self.path}: {name} reads back short")
-                digest.update(chunk)
-                done += len(chunk)
-            self._digests[name] = digest.digest()
+            digest = _hash_range(self.fd, self.position(name), self.specs[name].nbytes)
+            if digest is None:
+                raise OSError(f"{self.path}: {name} reads back short")
+            self._digests[name] = digest
         self.pending.discard(name)
 
     def digest(self) -> str:
