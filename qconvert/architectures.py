@@ -171,10 +171,12 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
 # `experts.<e>.w2_weight_packed`, for its weight-only int (WNA16) MoE method only.
 EXPERT_SPLITS: dict[str, tuple[ExpertSplit, ...]] = {
     "granitemoe": (
-        ExpertSplit("granitemoe", re.compile(r"^(.*\.block_sparse_moe)\.(?:input_linear\.weight|experts\.gate_up_proj)$"), ".experts",
+        ExpertSplit("granitemoe",
+                    re.compile(r"^(.*\.block_sparse_moe)\.(?:input_linear\.weight|experts\.gate_up_proj)$"), ".experts",
                     (ExpertPart("gate_proj", _first_half), ExpertPart("up_proj", _second_half)),
                     why="vLLM's fused-MoE loader reads per-expert gate_proj/up_proj/down_proj"),
-        ExpertSplit("granitemoe", re.compile(r"^(.*\.block_sparse_moe)\.(?:output_linear\.weight|experts\.down_proj)$"), ".experts",
+        ExpertSplit("granitemoe",
+                    re.compile(r"^(.*\.block_sparse_moe)\.(?:output_linear\.weight|experts\.down_proj)$"), ".experts",
                     (ExpertPart("down_proj", _as_stored),),
                     why="vLLM's fused-MoE loader reads per-expert gate_proj/up_proj/down_proj"),
     ),

@@ -362,26 +362,30 @@ def _experts_mapping(model: Any) -> list[tuple[str, str, int, str]]:
 def _sources(model: Any, disk: dict[str, Any]) -> dict[str, list[str]]:
     """vLLM parameter name → the checkpoint names the model's own ``hf_to_vllm_mapper`` maps onto it (several,
     in shard order, where the mapper stacks them, e.g. a vision tower's q/k/v → qkv); only renamed names."""
-    # The model's mapper, or (GraniteMoE) its inner model's, which that module's own load_weights applies to
-    # the names below its prefix.
-    mappers = [("", getattr(type(model), "hf_to_vllm_mapper", None))]
-    mappers += [(f"{name}.", getattr(type(child), "hf_to_vllm_mapper", None)) for name, child in model.named_children()]
+    # The model's mapper, or where it has none (GraniteMoE) its inner model's, which that module's own
+    # load_weights applies to the names below its prefix.
+    mappers = [("", getattr(model, "hf_to_vllm_mapper", None))]
+    if mappers[0][1] is None:
+        mappers = [(f"{name}.", getattr(child, "hf_to_vllm_mapper", None))
+                   for name, child in model.named_children()]
     from vllm.model_executor.model_loader.weight_utils import maybe_remap_moe_expert_param_name
 
     params = dict(model.named_parameters())
     shards: dict[str, list[tuple[int, str]]] = {}
+    seen: set[str] = set()
     for prefix, mapper in mappers:
         if mapper is None:
             continue
         order = {str(shard): i for i, (_, shard) in enumerate(mapper.orig_to_new_stacked.values())}
         for disk_name in disk:
-            if not disk_name.startswith(prefix):
-                continue
+            if not disk_name.startswith(prefix) or disk_name in seen:
+                continue  # (a name the outer mapper renamed is not renamed again)
             mapped = mapper._map_name_with_shard(disk_name.removeprefix(prefix))
             if mapped is None or prefix + mapped[0] == disk_name:
                 continue
             # (and vLLM's own remapping of expert parameters into `experts.routed_experts.*`)
             target = maybe_remap_moe_expert_param_name(prefix + mapped[0], params)
+            seen.add(disk_name)
             shards.setdefault(target, []).append((order.get(str(mapped[1]), 0), disk_name))
     return {name: [n for _, n in sorted(parts)] for name, parts in shards.items()}
 
