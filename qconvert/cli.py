@@ -413,6 +413,9 @@ def _print_verify(report: object, ordered: object) -> None:
         worst = min(report.layers, key=lambda layer: layer.output_snr_db)
         summary += f"; worst output SNR {worst.output_snr_db:.1f} dB ({worst.module})"
     out.print(summary)
+    if report.not_verified:
+        out.print(f"note: {len(report.not_verified)} per-expert tensors in vLLM's gpt-oss spelling (e.g. "
+                  f"{report.not_verified[0]}) are not verified: qconvert verify reads compressed-tensors layers only")
 
 
 @app.command()

@@ -482,3 +482,18 @@ def test_refusals_come_before_any_output(arch_root: Path, tmp_path: Path) -> Non
     with pytest.raises(BadInputError, match="--keep-fused-experts"):
         run_quantize(_case("llama"), source, "fp8", tmp_path / "out")  # gpt-oss experts: rtn4/rtn8 only
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_verify_names_the_per_expert_tensors_it_cannot_check(arch_root: Path, tmp_path: Path) -> None:
+    """gpt-oss experts in vLLM's spelling are no compressed-tensors layer: verify says so instead of passing
+    over them in silence."""
+    from qconvert.verification import verify
+
+    out = tmp_path / "gpt_oss-rtn4"
+    run_quantize(_case("gpt_oss"), build_checkpoint(_case("gpt_oss"), arch_root), "rtn4", out)
+    report = verify(str(out), device=torch.device("cpu"), tokens=[1], layers=r"layers\.0\.self_attn\.o_proj$")
+    assert report.ok and len(report.layers) == 1
+    assert len(report.not_verified) == 2 * EXPERTS * 2  # layers x experts x (w13, w2)
+    assert all(name.endswith(("w13_weight_packed", "w2_weight_packed")) for name in report.not_verified)
+    assert report.to_json()["not_verified"] == report.not_verified
