@@ -60,17 +60,41 @@ _EXPERTS = re.compile(r"(^|\.)(experts|shared_experts?|block_sparse_moe\.(input|
 _MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn|DenseReluDense|intermediate|output|fc1|fc2|c_fc|"
                   r"dense_h_to_4h|dense_4h_to_h|gate_proj|up_proj|down_proj|gate_up_proj|w1|w2|w3)(\.|$)")
 
-# Fused modules (one matrix, so one per-tensor scale in fp8-tensor): the regex's first group names
-# the fused module. These are vLLM's fusions: QKVParallelLinear and MergedColumnParallelLinear.
-COMMON_FUSIONS = [
-    r"^(.*\.self_attn)\.(?:q_proj|k_proj|v_proj)$",
-    r"^(.*\.attention\.self)\.(?:query|key|value)$",
-    r"^(.*\.(?:mlp|experts\.\d+|shared_experts?))\.(?:gate_proj|up_proj)$",
-    r"^(.*\.experts\.\d+)\.(?:w1|w3)$",
-]
-# DeepSeek-V2/V3 MLA with a low-rank query: vLLM loads q_a_proj and kv_a_proj_with_mqa as one
-# `fused_qkv_a_proj` (MergedColumnParallelLinear).
-MLA_FUSION = r"^(.*\.self_attn)\.(?:q_a_proj|kv_a_proj_with_mqa)$"
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Separate checkpoint layers that vLLM and SGLang load as one matrix (QKVParallelLinear,
+    MergedColumnParallelLinear): they share one per-tensor scale in fp8-tensor, must share one scheme, and
+    where the engines give the fused layer a name of its own (``fused_leaf``), a config's targets and
+    ``ignore`` entries must name it too (SGLang matches them against the fused name for models without a
+    packed-modules map, e.g. Llama)."""
+
+    parent: str  # regex of the module holding the parts
+    parts: tuple[str, ...]
+    fused_leaf: str | None = None
+    mla_only: bool = False  # DeepSeek-V2/V3 MLA with a low-rank query only
+
+    @property
+    def pattern(self) -> str:
+        """A regex over module names whose first group names the fused module."""
+        return rf"^({self.parent})\.(?:{'|'.join(self.parts)})$"
+
+
+# The one fusion map: planning (shared fp8-tensor scales), the config writer (fused names in targets and
+# ignore) and the split-layer check all read it.
+FUSIONS = (
+    Fusion(r".*\.self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+    Fusion(r".*\.attention\.self", ("query", "key", "value")),
+    Fusion(r".*\.(?:mlp|experts\.\d+|shared_experts?)", ("gate_proj", "up_proj"), "gate_up_proj"),
+    Fusion(r".*\.experts\.\d+", ("w1", "w3")),
+    # DeepSeek-V2/V3 MLA with a low-rank query: vLLM loads these as one `fused_qkv_a_proj`.
+    Fusion(r".*\.self_attn", ("q_a_proj", "kv_a_proj_with_mqa"), "fused_qkv_a_proj", mla_only=True),
+)
+COMMON_FUSIONS = [f.pattern for f in FUSIONS if not f.mla_only]
+MLA_FUSION = next(f.pattern for f in FUSIONS if f.mla_only)
+# fused leaf name → the leaves it is made of (the engines' packed-modules maps)
+ENGINE_FUSIONS: dict[str, tuple[str, ...]] = {f.fused_leaf: f.parts for f in FUSIONS if f.fused_leaf}
 _MLA_TYPES = {"deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe_lite"}
 
 

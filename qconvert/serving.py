@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from enum import Enum
 
+from qconvert.architectures import ENGINE_FUSIONS
+
 
 class Engine(str, Enum):
     VLLM = "vllm"
@@ -143,16 +145,6 @@ def pick(kind: str, engine: Engine, capability: int, family: str = "llama") -> S
               and (s.min_capability is None or s.min_capability <= capability)]
     return max(usable, key=lambda s: s.min_capability or 0, default=None)
 
-
-# How vLLM and SGLang fuse a checkpoint's separate layers into one at load (their packed-modules maps):
-# fused leaf name → the leaves it is made of. A fused layer has one scheme, so its parts must share one,
-# and a config written for the separate names must also name the fused layer (SGLang matches targets and
-# ignore entries against the fused name for models that define no packed-modules map, e.g. Llama).
-ENGINE_FUSIONS: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA with a q LoRA rank
-}
 
 # Architecture families, by the `architectures` entry of config.json (prefix match).
 _FAMILIES = {
