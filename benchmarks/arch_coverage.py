@@ -74,9 +74,10 @@ def tiny_checkpoint(case: ArchCase, root: Path) -> Checkpoint:
     return open_checkpoint(build_checkpoint(case, root))
 
 
-def coverage(checkpoint: Checkpoint, case: ArchCase, scheme: str) -> dict | str:
+def coverage(checkpoint: Checkpoint, case: ArchCase, scheme: str, group_size: int | None = None) -> dict | str:
     try:
-        plan = make_plan(checkpoint, get_scheme(scheme), keep_experts=case.request.get("keep_fused_experts", False))
+        plan = make_plan(checkpoint, get_scheme(scheme, group_size),
+                         keep_experts=case.request.get("keep_fused_experts", False))
     except BadInputError as exc:
         # "no tensor to quantize: every linear weight is left unquantized: 48 x <reason>: ..."
         return str(exc).split("unquantized: ", 1)[-1].split(":")[0]
@@ -96,15 +97,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scheme", default="rtn4")
     parser.add_argument("--also", default="fp8", help="a second scheme, full size overall only")
+    parser.add_argument("--group-size", type=int, default=None, help="of --scheme (as quantize --group-size)")
     args = parser.parse_args()
     print(f"| architecture | {args.scheme}, tiny test model | {args.scheme}, full size | {args.also}, full size | "
           + " | ".join(f"{k}" for k in KINDS) + f" | left unquantized ({args.scheme}, full size) |")
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in KINDS) + " | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for case in CASES:
-            tiny = coverage(tiny_checkpoint(case, Path(tmp)), case, args.scheme)
+            tiny = coverage(tiny_checkpoint(case, Path(tmp)), case, args.scheme, args.group_size)
             full_checkpoint = full_size_checkpoint(case)
-            full = coverage(full_checkpoint, case, args.scheme)
+            full = coverage(full_checkpoint, case, args.scheme, args.group_size)
             also = coverage(full_checkpoint, case, args.also)
             why = full if isinstance(full, str) else "; ".join(_left_out(full_checkpoint, case, args.scheme))
             print(f"| {case.name} | {_cell(tiny)} | {_cell(full)} | {_cell(also)} | "

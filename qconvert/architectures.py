@@ -18,9 +18,12 @@ from __future__ import annotations
 import enum
 import importlib.util
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
+import torch
 
 
 class LayerKind(str, enum.Enum):
@@ -57,17 +60,41 @@ _EXPERTS = re.compile(r"(^|\.)(experts|shared_experts?|block_sparse_moe\.(input|
 _MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn|DenseReluDense|intermediate|output|fc1|fc2|c_fc|"
                   r"dense_h_to_4h|dense_4h_to_h|gate_proj|up_proj|down_proj|gate_up_proj|w1|w2|w3)(\.|$)")
 
-# Fused modules (one matrix, so one per-tensor scale in fp8-tensor): the regex's first group names
-# the fused module. These are vLLM's fusions: QKVParallelLinear and MergedColumnParallelLinear.
-COMMON_FUSIONS = [
-    r"^(.*\.self_attn)\.(?:q_proj|k_proj|v_proj)$",
-    r"^(.*\.attention\.self)\.(?:query|key|value)$",
-    r"^(.*\.(?:mlp|experts\.\d+|shared_experts?))\.(?:gate_proj|up_proj)$",
-    r"^(.*\.experts\.\d+)\.(?:w1|w3)$",
-]
-# DeepSeek-V2/V3 MLA with a low-rank query: vLLM loads q_a_proj and kv_a_proj_with_mqa as one
-# `fused_qkv_a_proj` (MergedColumnParallelLinear).
-MLA_FUSION = r"^(.*\.self_attn)\.(?:q_a_proj|kv_a_proj_with_mqa)$"
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Separate checkpoint layers that vLLM and SGLang load as one matrix (QKVParallelLinear,
+    MergedColumnParallelLinear): they share one per-tensor scale in fp8-tensor, must share one scheme, and
+    where the engines give the fused layer a name of its own (``fused_leaf``), a config's targets and
+    ``ignore`` entries must name it too (SGLang matches them against the fused name for models without a
+    packed-modules map, e.g. Llama)."""
+
+    parent: str  # regex of the module holding the parts
+    parts: tuple[str, ...]
+    fused_leaf: str | None = None
+    mla_only: bool = False  # DeepSeek-V2/V3 MLA with a low-rank query only
+
+    @property
+    def pattern(self) -> str:
+        """A regex over module names whose first group names the fused module."""
+        return rf"^({self.parent})\.(?:{'|'.join(self.parts)})$"
+
+
+# The one fusion map: planning (shared fp8-tensor scales), the config writer (fused names in targets and
+# ignore) and the split-layer check all read it.
+FUSIONS = (
+    Fusion(r".*\.self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+    Fusion(r".*\.attention\.self", ("query", "key", "value")),
+    Fusion(r".*\.(?:mlp|experts\.\d+|shared_experts?)", ("gate_proj", "up_proj"), "gate_up_proj"),
+    Fusion(r".*\.experts\.\d+", ("w1", "w3")),
+    # DeepSeek-V2/V3 MLA with a low-rank query: vLLM loads these as one `fused_qkv_a_proj`.
+    Fusion(r".*\.self_attn", ("q_a_proj", "kv_a_proj_with_mqa"), "fused_qkv_a_proj", mla_only=True),
+)
+COMMON_FUSIONS = [f.pattern for f in FUSIONS if not f.mla_only]
+MLA_FUSION = next(f.pattern for f in FUSIONS if f.mla_only)
+# fused leaf name → the leaves it is made of (the engines' packed-modules maps)
+ENGINE_FUSIONS: dict[str, tuple[str, ...]] = {f.fused_leaf: f.parts for f in FUSIONS if f.fused_leaf}
 _MLA_TYPES = {"deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe_lite"}
 
 
@@ -102,6 +129,100 @@ class ModelFacts:
 
 def is_expert_3d(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and _EXPERTS_3D.search(name) is not None
+
+
+# ---------------------------------------------------------------- 3-D experts, cut per expert
+
+Cut = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One per-expert linear weight cut out of a 3-D expert tensor."""
+
+    leaf: str  # the per-expert module's leaf: `{experts}.{e}.{leaf}`
+    cut: Cut  # one expert's 2-D slice of the stored tensor -> this part's [out, in] weight
+
+
+@dataclass(frozen=True)
+class ExpertSplit:
+    """How an architecture's 3-D expert tensor becomes per-expert ``[out, in]`` linear weights, named as
+    the loader that reads them expects. ``vllm_spelling``: the per-expert tensors are named as vLLM's
+    model class streams them into its fused-MoE parameters (``experts.3.w13_weight_packed``), not as
+    compressed-tensors modules (``experts.3.w13.weight_packed``); such a layout has no ``weight_shape``."""
+
+    model_type: str
+    source: re.Pattern[str]  # the stored tensor; group 1 + ``experts``: the experts' module
+    experts: str  # appended to group 1: ``{group 1}{experts}.{e}.{leaf}`` names each per-expert layer
+    parts: tuple[ExpertPart, ...]
+    formats: tuple[str, ...] | None = None  # compressed-tensors formats a loader reads this way; None: all
+    vllm_spelling: bool = False
+    why: str = ""  # where the layout comes from (for notes)
+
+    def modules(self, tensor: str, experts: int) -> list[str]:
+        match = self.source.search(tensor)
+        assert match is not None
+        return [f"{match.group(1)}{self.experts}.{e}.{part.leaf}" for e in range(experts) for part in self.parts]
+
+    def part_shape(self, part: ExpertPart, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """A part's [out, in], computed by cutting a tensor that holds no data."""
+        return tuple(part.cut(torch.empty(shape[1:], device="meta")).shape)
+
+
+def _first_half(weight: torch.Tensor) -> torch.Tensor:
+    return weight[: weight.shape[0] // 2]
+
+
+def _second_half(weight: torch.Tensor) -> torch.Tensor:
+    return weight[weight.shape[0] // 2:]
+
+
+def _as_stored(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def _transposed(weight: torch.Tensor) -> torch.Tensor:
+    return weight.t()
+
+
+# GraniteMoE's ParallelExperts keep [experts, out, in] (hub name `input_linear.weight`, transformers 5's in-memory
+# name `experts.gate_up_proj`; vLLM reads both): `input_linear` is gate then up (transformers'
+# GraniteMoeMoE chunks its output in two, the first half through the activation), `output_linear` is down.
+# Written as Mixtral-style per-expert modules, which vLLM's fused-MoE loader maps onto w13 (gate, up) and w2.
+# gpt-oss keeps [experts, in, out] with gate and up interleaved in `gate_up_proj`'s columns; vLLM's
+# GptOssForCausalLM loads quantized experts one at a time as `experts.<e>.w13_weight_packed` (w13: the
+# transposed [2 x intermediate, hidden], rows still interleaved, as its activation reads them) and
+# `experts.<e>.w2_weight_packed`, for its weight-only int (WNA16) MoE method only.
+EXPERT_SPLITS: dict[str, tuple[ExpertSplit, ...]] = {
+    "granitemoe": (
+        ExpertSplit("granitemoe",
+                    re.compile(r"^(.*\.block_sparse_moe)\.(?:input_linear\.weight|experts\.gate_up_proj)$"), ".experts",
+                    (ExpertPart("gate_proj", _first_half), ExpertPart("up_proj", _second_half)),
+                    why="vLLM's fused-MoE loader reads per-expert gate_proj/up_proj/down_proj"),
+        ExpertSplit("granitemoe",
+                    re.compile(r"^(.*\.block_sparse_moe)\.(?:output_linear\.weight|experts\.down_proj)$"), ".experts",
+                    (ExpertPart("down_proj", _as_stored),),
+                    why="vLLM's fused-MoE loader reads per-expert gate_proj/up_proj/down_proj"),
+    ),
+    "gpt_oss": (
+        ExpertSplit("gpt_oss", re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$"), "", (ExpertPart("w13", _transposed),),
+                    formats=("pack-quantized",), vllm_spelling=True,
+                    why="vLLM's GptOssForCausalLM streams per-expert w13/w2 for weight-only int schemes"),
+        ExpertSplit("gpt_oss", re.compile(r"^(.*\.mlp\.experts)\.down_proj$"), "", (ExpertPart("w2", _transposed),),
+                    formats=("pack-quantized",), vllm_spelling=True,
+                    why="vLLM's GptOssForCausalLM streams per-expert w13/w2 for weight-only int schemes"),
+    ),
+}
+# The architecture families whose experts these splits write (the serving table keys them apart: no
+# transformers release loads them).
+SPLIT_EXPERT_FAMILIES = tuple(EXPERT_SPLITS)
+
+
+def expert_split(model_type: str | None, name: str, shape: tuple[int, ...]) -> ExpertSplit | None:
+    """The split for a stored 3-D expert tensor of this architecture, or None where none is known."""
+    if len(shape) != 3:
+        return None
+    return next((s for s in EXPERT_SPLITS.get(model_type or "", ()) if s.source.search(name)), None)
 
 
 def layer_kind(module: str, facts: ModelFacts) -> LayerKind:

@@ -146,7 +146,7 @@ def quantize(
     ] = False,
     keep_fused_experts: Annotated[
         bool, typer.Option("--keep-fused-experts", help="Keep 3-D fused expert tensors (gpt-oss, GraniteMoE) in "
-                           "full precision instead of refusing them.")
+                           "full precision instead of writing them per expert in vLLM's layout.")
     ] = False,
     min_coverage: Annotated[
         float | None, typer.Option("--min-coverage", help="Fail (exit 2) if less than this share (0-1) of the "
@@ -413,20 +413,23 @@ def _print_verify(report: object, ordered: object) -> None:
         worst = min(report.layers, key=lambda layer: layer.output_snr_db)
         summary += f"; worst output SNR {worst.output_snr_db:.1f} dB ({worst.module})"
     out.print(summary)
+    if report.not_verified:
+        out.print(f"note: {len(report.not_verified)} per-expert tensors in vLLM's gpt-oss spelling (e.g. "
+                  f"{report.not_verified[0]}) are not verified: qconvert verify reads compressed-tensors layers only")
 
 
 @app.command()
 def schemes(as_json: JsonOpt = False) -> None:
     """List the schemes, what each one writes, and which engines load it (tested by `make engines`)."""
     from qconvert.schemes import SCHEMES
-    from qconvert.serving import SERVES, output_kind, serving_for
+    from qconvert.serving import FAMILIES, SERVES, output_kind, serving_for
 
     rows = [
         {"name": s.name, "label": s.label, "type": s.kind, "bits": s.num_bits, "strategy": s.strategy,
          "group_size": s.group_size, "block": list(s.block) if s.block else None, "format": s.format,
          "input_activations": s.activations, "summary": s.summary,
          "serves_in": {family: [e.to_json() for e in serving_for(output_kind(s.name), family)]
-                       for family in ("llama", "deepseek")}}
+                       for family in FAMILIES}}
         for s in SCHEMES.values()
     ]
     extra = {kind: [e.to_json() for e in entries] for kind, entries in SERVES.items() if kind not in SCHEMES}
@@ -434,13 +437,13 @@ def schemes(as_json: JsonOpt = False) -> None:
         _emit_json({"schemes": rows, "other_outputs": extra})
         return
     table = Table()
-    for column in ("scheme", "weights", "format", "what it writes", "loads in (DeepSeek where it differs)"):
+    for column in ("scheme", "weights", "format", "what it writes", "loads in (other families where they differ)"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["name"], row["label"], row["format"], row["summary"], _serving_text(row["serves_in"]))
     for kind in extra:
         table.add_row(kind, "", "", "", _serving_text({f: [e.to_json() for e in serving_for(kind, f)]
-                                                       for f in ("llama", "deepseek")}))
+                                                       for f in FAMILIES}))
     out.print(table)
 
 
@@ -453,8 +456,11 @@ def _serving_text(by_family: dict[str, list[dict]]) -> str:
                 e["method"].removeprefix("CompressedTensors") + where)
         return "; ".join(f"{engine}: {', '.join(methods)}" for engine, methods in by_engine.items()) or "-"
 
-    llama, deepseek = line(by_family["llama"]), line(by_family["deepseek"])
-    return llama if llama == deepseek else f"{llama}\nDeepSeek: {deepseek}"
+    llama = line(by_family["llama"])
+    labels = {"deepseek": "DeepSeek", "gpt_oss": "gpt-oss", "granitemoe": "GraniteMoE"}
+    others = [f"{labels.get(family, family)}: {text}" for family, entries in by_family.items()
+              if family != "llama" and (text := line(entries)) != llama]
+    return "\n".join([llama, *others])
 
 
 def _version(value: bool) -> None:

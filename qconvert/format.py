@@ -49,6 +49,14 @@ def output_specs(name: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: 
     return [TensorSpec(name, stored, shape), TensorSpec(f"{prefix}.weight_scale", dtype, scales)]
 
 
+def streamed_expert_name(name: str) -> str | None:
+    """A per-expert tensor as vLLM's gpt-oss loader streams it into its fused-MoE parameters:
+    ``experts.3.w13.weight_packed`` → ``experts.3.w13_weight_packed``; None for ``weight_shape``,
+    which that loader has no place for (the fused layer's shape parameters are never read)."""
+    module, _, leaf = name.rpartition(".")
+    return None if leaf == "weight_shape" else f"{module}_{leaf}"
+
+
 def compress_weight(name: str, weight: torch.Tensor, scheme: Scheme, layout: str = "compressed-tensors",
                     scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The tensors of one quantized layer, named as :func:`output_specs` announced them.

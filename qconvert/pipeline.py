@@ -37,6 +37,7 @@ from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
 from qconvert.schemes import Scheme
 from qconvert.serving import (
     SGLANG_VERSION,
+    TRANSFORMERS_VERSION,
     VLLM_VERSION,
     family_of,
     misaligned_layer,
@@ -135,13 +136,13 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
         check_output_location(source, target, request.overwrite)
         warm_up(settings)
     checkpoint = open_checkpoint(source)
-    family = family_of(checkpoint.config)
     with TensorReader() as reader:
         stored = stored_layers(checkpoint, reader)
         view = logical_view(checkpoint, stored)
         plan = make_plan(replace(checkpoint, tensors=view), request.scheme, request.ignore, request.targets,
                          request.overrides, request.include_vision, request.keep_fused_experts)
         check_coverage(plan, request.min_coverage)
+        family = family_of(checkpoint.config, split_experts=bool(plan.splits))
         fused_patterns = plan.facts.fused_patterns if request.fused_patterns is None else request.fused_patterns
         check_plan(plan, view, stored)
         config = quantization_config(plan.schemes_by_module, plan.ignore, request.layout)
@@ -155,7 +156,7 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
         if request.fnuz:
             config["qconvert_fp8_format"] = "e4m3fnuz"  # mark the output: the dtype alone is easy to miss
         kinds = sorted({output_kind(s.name, request.layout, "fnuz" if request.fnuz and s.kind == "float" else None)
-                        for s in plan.quantize.values()})
+                        for s in plan.schemes})
         # Units are built first without shared scales, so that a refusal (--allow-requantize) comes
         # before the pre-pass reads every fused tensor; building them again later costs no I/O.
         units, notes = quantize_units(view, plan, request.layout, stored, {}, request.allow_requantize)
@@ -340,6 +341,12 @@ def _report_skips(plan: Plan, notice: Notice) -> None:
         notice(f"note: leaving {first.module} {list(first.shape)}{more} unquantized: {reason}")
     if len(by_reason) > 8:
         notice(f"note: ... and {len(by_reason) - 8} more reasons for layers left unquantized (see --json)")
+    if plan.splits:
+        first = next(iter(plan.splits.values()))
+        spelled = "vLLM's own per-expert names" if first.split.vllm_spelling else "per-expert modules"
+        notice(f"note: writing {len(plan.splits)} 3-D expert tensors (e.g. {first.tensor}) as one quantized layer "
+               f"per expert ({first.modules[0]}, ...; {spelled}: {first.split.why}); transformers "
+               f"{TRANSFORMERS_VERSION} loads no quantized layout of them: serve the output with vLLM")
     coverage = plan.coverage
     if coverage["share"] is not None and coverage["share"] < 1:
         notice(f"note: coverage {describe_coverage(coverage)}")
@@ -354,7 +361,7 @@ def describe_coverage(coverage: dict) -> str:
 
 def summarize(checkpoint: Checkpoint, units: list[Unit], target: Path | None, shards: list[str],
               seconds: float, plan: Plan | None = None, dry_run: bool = False, **extra: object) -> dict:
-    layers = [unit.layer for unit in units if unit.layer]
+    layers = [layer for unit in units for layer in unit.layers]
     quantized_params = sum(layer["shape"][0] * layer["shape"][1] for layer in layers)
     quantized_bytes = sum(layer["bytes_after"] for layer in layers)
     bytes_after = sum(spec.nbytes for unit in units for spec in unit.outputs)

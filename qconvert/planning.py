@@ -16,8 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from qconvert.architectures import (
+    ExpertSplit,
     LayerKind,
     ModelFacts,
+    expert_split,
     facts_from_config,
     is_expert_3d,
     layer_kind,
@@ -40,6 +42,8 @@ CONV1D_REASON = ("Conv1D weight stored [in, out]: compressed-tensors loaders qua
                  "only, so it stays unquantized rather than be scaled along its output axis")
 EXPERTS_3D_REASON = ("3-D fused experts: no quantized layout of them loads in transformers "
                      "(no per-expert converter for this architecture)")
+# For architectures whose split is known (architectures.EXPERT_SPLITS) but not for the chosen scheme.
+EXPERTS_SCHEME_REASON = "3-D fused experts: {model_type} experts load quantized only in {schemes} ({why})"
 KEPT_EXPERTS_NOTE = "kept in full precision (--keep-fused-experts)"
 
 
@@ -52,6 +56,20 @@ class SkippedLayer:
     kind: LayerKind | None = None  # a linear weight's kind (counted in coverage); None: not a linear
 
 
+@dataclass(frozen=True)
+class SplitExperts:
+    """A 3-D expert tensor written as one quantized ``[out, in]`` layer per expert and part."""
+
+    tensor: str
+    split: ExpertSplit
+    scheme: Scheme
+    experts: int
+
+    @property
+    def modules(self) -> list[str]:
+        return self.split.modules(self.tensor, self.experts)
+
+
 @dataclass
 class Plan:
     scheme: Scheme
@@ -60,6 +78,7 @@ class Plan:
     ignore: list[str] = field(default_factory=list)
     facts: ModelFacts = field(default_factory=ModelFacts)
     linear_params: dict[str, tuple[int, int]] = field(default_factory=dict)  # kind → (quantized, total)
+    splits: dict[str, SplitExperts] = field(default_factory=dict)  # 3-D expert tensor → its per-expert layers
 
     def scheme_for(self, info: TensorInfo) -> Scheme | None:
         return self.quantize.get(info.name)
@@ -80,7 +99,15 @@ class Plan:
 
     @property
     def schemes_by_module(self) -> dict[str, Scheme]:
-        return {module_of(name): scheme for name, scheme in self.quantize.items()}
+        modules = {module_of(name): scheme for name, scheme in self.quantize.items()}
+        for split in self.splits.values():
+            modules.update(dict.fromkeys(split.modules, split.scheme))
+        return modules
+
+    @property
+    def schemes(self) -> list[Scheme]:
+        """Every scheme the plan writes."""
+        return [*self.quantize.values(), *(s.scheme for s in self.splits.values())]
 
 
 def module_of(tensor_name: str) -> str:
@@ -120,11 +147,20 @@ def _not_a_candidate(info: TensorInfo, facts: ModelFacts) -> str | None:
     return None
 
 
-def _layout_problem(info: TensorInfo, facts: ModelFacts, keep_experts: bool) -> tuple[str, LayerKind] | None:
+def _layout_problem(info: TensorInfo, facts: ModelFacts, keep_experts: bool, scheme: Scheme
+                    ) -> tuple[str, LayerKind] | None:
     """Linear weights whose stored layout no compressed-tensors loader reads quantized."""
     module = module_of(info.name) if info.name.endswith(".weight") else info.name
     if is_expert_3d(info.name, info.shape):
-        reason = f"{EXPERTS_3D_REASON}; {KEPT_EXPERTS_NOTE}" if keep_experts else EXPERTS_3D_REASON
+        reason = EXPERTS_3D_REASON
+        split = expert_split(facts.model_type, info.name, info.shape)
+        if split is not None and split.formats is not None and scheme.format not in split.formats:
+            from qconvert.schemes import SCHEMES  # the scheme names of the formats a loader reads
+
+            names = "/".join(n for n, s in SCHEMES.items() if s.format in split.formats)
+            reason = EXPERTS_SCHEME_REASON.format(model_type=facts.model_type, schemes=names, why=split.why)
+        if keep_experts:
+            reason = f"{reason}; {KEPT_EXPERTS_NOTE}"
         return reason, LayerKind.EXPERTS
     if facts.is_conv1d(module):
         return CONV1D_REASON, layer_kind(module, facts)
@@ -195,8 +231,19 @@ def make_plan(
                 reason = f"--override {override[0]}=none"
             elif override is not None:
                 chosen = override[1]
+        split = None if keep_experts else expert_split(facts.model_type, info.name, info.shape)
+        if reason is None and split is not None and (split.formats is None or chosen.format in split.formats):
+            shapes = [split.part_shape(part, info.shape) for part in split.parts]
+            reason = next((f"per-expert {part.leaf} {list(shape)}: {problem}"
+                           for part, shape in zip(split.parts, shapes, strict=True)
+                           if (problem := shape_problem(shape, chosen))), None)
+            if reason is None:
+                plan.splits[info.name] = SplitExperts(info.name, split, chosen, info.shape[0])
+                _count(plan, LayerKind.EXPERTS, info.numel, quantized=True)
+                continue
+            runtime_linear, kind = False, LayerKind.EXPERTS
         if reason is None:
-            problem = _layout_problem(info, facts, keep_experts)
+            problem = _layout_problem(info, facts, keep_experts, chosen)
             if problem is not None:
                 reason, kind = problem
                 runtime_linear = runtime_linear and len(info.shape) == 2
@@ -212,7 +259,7 @@ def make_plan(
             _count(plan, kind, info.numel, quantized=False)
     if refused_experts:
         raise BadInputError(_experts_refusal(checkpoint, facts, refused_experts, plan))
-    if not plan.quantize:
+    if not plan.quantize and not plan.splits:
         raise BadInputError(f"{checkpoint.root}: no tensor to quantize: {_skip_summary(plan.skipped)}")
     plan.ignore = _ignore_list(checkpoint, plan)
     return plan
@@ -242,7 +289,7 @@ def _experts_refusal(checkpoint: Checkpoint, facts: ModelFacts, refused: list[Sk
     example = refused[0]
     return (f"{checkpoint.root}: {len(refused)} 3-D fused expert tensors ({facts.model_type}, e.g. {example.module} "
             f"{list(example.shape)}, {100 * params / total:.0f}% of the linear parameters) cannot be quantized: "
-            "no quantized layout of them loads in transformers; pass --keep-fused-experts to keep them in full "
+            f"{example.reason.removeprefix('3-D fused experts: ')}; pass --keep-fused-experts to keep them in full "
             "precision (coverage drops accordingly), or --ignore them")
 
 

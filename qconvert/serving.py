@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from enum import Enum
 
+from qconvert.architectures import ENGINE_FUSIONS
+
 
 class Engine(str, Enum):
     VLLM = "vllm"
@@ -35,7 +37,9 @@ class Serving:
     version: str  # engine version the conformance tier tested
     method: str  # what the engine picks for linear layers
     min_capability: int | None  # lowest CUDA capability (80 = sm80) at which it loads; None: not GPU-bound
-    families: tuple[str, ...] = ("*",)  # architecture families it holds for; "*" = every family tested
+    # Architecture families it holds for; "*" = every family whose layers are the checkpoint's own (llama,
+    # deepseek), not the per-expert layouts qconvert writes for 3-D experts (SPLIT_FAMILIES: named explicitly).
+    families: tuple[str, ...] = ("*",)
     moe_method: str | None = None  # what it picks for MoE experts, where tested
     note: str = ""
 
@@ -76,20 +80,29 @@ _TRANSFORMERS_DENSE = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "Compre
                               families=("llama",), note="dense models; MoE experts fail transformers' conversion")
 _QCONVERT = Serving(Engine.QCONVERT, "", "verify (Triton kernels)", None)
 
+# gpt-oss and GraniteMoE keep their experts in 3-D tensors; qconvert writes them per expert in the layout vLLM's
+# loaders read (architectures.EXPERT_SPLITS), which no transformers release loads. vLLM loads gpt-oss's only in
+# weight-only int schemes (qconvert refuses the others); GraniteMoE's as it loads Mixtral's.
+SPLIT_FAMILIES = ("gpt_oss", "granitemoe")
+FAMILIES = ("llama", "deepseek", *SPLIT_FAMILIES)
+_WITH_SPLIT: dict = {"families": ("*", *SPLIT_FAMILIES)}
+_WITH_GRANITE: dict = {"families": ("*", "granitemoe")}
+
 SERVES: dict[str, tuple[Serving, ...]] = {
-    "rtn4": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE),
+    "rtn4": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE, **_WITH_SPLIT),
              _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED), _TRANSFORMERS, _QCONVERT),
-    "rtn8": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE),
+    "rtn8": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE, **_WITH_SPLIT),
              _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED), _TRANSFORMERS, _QCONVERT),
     "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75, "CompressedTensorsW8A8Int8MoEMethod"),
                   _sglang("CompressedTensorsW8A8Int8", 80, families=("llama",),
                           note="SGLang: int8 MoE experts only on NPU (DeepSeek refused)"), _TRANSFORMERS_DENSE,
                   _QCONVERT),
-    "fp8": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE), _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE),
+    "fp8": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE, **_WITH_GRANITE),
+            _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE, **_WITH_GRANITE),
             _sglang("CompressedTensorsW8A16Fp8", 80, "CompressedTensorsW8A8Fp8MoE"),
             _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS, _QCONVERT),
-    "fp8-block": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE),
-                  _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE),
+    "fp8-block": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE, **_WITH_GRANITE),
+                  _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE, **_WITH_GRANITE),
                   _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS_DENSE,
                   _QCONVERT),
     # vLLM's FP8 MoE method takes per-tensor weights only with static per-tensor activations (a bare
@@ -121,7 +134,8 @@ def output_kind(scheme: str, layout: str = "compressed-tensors", op: str | None 
 
 def serving_for(kind: str, family: str = "llama") -> list[Serving]:
     """The engines that serve ``kind`` for an architecture ``family`` (empty when none is known)."""
-    return [s for s in SERVES.get(kind, ()) if "*" in s.families or family in s.families]
+    return [s for s in SERVES.get(kind, ())
+            if family in s.families or ("*" in s.families and family not in SPLIT_FAMILIES)]
 
 
 def pick(kind: str, engine: Engine, capability: int, family: str = "llama") -> Serving | None:
@@ -132,24 +146,18 @@ def pick(kind: str, engine: Engine, capability: int, family: str = "llama") -> S
     return max(usable, key=lambda s: s.min_capability or 0, default=None)
 
 
-# How vLLM and SGLang fuse a checkpoint's separate layers into one at load (their packed-modules maps):
-# fused leaf name → the leaves it is made of. A fused layer has one scheme, so its parts must share one,
-# and a config written for the separate names must also name the fused layer (SGLang matches targets and
-# ignore entries against the fused name for models that define no packed-modules map, e.g. Llama).
-ENGINE_FUSIONS: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA with a q LoRA rank
-}
-
 # Architecture families, by the `architectures` entry of config.json (prefix match).
 _FAMILIES = {
     "deepseek": ("DeepseekV2", "DeepseekV3", "DeepseekV32", "KimiK2"),
 }
 
 
-def family_of(config: dict | None) -> str:
-    """The architecture family the table's entries are keyed by ("llama" for every other decoder)."""
+def family_of(config: dict | None, split_experts: bool = False) -> str:
+    """The architecture family the table's entries are keyed by ("llama" for every other decoder).
+    ``split_experts``: the output holds 3-D experts written per expert, keyed by the model type."""
+    model_type = (config or {}).get("model_type")
+    if split_experts and model_type in SPLIT_FAMILIES:
+        return model_type
     for architecture in (config or {}).get("architectures") or []:
         for family, prefixes in _FAMILIES.items():
             if str(architecture).startswith(prefixes):
@@ -213,8 +221,9 @@ def markdown_table() -> str:
             parts.append(f"{s.engine.value}{version} `{s.method.removeprefix('CompressedTensors')}`{where}")
         return "; ".join(parts) or "–"
 
-    lines = ["| output | Llama-family (Llama, Qwen, Mistral, ...) | DeepSeek-family (V2/V3) |", "| --- | --- | --- |"]
-    lines += [f"| `{kind}` | {cell(kind, 'llama')} | {cell(kind, 'deepseek')} |" for kind in SERVES]
+    lines = ["| output | Llama-family (Llama, Qwen, Mistral, Mixtral, ...) | DeepSeek-family (V2/V3) "
+             "| gpt-oss (experts per expert) | GraniteMoE (experts per expert) |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| `{kind}` | {' | '.join(cell(kind, family) for family in FAMILIES)} |" for kind in SERVES]
     return "\n".join(lines) + "\n"
 
 

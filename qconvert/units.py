@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from qconvert.architectures import COMMON_FUSIONS
 from qconvert.errors import BadInputError
-from qconvert.format import compress_weight, output_specs
+from qconvert.format import compress_weight, output_specs, streamed_expert_name
 from qconvert.numerics import require_finite_part, require_representable
-from qconvert.planning import Plan, module_of
+from qconvert.planning import Plan, SplitExperts, module_of
 from qconvert.quantizers import e4m3fn_to_e4m3fnuz, scale_divisor, scales_from_amax
 from qconvert.safetensors_io import TensorInfo, TensorSpec
 from qconvert.schemes import Scheme
@@ -39,10 +39,15 @@ class Unit:
     outputs: list[TensorSpec]
     produce: Produce | None = None  # None: copy inputs[0]'s bytes to outputs[0]
     layer: dict | None = None  # the per-layer line of the summary, for units that quantize a layer
+    more_layers: list[dict] = field(default_factory=list)  # units that write several layers (split experts)
 
     @property
     def input_bytes(self) -> int:
         return sum(i.nbytes for i in self.inputs)
+
+    @property
+    def layers(self) -> list[dict]:
+        return ([self.layer] if self.layer else []) + self.more_layers
 
 
 def copy_unit(info: TensorInfo, name: str | None = None) -> Unit:
@@ -88,6 +93,42 @@ def quantize_unit(info: TensorInfo, scheme: Scheme, layout: str, scale: torch.Te
 
     layer = layer_entry(module_of(info.name), scheme, info.shape, info.dtype, info.nbytes, outputs)
     return Unit([info], outputs, produce, layer)
+
+
+def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: str) -> Unit:
+    """A 3-D expert tensor written as one quantized layer per expert and part (``architectures.ExpertSplit``):
+    the stored tensor is read once, each expert's slice cut into its parts' ``[out, in]`` weights."""
+    parts = split.split.parts
+    modules = split.modules
+    shapes = [split.split.part_shape(part, info.shape) for part in parts]
+
+    def spelled(specs: list[TensorSpec]) -> list[TensorSpec]:
+        if not split.split.vllm_spelling:
+            return specs
+        return [TensorSpec(name, spec.dtype, spec.shape) for spec in specs
+                if (name := streamed_expert_name(spec.name)) is not None]
+
+    per_layer = [spelled(output_specs(f"{module}.weight", shapes[i % len(parts)], info.dtype, split.scheme, layout))
+                 for i, module in enumerate(modules)]
+
+    def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        stored = tensors[0]
+        result: dict[str, torch.Tensor] = {}
+        for index, module in enumerate(modules):
+            part = parts[index % len(parts)]
+            weight = part.cut(stored[index // len(parts)]).contiguous()
+            written = checked_compress(info, f"{module}.weight", weight, split.scheme, layout, None)
+            if split.split.vllm_spelling:
+                written = {spelled_name: tensor for name, tensor in written.items()
+                           if (spelled_name := streamed_expert_name(name)) is not None}
+            result.update(written)
+        return result
+
+    itemsize = info.dtype.itemsize
+    layers = [layer_entry(module, split.scheme, shapes[i % len(parts)], info.dtype,
+                          shapes[i % len(parts)][0] * shapes[i % len(parts)][1] * itemsize, per_layer[i])
+              for i, module in enumerate(modules)]
+    return Unit([info], [spec for specs in per_layer for spec in specs], produce, layers[0], layers[1:])
 
 
 def fused_groups(modules: list[str], patterns: list[str]) -> list[list[str]]:
@@ -190,7 +231,9 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: str,
         module, _, leaf = info.name.rpartition(".")
         scheme = plan.scheme_for(info)
         layer = stored.get(module) if leaf == "weight" else None
-        if module in stored and leaf in ACTIVATION_LEAVES:
+        if info.name in plan.splits:
+            units.append(split_experts_unit(info, plan.splits[info.name], layout))
+        elif module in stored and leaf in ACTIVATION_LEAVES:
             dropped.append(info.name)  # the schemes we write quantize activations dynamically
         elif layer is None and scheme is None:
             units.append(copy_unit(info))
@@ -243,5 +286,5 @@ def apply_fnuz(units: list[Unit]) -> list[Unit]:
         def produce(tensors: list[torch.Tensor], inner=inner) -> dict[str, torch.Tensor]:
             return {name: transform(name, tensor) for name, tensor in inner(tensors).items()}
 
-        result.append(Unit(unit.inputs, outputs, produce, unit.layer))
+        result.append(Unit(unit.inputs, outputs, produce, unit.layer, unit.more_layers))
     return result

@@ -111,6 +111,9 @@ class VerifyReport:
     original: str | None
     tokens: list[int]
     layers: list[LayerResult]
+    # Quantized tensors that belong to no compressed-tensors layer qconvert reads, so were not checked:
+    # per-expert tensors in vLLM's gpt-oss spelling (`experts.3.w13_weight_packed`).
+    not_verified: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -122,6 +125,7 @@ class VerifyReport:
             "path": self.path, "device": self.device, "original": self.original, "tokens": self.tokens,
             "ok": self.ok, "layers_checked": len(self.layers), "layers_failed": failed,
             "layers": [{**asdict(layer), "ok": layer.ok} for layer in self.layers],
+            "not_verified": self.not_verified,
         }
 
 
@@ -523,6 +527,8 @@ def verify(path: str, original: str | None = None, device: torch.device | None =
             raise BadInputError(f"--layers {layers!r} matches none of the {len(found)} quantized layers")
         report = VerifyReport(str(checkpoint.root), str(device), str(original_checkpoint.root) if original_checkpoint
                               else None, tokens, [])
+        report.not_verified = sorted(name for name in checkpoint.tensors
+                                     if name.endswith("_weight_packed") and name.rpartition(".")[0] not in found)
         pair = (original_checkpoint, original_reader) if original_checkpoint is not None else None
         for layer in chosen:
             _refuse_transposed(layer, checkpoint)

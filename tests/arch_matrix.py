@@ -53,6 +53,10 @@ class ArchCase:
     compressed_path_fails: tuple[str, ...] = ()
     fast: bool = False  # also in the fast tier
     shards: int = 1
+    # 3-D experts written per expert in vLLM's layout, which no transformers release loads: the test
+    # asserts that transformers refuses them and checks each expert's weights against an independent cut
+    # of the stored 3-D tensor (tests/test_architectures.py: EXPERT_CUTS) instead of comparing logits.
+    experts_split: bool = False
 
     def expand(self, templates: list[str]) -> set[str]:
         out = set()
@@ -72,6 +76,9 @@ class ArchCase:
 
 
 _MOE = dict(num_experts=EXPERTS, num_experts_per_tok=2)
+_GRANITE = dict(_TEXT, num_local_experts=EXPERTS, num_experts_per_tok=2)
+_GPT_OSS = dict(_TEXT, head_dim=32, num_local_experts=EXPERTS, num_experts_per_tok=2, intermediate_size=128,
+                layer_types=["sliding_attention", "full_attention"], sliding_window=64)
 
 CASES: list[ArchCase] = [
     ArchCase("llama", "llama", dict(_TEXT), _llama_like(), fast=True, shards=2),
@@ -130,16 +137,24 @@ CASES: list[ArchCase] = [
              skipped={f"transformer.h.{{i}}.{p}": "Conv1D" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
                                                                       "mlp.c_proj")},
              fast=True),
-    # GraniteMoE's experts are 3-D tensors no quantized layout of which transformers loads: kept in
-    # full precision with --keep-fused-experts (refused without it).
-    ArchCase("granitemoe", "granitemoe", dict(_TEXT, num_local_experts=EXPERTS, num_experts_per_tok=2),
+    # GraniteMoE and gpt-oss keep their experts in 3-D tensors: by default written per expert, as vLLM
+    # loads them (GraniteMoE: Mixtral-style gate/up/down modules; gpt-oss: vLLM's streamed w13/w2 names, in
+    # the weight-only int schemes only); `-kept` variants keep them in full precision (--keep-fused-experts),
+    # which transformers loads.
+    ArchCase("granitemoe", "granitemoe", _GRANITE,
+             [f"model.layers.{{i}}.self_attn.{p}" for p in _ATTN]
+             + [f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{p}" for p in _MLP],
+             skipped={"model.layers.{i}.block_sparse_moe.router.layer": "router"}, experts_split=True),
+    ArchCase("granitemoe-kept", "granitemoe", _GRANITE,
              [f"model.layers.{{i}}.self_attn.{p}" for p in _ATTN], request={"keep_fused_experts": True},
              skipped={"model.layers.{i}.block_sparse_moe.router.layer": "router",
                       "model.layers.{i}.block_sparse_moe.input_linear": "3-D",
                       "model.layers.{i}.block_sparse_moe.output_linear": "3-D"}),
-    ArchCase("gpt_oss", "gpt_oss", dict(_TEXT, head_dim=32, num_local_experts=EXPERTS, num_experts_per_tok=2,
-                                        intermediate_size=128, layer_types=["sliding_attention", "full_attention"],
-                                        sliding_window=64),
+    ArchCase("gpt_oss", "gpt_oss", _GPT_OSS,
+             [f"model.layers.{{i}}.self_attn.{p}" for p in _ATTN]
+             + [f"model.layers.{{i}}.mlp.experts.{{e}}.{p}" for p in ("w13", "w2")],
+             schemes=PACKED, skipped={"model.layers.{i}.mlp.router": "router"}, experts_split=True, fast=True),
+    ArchCase("gpt_oss-kept", "gpt_oss", _GPT_OSS,
              [f"model.layers.{{i}}.self_attn.{p}" for p in _ATTN], request={"keep_fused_experts": True},
              skipped={"model.layers.{i}.mlp.router": "router",
                       "model.layers.{i}.mlp.experts.gate_up_proj": "3-D",

@@ -218,6 +218,10 @@ def test_architecture(case: ArchCase, scheme: str, arch_root: Path) -> None:
 
     output = arch_root / f"{case.name}-{scheme}"
     run_quantize(case, source, scheme, output)
+    if case.experts_split:
+        check_split_experts(case, source, output, scheme)
+        shutil.rmtree(output)
+        return
     reference_dir = arch_root / f"{case.name}-{scheme}-fake"
     fake_quantize_checkpoint(source, reference_dir, case.expected_modules, scheme, mla=case.model_type == "deepseek_v3")
 
@@ -245,6 +249,79 @@ def test_architecture(case: ArchCase, scheme: str, arch_root: Path) -> None:
         assert rel(got, reference) <= allowed, (kwargs, rel(got, reference), quant_error)
     shutil.rmtree(output)
     shutil.rmtree(reference_dir)
+
+
+# ---------------------------------------------------------------- 3-D experts written per expert
+
+# Each architecture's per-expert [out, in] weights, cut from its stored 3-D tensors as transformers' modeling
+# code applies them (written here, not taken from qconvert): GraniteMoeParallelExperts hold [experts, out, in]
+# and GraniteMoeMoE chunks input_linear's output into gate (first half) and up; GptOssExperts compute
+# x @ gate_up_proj[e] ([in, 2 x inter]; gate in the even columns, up in the odd ones) and x @ down_proj[e],
+# and vLLM's gpt-oss w13 keeps that interleaved order in its rows.
+EXPERT_CUTS = {
+    "granitemoe": {
+        "gate_proj": ("block_sparse_moe.input_linear.weight", lambda w: w[: w.shape[0] // 2]),
+        "up_proj": ("block_sparse_moe.input_linear.weight", lambda w: w[w.shape[0] // 2:]),
+        "down_proj": ("block_sparse_moe.output_linear.weight", lambda w: w),
+    },
+    "gpt_oss": {
+        "w13": ("mlp.experts.gate_up_proj", lambda w: w.t()),
+        "w2": ("mlp.experts.down_proj", lambda w: w.t()),
+    },
+}
+
+
+def _dequantized(tensors: dict[str, torch.Tensor], module: str, scheme: str, shape: tuple[int, int]) -> torch.Tensor:
+    """A written layer's weight, dequantized with compressed-tensors' own unpacking and a plain scale expansion
+    (``{module}.weight_scale``, or vLLM's per-expert spelling ``{module}_weight_scale``)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    def get(leaf: str) -> torch.Tensor | None:
+        return tensors.get(f"{module}.{leaf}", tensors.get(f"{module}_{leaf}"))
+
+    packed, scale = get("weight_packed"), get("weight_scale").float()
+    if packed is not None:
+        values = unpack_from_int32(packed, 4 if scheme == "rtn4" else 8, torch.Size(shape)).float()
+    else:
+        values = get("weight").float()
+    assert tuple(values.shape) == shape, (module, tuple(values.shape), shape)
+    if scale.numel() > 1:
+        rows, cols = -(-shape[0] // scale.shape[0]), -(-shape[1] // scale.shape[1])
+        scale = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[: shape[0], : shape[1]]
+    return values * scale
+
+
+def check_split_experts(case: ArchCase, source: Path, output: Path, scheme: str) -> None:
+    """Every per-expert layer equals the independent fake quantization of its independent cut; transformers
+    (which the serving table says cannot load these outputs) does refuse them."""
+    stored: dict[str, torch.Tensor] = {}
+    for file in sorted(source.glob("*.safetensors")):
+        stored.update(load_file(file))
+    written: dict[str, torch.Tensor] = {}
+    for file in sorted(output.glob("*.safetensors")):
+        written.update(load_file(file))
+    checked = 0
+    for module in sorted(m for m in case.expected_modules if ".experts." in m):
+        layer_prefix, _, rest = module.partition(".block_sparse_moe.experts." if "block_sparse_moe" in module
+                                                 else ".mlp.experts.")
+        expert, _, leaf = rest.partition(".")
+        tensor_name, cut = EXPERT_CUTS[case.model_type][leaf]
+        weight = cut(stored[f"{layer_prefix}.{tensor_name}"][int(expert)])
+        reference = _fake(weight, scheme, weight.dtype, None)
+        got = _dequantized(written, module, scheme, tuple(weight.shape))
+        assert rel(got, reference) < 1e-2, (module, rel(got, reference))
+        checked += 1
+    assert checked == LAYERS_EXPERTS_PARTS[case.model_type]
+    try:
+        _, info = load(output, case)
+    except Exception as error:  # any refusal is what the table says
+        refusal = f"{type(error).__name__}: {error}"
+    else:
+        refusal = sorted(k for key in ("unexpected_keys", "missing_keys") for k in info.get(key, []) if "expert" in k)
+    assert refusal, "transformers loads per-expert experts now: update qconvert.serving (SPLIT_FAMILIES)"
+
+
+LAYERS_EXPERTS_PARTS = {"granitemoe": 2 * EXPERTS * 3, "gpt_oss": 2 * EXPERTS * 2}
 
 
 # ---------------------------------------------------------------- what the matrix cannot say by itself
@@ -291,22 +368,26 @@ def test_verify_refuses_a_transposed_layer_in_one_line(arch_root: Path, tmp_path
 
 
 @pytest.mark.slow
-def test_fused_3d_experts_are_refused_with_a_way_out(arch_root: Path) -> None:
-    line = _one_line_error(run_cli("quantize", build_checkpoint(_case("gpt_oss"), arch_root), "--dry-run"))
-    assert "3-D fused expert tensors" in line and "--keep-fused-experts" in line, line
-    plain = _case("llama")  # no --keep-fused-experts
+def test_fused_3d_experts_are_written_per_expert_or_refused_with_a_way_out(arch_root: Path) -> None:
+    gpt_oss = build_checkpoint(_case("gpt_oss"), arch_root)
+    line = _one_line_error(run_cli("quantize", gpt_oss, "--scheme", "fp8", "--dry-run"))
+    assert "3-D fused expert tensors" in line and "rtn4/rtn8" in line and "--keep-fused-experts" in line, line
+    with pytest.raises(BadInputError, match=r"3-D fused expert tensors.*--keep-fused-experts"):
+        run_quantize(_case("gpt_oss"), gpt_oss, "fp8-block", None, targets=[r"re:.*experts.*"])
     for name in ("gpt_oss", "granitemoe"):
         source = build_checkpoint(_case(name), arch_root)
-        for extra in ({}, {"targets": [r"re:.*(experts|_linear).*"]}):
-            with pytest.raises(BadInputError, match=r"3-D fused expert tensors.*--keep-fused-experts"):
-                run_quantize(plain, source, "rtn4", None, **extra)
         summary, notes = run_quantize(_case(name), source, "rtn4", None)
-        experts = [s for s in summary["skipped"] if s["kind"] == "experts"]
-        assert len(experts) == 4 and all("3-D fused experts" in s["reason"] for s in experts)
-        assert summary["coverage"]["by_kind"]["experts"]["share"] == 0
-        assert summary["coverage"]["by_kind"]["attention"]["share"] == 1
+        assert summary["coverage"]["share"] >= 0.9 and summary["coverage"]["by_kind"]["experts"]["share"] == 1
+        assert any("as one quantized layer per expert" in note and "transformers" in note for note in notes), notes
+        assert [s["engine"] for s in summary["serves_in"]] == ["vllm"], summary["serves_in"]
+        kept, notes = run_quantize(_case(f"{name}-kept"), source, "rtn4", None)
+        experts = [s for s in kept["skipped"] if s["kind"] == "experts"]
+        assert len(experts) == 4 and all("--keep-fused-experts" in s["reason"] for s in experts)
+        assert kept["coverage"]["by_kind"]["experts"]["share"] == 0
+        assert kept["coverage"]["by_kind"]["attention"]["share"] == 1
         assert any("3-D fused experts" in note for note in notes)  # said, not only in the JSON
         assert any(note.startswith("note: coverage ") for note in notes)
+        assert "transformers" in [s["engine"] for s in kept["serves_in"]]
 
 
 @pytest.mark.slow
@@ -399,5 +480,20 @@ def test_vision_ignore_entries_survive_the_loaders_renames(arch_root: Path) -> N
 def test_refusals_come_before_any_output(arch_root: Path, tmp_path: Path) -> None:
     source = build_checkpoint(_case("gpt_oss"), arch_root)
     with pytest.raises(BadInputError, match="--keep-fused-experts"):
-        run_quantize(_case("llama"), source, "rtn4", tmp_path / "out")
+        run_quantize(_case("llama"), source, "fp8", tmp_path / "out")  # gpt-oss experts: rtn4/rtn8 only
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_verify_names_the_per_expert_tensors_it_cannot_check(arch_root: Path, tmp_path: Path) -> None:
+    """gpt-oss experts in vLLM's spelling are no compressed-tensors layer: verify says so instead of passing
+    over them in silence."""
+    from qconvert.verification import verify
+
+    out = tmp_path / "gpt_oss-rtn4"
+    run_quantize(_case("gpt_oss"), build_checkpoint(_case("gpt_oss"), arch_root), "rtn4", out)
+    report = verify(str(out), device=torch.device("cpu"), tokens=[1], layers=r"layers\.0\.self_attn\.o_proj$")
+    assert report.ok and len(report.layers) == 1
+    assert len(report.not_verified) == 2 * EXPERTS * 2  # layers x experts x (w13, w2)
+    assert all(name.endswith(("w13_weight_packed", "w2_weight_packed")) for name in report.not_verified)
+    assert report.to_json()["not_verified"] == report.not_verified

@@ -50,12 +50,12 @@ from tests.test_architectures import build_checkpoint, run_quantize  # noqa: E40
 # `architectures`). Left out: llama and deepseek_v3 (test_vllm.py covers them), bert and t5 (no generative model
 # class for them in vLLM), gpt2 (nothing quantized: its Conv1D layers stay as they are).
 ARCHITECTURES = ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma2", "gemma3", "opt", "gpt_neox",
-                 "olmo2", "falcon", "granitemoe", "gpt_oss", "qwen2_vl", "llava", "gemma3_mm")
-MOE = ("qwen3_moe", "mixtral")
-# MoE architectures whose fused 3-D experts qconvert keeps unquantized (--keep-fused-experts): the config's
-# `ignore` names the routers but not the experts modules, and vLLM matches its FusedMoE layers to the "Linear"
-# target, so it builds quantized expert parameters the checkpoint does not have (see KNOWN_REFUSALS).
-FUSED_EXPERTS_KEPT = ("granitemoe", "gpt_oss")
+                 "olmo2", "falcon", "granitemoe", "gpt_oss", "granitemoe-kept", "gpt_oss-kept", "qwen2_vl", "llava",
+                 "gemma3_mm")
+MOE = ("qwen3_moe", "mixtral", "granitemoe")
+# MoE architectures with 3-D experts: qconvert writes them per expert by default (granitemoe, gpt_oss: the
+# serving table's own families for them); the `-kept` cases keep them unquantized (--keep-fused-experts).
+FUSED_EXPERTS_KEPT = ("granitemoe-kept", "gpt_oss-kept")
 
 # vLLM's block-FP8 layers need every part of a fused layer (q/k/v → qkv_proj) to span whole 128-row blocks
 # (``validate_fp8_block_shape``); the matrix's tiny models have 64-row k/v projections (2 KV heads of 32; Falcon's
@@ -68,8 +68,7 @@ _NARROW = "ValueError: Weight output_partition_size = {rows} is not divisible by
 # (serving.misaligned_layer), so these cases assert "not served, and vLLM refuses with exactly this".
 NARROW_REFUSALS: dict[tuple[str, str, int], str] = {
     **{(arch, "fp8-block", 90): _NARROW.format(rows=64)
-       for arch in ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3", "olmo2", "granitemoe",
-                    "gpt_oss")},
+       for arch in ("mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3", "olmo2", "granitemoe")},
     ("falcon", "fp8-block", 90): _NARROW.format(rows=32),
 }
 KNOWN_REFUSALS: dict[tuple[str, str, int], str] = {}
@@ -108,6 +107,10 @@ def _case(name: str) -> ArchCase:
 
 
 def _schemes(arch: str) -> tuple[str, ...]:
+    if arch == "gpt_oss":
+        return ("rtn4", "rtn8")  # the schemes qconvert writes gpt-oss experts in (others are refused)
+    if arch in FUSED_EXPERTS_KEPT:
+        return ("rtn4",)
     return ("rtn4", "fp8-block", "fp8") if arch in MOE else ("rtn4", "fp8-block")
 
 
@@ -177,9 +180,10 @@ def report() -> object:
     harness.write_report(RESULTS, "vllm-architectures", "architecture results")
 
 
-def _family(folder: Path) -> str:
-    """The table's family for the checkpoint (by its config's `architectures`)."""
-    return serving.family_of(json.loads((folder / "config.json").read_text()))
+def _family(folder: Path, split_experts: bool) -> str:
+    """The table's family for the checkpoint (by its config's `architectures`; its model type where qconvert
+    wrote 3-D experts per expert)."""
+    return serving.family_of(json.loads((folder / "config.json").read_text()), split_experts)
 
 
 @pytest.mark.parametrize(("arch", "scheme", "capability"), _params())
@@ -188,10 +192,11 @@ def test_vllm_loads_the_architecture_as_the_table_says(checkpoints: Checkpoints,
     if arch in NEEDS_TORCHVISION and importlib.util.find_spec("torchvision") is None:
         pytest.skip(f"vLLM's {arch} model module imports torchvision, which this CPU venv cannot have (module doc)")
     model_type = _case(arch).model_type
-    family_label = model_type + arch.partition("+")[1] + arch.partition("+")[2]  # e.g. "mistral+kv128"
+    kept = "-kept" if arch in FUSED_EXPERTS_KEPT else ""
+    family_label = model_type + kept + arch.partition("+")[1] + arch.partition("+")[2]  # e.g. "mistral+kv128"
     folder, refusal = checkpoints.get(arch, scheme)
     assert folder is not None, f"qconvert refuses {arch} in {scheme}: {refusal}"
-    family = _family(folder)
+    family = _family(folder, split_experts=not kept)
     config = checkpoints.model_config(folder)
     if isinstance(config, Exception):
         result = harness.Result(harness.ENGINE, harness.VERSION, family_label, scheme, capability,
@@ -222,7 +227,7 @@ def test_vllm_loads_the_architecture_as_the_table_says(checkpoints: Checkpoints,
     wrong = {}
     quantized = 0
     for layer, pick in result.picks.items():
-        if layer == "gate" or layer.startswith("vision:"):  # router, vision tower: unquantized by qconvert
+        if layer in ("gate", "router") or layer.startswith("vision:"):  # router, vision tower: unquantized
             want = "UnquantizedLinearMethod"
         else:
             kept = layer == "experts" and arch in FUSED_EXPERTS_KEPT  # --keep-fused-experts: ignored
@@ -256,6 +261,42 @@ def test_the_harness_sees_a_damaged_expert(checkpoints: Checkpoints, tmp_path: P
     result = harness.run_case(broken, _case(arch).model_type, "rtn4", 90, harness.model_config(broken, None))
     assert not result.loaded
     assert any("experts" in problem for problem in result.problems), result.problems
+
+
+@pytest.mark.parametrize(("arch", "scheme"), [("gpt_oss", "rtn4"), ("gpt_oss", "rtn8"), ("granitemoe", "rtn4"),
+                                            ("granitemoe", "fp8")])
+def test_vllm_reads_per_expert_layers_as_the_source_experts(checkpoints: Checkpoints, arch: str, scheme: str) -> None:
+    """The axis and the gate/up order of qconvert's per-expert layout, as vLLM reads it: vLLM's fused expert
+    parameters loaded from the quantized checkpoint, dequantized (compressed-tensors' unpacking, scales expanded
+    per group / channel), equal an independent fake quantization of the parameters vLLM itself loads from the
+    bf16 source (``w13_weight`` [experts, 2 x inter, hidden]: gpt-oss's interleaved gate/up rows, GraniteMoE's
+    gate then up; ``w2_weight``) to within rounding. A transposed or reordered expert is off by ~100%."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from tests.test_architectures import _fake, rel
+
+    folder, refusal = checkpoints.get(arch, scheme)
+    assert folder is not None, refusal
+    source = build_checkpoint(_case(arch), checkpoints.root)
+    quantized = harness.loaded_parameters(folder)
+    reference = harness.loaded_parameters(source)
+    compared = 0
+    for name, want in reference.items():
+        if not name.endswith(("experts.routed_experts.w13_weight", "experts.routed_experts.w2_weight")):
+            continue
+        scale = quantized[f"{name}_scale"].float()
+        if f"{name}_packed" in quantized:
+            values = unpack_from_int32(quantized[f"{name}_packed"], 4 if scheme == "rtn4" else 8, want.shape).float()
+        else:
+            values = quantized[name].float()
+        for expert in range(want.shape[0]):
+            rows, cols = want.shape[1] // scale.shape[1], want.shape[2] // scale.shape[2]
+            expanded = scale[expert].repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+            got = values[expert] * expanded
+            expected = _fake(want[expert], scheme, want.dtype, None)
+            assert rel(got, expected) < 1e-2, (name, expert, rel(got, expected))
+            compared += 1
+    assert compared == 2 * 2 * 4, compared  # layers x (w13, w2) x experts
 
 
 def _misaligned(folder: Path | None, scheme: str) -> tuple[str, tuple[int, ...]] | None:

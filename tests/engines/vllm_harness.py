@@ -241,9 +241,56 @@ def _fill(model: Any, byte: int) -> None:
 def _load(model: Any, mc: Any, loader: Any) -> set[str]:
     loaded = model.load_weights(loader.get_all_weights(mc, model))
     # The loader's own strict check (the one vLLM runs for unquantized models by default): every parameter
-    # of a quantized layer must have come from the checkpoint.
-    loader.track_weights_loading(model, set(loaded), quantized=True)
+    # of a quantized layer must have come from the checkpoint, save those no checkpoint can fill (below).
+    loader.track_weights_loading(model, set(loaded) | _never_read(model), quantized=True)
     return set(loaded)
+
+
+def _streamed_experts(model: Any) -> tuple[str, Any] | None:
+    """The submodule (prefix, module) whose own ``load_weights`` streams per-expert checkpoint tensors into its
+    fused-MoE parameters (vLLM's gpt-oss: ``experts.<e>.w13_weight_packed``), found by vLLM's parser for them."""
+    for name, module in model.named_modules():
+        if hasattr(type(module), "_get_streamed_expert_info"):
+            return (f"{name}." if name else ""), module
+    return None
+
+
+def _never_read(model: Any) -> set[str]:
+    """Parameters a checkpoint cannot fill and vLLM never reads: the ``w13_weight_shape`` / ``w2_weight_shape``
+    that vLLM's WNA16 MoE method registers (``create_weights``; nothing in vLLM 0.33.0 reads them) in a model
+    whose streamed-expert loader has no checkpoint name for them (gpt-oss: ``_GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_
+    SHARD`` maps weights, scales and biases only). Elsewhere (Mixtral-style loaders) they must be filled."""
+    streamed = _streamed_experts(model)
+    if streamed is None:
+        return set()
+    import importlib
+
+    module = importlib.import_module(type(streamed[1]).__module__)
+    suffixes = getattr(module, "_GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_SHARD", None)
+    if suffixes is None:
+        return set()
+    return {name for name, _ in model.named_parameters()
+            if name.rpartition(".")[2] in ("w13_weight_shape", "w2_weight_shape")
+            and name.rpartition(".")[2] not in suffixes}
+
+
+def _streamed_sources(model: Any, disk: dict[str, Any]) -> dict[str, list[str]]:
+    """vLLM parameter → the per-expert checkpoint tensors vLLM's own streamed-expert parser routes to it, in
+    expert order (every expert must be there)."""
+    streamed = _streamed_experts(model)
+    if streamed is None:
+        return {}
+    prefix, module = streamed
+    params = dict(module.named_parameters())
+    found: dict[str, dict[int, str]] = {}
+    for disk_name in disk:
+        if not disk_name.startswith(prefix):
+            continue
+        info = type(module)._get_streamed_expert_info(disk_name.removeprefix(prefix), params)
+        if info is not None:
+            expert, fused_name, _ = info
+            found.setdefault(prefix + fused_name, {})[expert] = disk_name
+    return {name: [by_expert[e] for e in sorted(by_expert)] for name, by_expert in found.items()}
 
 
 def _exempt_modules(model: Any) -> set[str]:
@@ -261,8 +308,10 @@ def _expected(model: Any, disk: dict[str, Any]) -> Iterator[tuple[str, list[list
     row-groups (experts; one group for a plain layer), each a list of parts concatenated along dim 0, and
     whether any one part may be the value (``weight_shape``: a fused layer keeps one part's shape)."""
     packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
+    streamed = _streamed_sources(model, disk)
     expert_map = model.get_expert_mapping() if hasattr(model, "get_expert_mapping") else _experts_mapping(model)
     sources = _sources(model, disk)
+    never_read = _never_read(model)
 
     def on_disk(groups: list[list[str]]) -> list[list[str]]:
         """vLLM-side names → the checkpoint's (through the model's ``hf_to_vllm_mapper``, where it has one)."""
@@ -272,7 +321,13 @@ def _expected(model: Any, disk: dict[str, Any]) -> Iterator[tuple[str, list[list
         module, _, leaf = name.rpartition(".")
         prefix, _, mod_leaf = module.rpartition(".")
         any_part = leaf == "weight_shape" or leaf.endswith("_weight_shape")
-        if mod_leaf in ("experts", "routed_experts") and expert_map:
+        if name in never_read:
+            continue
+        if name in streamed:
+            yield name, [[n] for n in streamed[name]], any_part
+        elif streamed and name in sources:  # e.g. gpt-oss's 3-D expert biases, renamed by its mapper
+            yield name, [sources[name]], any_part
+        elif mod_leaf in ("experts", "routed_experts") and expert_map:
             by_expert: dict[int, list[tuple[int, str]]] = {}
             for param_name, weight_name, expert, shard in expert_map:
                 at = name.find(f".{param_name}")
@@ -307,16 +362,31 @@ def _experts_mapping(model: Any) -> list[tuple[str, str, int, str]]:
 def _sources(model: Any, disk: dict[str, Any]) -> dict[str, list[str]]:
     """vLLM parameter name → the checkpoint names the model's own ``hf_to_vllm_mapper`` maps onto it (several,
     in shard order, where the mapper stacks them, e.g. a vision tower's q/k/v → qkv); only renamed names."""
-    mapper = getattr(model, "hf_to_vllm_mapper", None)
-    if mapper is None:
-        return {}
+    # The model's mapper, or where it has none (GraniteMoE) its inner model's, which that module's own
+    # load_weights applies to the names below its prefix.
+    mappers = [("", getattr(model, "hf_to_vllm_mapper", None))]
+    if mappers[0][1] is None:
+        mappers = [(f"{name}.", getattr(child, "hf_to_vllm_mapper", None))
+                   for name, child in model.named_children()]
+    from vllm.model_executor.model_loader.weight_utils import maybe_remap_moe_expert_param_name
+
+    params = dict(model.named_parameters())
     shards: dict[str, list[tuple[int, str]]] = {}
-    order = {str(shard): i for i, (_, shard) in enumerate(mapper.orig_to_new_stacked.values())}
-    for disk_name in disk:
-        mapped = mapper._map_name_with_shard(disk_name)
-        if mapped is None or mapped[0] == disk_name:
+    seen: set[str] = set()
+    for prefix, mapper in mappers:
+        if mapper is None:
             continue
-        shards.setdefault(mapped[0], []).append((order.get(str(mapped[1]), 0), disk_name))
+        order = {str(shard): i for i, (_, shard) in enumerate(mapper.orig_to_new_stacked.values())}
+        for disk_name in disk:
+            if not disk_name.startswith(prefix) or disk_name in seen:
+                continue  # (a name the outer mapper renamed is not renamed again)
+            mapped = mapper._map_name_with_shard(disk_name.removeprefix(prefix))
+            if mapped is None or prefix + mapped[0] == disk_name:
+                continue
+            # (and vLLM's own remapping of expert parameters into `experts.routed_experts.*`)
+            target = maybe_remap_moe_expert_param_name(prefix + mapped[0], params)
+            seen.add(disk_name)
+            shards.setdefault(target, []).append((order.get(str(mapped[1]), 0), disk_name))
     return {name: [n for _, n in sorted(parts)] for name, parts in shards.items()}
 
 
@@ -437,6 +507,27 @@ def run_case(folder: Path, family: str, kind: str, capability: int, mc: Any | No
         result.problems.append(f"{name}: on disk, but no parameter of vLLM's model holds it")
     result.loaded = not result.problems
     return result
+
+
+def loaded_parameters(folder: Path, capability: int = 90) -> dict[str, Any]:
+    """Every parameter of vLLM's model for ``folder`` as its own loaders fill it (one load; no checks): for
+    comparing what vLLM makes of two checkpoints of the same model."""
+    bootstrap()
+    set_capability(capability)
+    import torch
+    from vllm.config import DeviceConfig, LoadConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    mc = model_config(folder, max_model_len=None)
+    vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), load_config=LoadConfig())
+    _init_distributed(vc)
+    with set_current_vllm_config(vc), set_default_torch_dtype(torch.bfloat16), torch.device("cpu"):
+        model = initialize_model(vllm_config=vc)
+    with set_current_vllm_config(vc):
+        model.load_weights(DefaultModelLoader(vc.load_config).get_all_weights(mc, model))
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
 
 
 def markdown(results: list[Result]) -> str:
