@@ -274,7 +274,6 @@ def test_gpt2_conv1d_is_never_quantized_and_says_why(arch_root: Path) -> None:
             assert "Conv1D" in message and ("--ignore" in message or not extra.get("ignore")), message
 
 
-@pytest.mark.slow
 def test_verify_refuses_a_transposed_layer_in_one_line(arch_root: Path, tmp_path: Path) -> None:
     """A GPT-2 quantized as if its Conv1D weights were [out, in] (as qconvert once did)."""
     source = build_checkpoint(_case("gpt2"), arch_root)
@@ -290,7 +289,6 @@ def test_verify_refuses_a_transposed_layer_in_one_line(arch_root: Path, tmp_path
     assert "stored [in, out]" in line and any(leaf in line for leaf in ("c_attn", "c_proj", "c_fc")), line
 
 
-@pytest.mark.slow
 def test_fused_3d_experts_are_refused_with_a_way_out(arch_root: Path) -> None:
     line = _one_line_error(run_cli("quantize", build_checkpoint(_case("gpt_oss"), arch_root), "--dry-run"))
     assert "3-D fused expert tensors" in line and "--keep-fused-experts" in line, line
@@ -309,7 +307,6 @@ def test_fused_3d_experts_are_refused_with_a_way_out(arch_root: Path) -> None:
         assert any(note.startswith("note: coverage ") for note in notes)
 
 
-@pytest.mark.slow
 def test_min_coverage_fails_at_plan_time(arch_root: Path) -> None:
     source = build_checkpoint(_case("gpt_oss"), arch_root)
     line = _one_line_error(run_cli("quantize", source, "--scheme", "rtn4", "--dry-run", "--keep-fused-experts",
@@ -363,7 +360,6 @@ def _renamed_qwen2_vl(source: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.slow
 def test_vision_ignore_entries_survive_the_loaders_renames(arch_root: Path) -> None:
     case = _case("qwen2_vl")
     source = build_checkpoint(case, arch_root)
