@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,15 +61,61 @@ class CliResult:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
-def run_cli(*args: str | Path, cwd: Path | None = None, env: dict | None = None) -> CliResult:
-    """Run ``python -m qconvert`` as a separate process, as a user or a CI job would."""
-    merged = {**os.environ, **(env or {})}
-    merged.pop("QCONVERT_DEBUG", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "qconvert", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env=merged, timeout=600,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+def run_cli(*args: str | Path, cwd: Path | None = None, env: dict | None = None,
+            process: bool = False) -> CliResult:
+    """Run the ``qconvert`` command line: its exit code, stdout and stderr.
+
+    By default through the real entry point (``qconvert.cli.main``) in this process, with ``cwd`` and
+    ``env`` applied for the call and Python's warnings printed to the captured stderr as a fresh
+    interpreter would: a new process costs seconds of imports (torch, transformers) on every call.
+    ``process=True`` runs ``python -m qconvert`` as a separate process, as a user or a CI job would: for
+    tests of the process itself (the entry point, signals, settings read once at import such as
+    ``HF_HUB_CACHE``)."""
+    if process:
+        merged = {**os.environ, **(env or {})}
+        merged.pop("QCONVERT_DEBUG", None)
+        # The checkout's qconvert also where it is not installed and cwd is elsewhere.
+        merged["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), merged.get("PYTHONPATH")]))
+        proc = subprocess.run(
+            [sys.executable, "-m", "qconvert", *map(str, args)],
+            capture_output=True, text=True, cwd=cwd, env=merged, timeout=600,
+        )
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    return _run_in_process([str(a) for a in args], cwd, env)
+
+
+def _run_in_process(args: list[str], cwd: Path | None, env: dict | None) -> CliResult:
+    from qconvert.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.update(env or {})
+    os.environ.pop("QCONVERT_DEBUG", None)
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            # A fresh interpreter's filters (pytest's would record warnings instead of printing them).
+            warnings.resetwarnings()
+            warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            warnings.showwarning = _print_warning
+            try:
+                main(args)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def _print_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   file: object = None, line: str | None = None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -351,7 +351,6 @@ def test_gpt2_conv1d_is_never_quantized_and_says_why(arch_root: Path) -> None:
             assert "Conv1D" in message and ("--ignore" in message or not extra.get("ignore")), message
 
 
-@pytest.mark.slow
 def test_verify_refuses_a_transposed_layer_in_one_line(arch_root: Path, tmp_path: Path) -> None:
     """A GPT-2 quantized as if its Conv1D weights were [out, in] (as qconvert once did)."""
     source = build_checkpoint(_case("gpt2"), arch_root)
@@ -367,7 +366,6 @@ def test_verify_refuses_a_transposed_layer_in_one_line(arch_root: Path, tmp_path
     assert "stored [in, out]" in line and any(leaf in line for leaf in ("c_attn", "c_proj", "c_fc")), line
 
 
-@pytest.mark.slow
 def test_fused_3d_experts_are_written_per_expert_or_refused_with_a_way_out(arch_root: Path) -> None:
     gpt_oss = build_checkpoint(_case("gpt_oss"), arch_root)
     line = _one_line_error(run_cli("quantize", gpt_oss, "--scheme", "fp8", "--dry-run"))
@@ -390,7 +388,6 @@ def test_fused_3d_experts_are_written_per_expert_or_refused_with_a_way_out(arch_
         assert "transformers" in [s["engine"] for s in kept["serves_in"]]
 
 
-@pytest.mark.slow
 def test_min_coverage_fails_at_plan_time(arch_root: Path) -> None:
     source = build_checkpoint(_case("gpt_oss"), arch_root)
     line = _one_line_error(run_cli("quantize", source, "--scheme", "rtn4", "--dry-run", "--keep-fused-experts",
@@ -444,7 +441,6 @@ def _renamed_qwen2_vl(source: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.slow
 def test_vision_ignore_entries_survive_the_loaders_renames(arch_root: Path) -> None:
     case = _case("qwen2_vl")
     source = build_checkpoint(case, arch_root)

@@ -168,7 +168,8 @@ if GPU:
 
 
 @pytest.mark.parametrize("kind", ["int", "float"])
-@pytest.mark.parametrize("shape", GEMM_SHAPES)
+@pytest.mark.parametrize("shape", [pytest.param(shape, marks=[pytest.mark.slow] if shape == (100, 130, 260) else [])
+                                   for shape in GEMM_SHAPES])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_block_scaled_gemm(kind: str, shape: tuple[int, int, int], out_dtype: torch.dtype) -> None:
     m, n, k = shape
@@ -301,9 +302,12 @@ def test_gelu_requant() -> None:
 
 
 PACKED_CASES = [(bits, group, m) for bits in (4, 8) for group in (128, 32, -1) for m in (1, 7, 100)]
+# M = 100 (several M tiles) takes 10-15 s a case in the interpreter: one runs in make test, the rest in make slow.
+PACKED_PARAMS = [pytest.param(*case, marks=[pytest.mark.slow] if case[2] == 100 and case[:2] != (8, -1) else [])
+                 for case in PACKED_CASES]
 
 
-@pytest.mark.parametrize(("bits", "group", "m"), PACKED_CASES)
+@pytest.mark.parametrize(("bits", "group", "m"), PACKED_PARAMS)
 def test_packed_weight_only_gemm(bits: int, group: int, m: int) -> None:
     n, k = (200, 384) if group != -1 else (130, 200)
     x = randn(m, k, seed=m)

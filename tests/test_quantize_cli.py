@@ -162,16 +162,18 @@ def test_hub_id_resolves_offline_from_the_local_cache(tiny_llama: Path, tmp_path
             target = snapshot / path.relative_to(tiny_llama)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
+    # A process of its own: huggingface_hub reads these variables once, at import.
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     work = tmp_path / "work"
     work.mkdir()
-    result = run_cli("quantize", "acme/tiny-llama", "--scheme", "rtn8", "--json", cwd=work, env=env)
+    result = run_cli("quantize", "acme/tiny-llama", "--scheme", "rtn8", "--json", cwd=work, env=env,
+                     process=True)
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["output"] == str(work / "tiny-llama-rtn8")
     assert (work / "tiny-llama-rtn8" / "config.json").is_file()
     assert (work / "tiny-llama-rtn8" / "extra" / "notes.txt").is_file()
 
-    missing = run_cli("quantize", "acme/not-cached", cwd=work, env=env)
+    missing = run_cli("quantize", "acme/not-cached", cwd=work, env=env, process=True)
     assert missing.code == 2 and len(missing.stderr_lines) == 1
     assert "acme/not-cached" in missing.stderr and "cache" in missing.stderr
 
@@ -199,6 +201,7 @@ def test_output_location_rules(tiny_llama_copy: Path, tmp_path: Path) -> None:
     assert default.code == 0 and (model.parent / "model-rtn4" / "config.json").is_file()
 
 
+@pytest.mark.slow  # make test has the same (SIGTERM mid-run) in test_process.py::test_signal_mid_run_leaves_nothing
 def test_interrupted_run_leaves_nothing(tmp_path: Path) -> None:
     # Big enough (about 130 MB) that the run is still going when the signal arrives.
     from safetensors.torch import save_file
@@ -235,7 +238,7 @@ def test_schemes_and_version(tmp_path: Path) -> None:
     assert rows["rtn4"]["bits"] == 4 and rows["rtn8"]["group_size"] == 128
     table = run_cli("schemes")
     assert "pack-quantized" in table.stdout
-    assert run_cli("--version").stdout.startswith("qconvert ")
+    assert run_cli("--version", process=True).stdout.startswith("qconvert ")
 
 
 def test_quantize_builds_its_own_sharded_fixture(tmp_path: Path) -> None:
