@@ -4,9 +4,14 @@ Each output is what :func:`qconvert.pipeline.write_checkpoint` would write from 
 same shard layout, index, config and copies, through the same building blocks), in its own temporary
 folder renamed into place on success. Units of all outputs run in the order of their first input's
 position in the input files, so the units that need one tensor run one after the other: the tensor is
-read once, kept while another unit still needs it, then dropped. Memory is therefore one tensor (or one
-stored layer's parts) plus the outputs made from it, as in a single run. A tensor that only one copy
-unit needs is still copied file to file.
+read once, kept while another unit still needs it, then dropped. A tensor that only one copy unit needs
+is still copied file to file.
+
+The main thread reads; the units run on a pool of compute threads, one per output up to the number of
+cores, so the outputs made from one tensor are quantized at the same time, each on one core (torch's
+own intra-op threads are divided among them: on 2 cores, 1 each), and each compute thread writes what
+it produced. At most two units per compute thread are in flight, so memory is a few tensors plus the
+outputs made from them, whatever the model size.
 
 An output that fails (a NaN in a weight its scheme quantizes, a full disk) is abandoned alone; the
 others go on.
@@ -14,7 +19,10 @@ others go on.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +32,7 @@ from pathlib import Path
 import torch
 
 from qconvert.checkpoint import Checkpoint
+from qconvert.quantizers import share_group_amax
 from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
 from qconvert.units import Unit
 from qconvert.writing import OutputFolder, layout_shards, shard_names, write_index, write_json
@@ -82,19 +91,131 @@ class _Writer:
             self._pool.shutdown(wait=True)
 
 
+def compute_threads(outputs: int) -> int:
+    """Compute threads for ``outputs`` outputs: one each, up to the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(outputs, cores))
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_malloc_tuned = False
+
+
+def _tune_malloc() -> None:
+    """Keep tensor-sized buffers in malloc's arenas instead of fresh mmaps (glibc only; once per process).
+
+    By default glibc serves a block above a dynamic threshold (128 KiB at first) from its own mmap and
+    returns freed memory at the top of an arena to the kernel, so every input read, temporary and output
+    of the compute threads is faulted in page by page again (measured: about 2.7x the page faults of
+    this setting and ~0.5 s of system time per 1.7 GB read). Blocks up to 32 MiB (a thread's arena
+    grows in heaps of 64 MiB) now come from the arenas, which keep up to 128 MiB free each; larger ones
+    are still mapped and unmapped. What is in flight stays bounded as before; RSS may stay up to that
+    much higher per arena after a peak.
+    """
+    global _malloc_tuned
+    if _malloc_tuned or not sys.platform.startswith("linux"):
+        return
+    _malloc_tuned = True
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc (musl has no mallopt): nothing to tune
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+
+
+class _Compute:
+    """The compute threads, at most ``2 * threads`` units in flight (the main thread waits for room)."""
+
+    def __init__(self, threads: int, cancel: threading.Event | None):
+        self.threads = threads
+        self.cancel = cancel
+        self.saved_torch_threads = torch.get_num_threads()
+        # torch's intra-op threads divided among the compute threads: several outputs quantized at once,
+        # each on its own cores, instead of one at a time over all of them.
+        intra = max(1, self.saved_torch_threads // threads)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qconvert-fanout-compute",
+                                        initializer=torch.set_num_threads, initargs=(intra,))
+        self._room = threading.Semaphore(2 * threads)
+        self._futures: list[Future] = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        while not self._room.acquire(timeout=0.5):
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled("cancelled")
+
+        def run() -> None:
+            try:
+                job()  # jobs catch their own errors
+            finally:
+                self._room.release()
+
+        try:
+            future = self._pool.submit(run)
+        except BaseException:
+            self._room.release()
+            raise
+        self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(future)
+
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the running units (queued ones are dropped when ``cancel``), and give torch its
+        thread count back."""
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+        finally:
+            torch.set_num_threads(self.saved_torch_threads)  # the workers' setting is also torch's default
+
+
+class _Closer:
+    """Closes (fsyncs) each shard once its last tensor is in, on a thread of its own, so the flush to
+    disk overlaps the rest of the work, as in a single run; once only, whichever write finished it."""
+
+    def __init__(self, lock: threading.Lock):
+        self._lock = lock
+        self._closing: set[int] = set()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconvert-fanout-sync")
+
+    def close_complete(self, output: Output, shards: list[ShardFile]) -> None:
+        for shard in shards:
+            with self._lock:
+                if shard.pending or shard.fd < 0 or id(shard) in self._closing:
+                    continue
+                self._closing.add(id(shard))
+
+            def close(shard: ShardFile = shard) -> None:
+                try:
+                    shard.close()
+                except Exception as exc:
+                    _fail(output, exc, self._lock)
+
+            self._pool.submit(close)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 def write_outputs(outputs: list[Output], notice: Notice, advance: Callable[[int], None] | None = None,
-                  cancel: threading.Event | None = None) -> int:
+                  cancel: threading.Event | None = None, threads: int | None = None) -> int:
     """Write every output; returns the bytes actually read from the input (tensors and copied files).
 
-    Failures are recorded in each :attr:`Output.error`; only :class:`Cancelled` (and interrupts) escape,
-    after every temporary folder is removed.
+    ``threads``: compute threads (default :func:`compute_threads`). Failures are recorded in each
+    :attr:`Output.error`; only :class:`Cancelled` (and interrupts) escape, after every temporary folder
+    is removed.
     """
     advance = advance or (lambda _n: None)
+    _tune_malloc()
     read_bytes = 0
-    lock = threading.Lock()  # guards Output.error, set from the writer thread too
+    lock = threading.Lock()  # guards Output.error and shard closing, used from the worker threads too
     try:
         for output in outputs:
             _open(output, notice)
+        live = [output for output in outputs if output.error is None]
         schedule = sorted(
             ((_key(unit.inputs[0]), index, seq, unit)
              for index, output in enumerate(outputs) if output.error is None
@@ -102,14 +223,21 @@ def write_outputs(outputs: list[Output], notice: Notice, advance: Callable[[int]
             key=lambda item: item[:3],
         )
         remaining: dict[tuple[str, int], int] = {}
+        quantizers: dict[tuple[str, int], int] = {}  # units that quantize the tensor as read (one input)
         for *_, unit in schedule:
             for info in unit.inputs:
                 remaining[_key(info)] = remaining.get(_key(info), 0) + 1
+            if unit.produce is not None and unit.layer is not None and len(unit.inputs) == 1:
+                quantizers[_key(unit.inputs[0])] = quantizers.get(_key(unit.inputs[0]), 0) + 1
+        shared = {key for key, count in quantizers.items() if count > 1}
         cache: dict[tuple[str, int], torch.Tensor] = {}
         # Copies run on the writer thread with their own reader (descriptors are not shared between threads),
         # and the writer is drained before either reader closes.
         with TensorReader() as reader, TensorReader() as copier:
             writer = _Writer()
+            closer = _Closer(lock)
+            compute = _Compute(threads or compute_threads(len(live)), cancel)
+            failed = True
             try:
                 for _, index, _, unit in schedule:
                     if cancel is not None and cancel.is_set():
@@ -117,7 +245,8 @@ def write_outputs(outputs: list[Output], notice: Notice, advance: Callable[[int]
                     output = outputs[index]
                     if output.error is None:
                         try:
-                            read_bytes += _run_unit(unit, output, reader, copier, cache, remaining, writer, lock)
+                            read_bytes += _run_unit(unit, output, reader, copier, cache, remaining, shared,
+                                                    writer, compute, closer, lock)
                         except (KeyboardInterrupt, Cancelled):
                             raise
                         except Exception as exc:
@@ -128,8 +257,13 @@ def write_outputs(outputs: list[Output], notice: Notice, advance: Callable[[int]
                         if remaining[key] == 0:
                             cache.pop(key, None)
                     advance(unit.input_bytes)
+                failed = False
             finally:
-                writer.close()
+                try:
+                    compute.close(cancel=failed)
+                finally:
+                    writer.close()
+                    closer.shutdown()
         for output in outputs:
             read_bytes += _finish(output, notice)
     finally:
@@ -157,10 +291,12 @@ def _open(output: Output, notice: Notice) -> None:
 
 
 def _run_unit(unit: Unit, output: Output, reader: TensorReader, copier: TensorReader,
-              cache: dict[tuple[str, int], torch.Tensor], remaining: dict[tuple[str, int], int], writer: _Writer,
+              cache: dict[tuple[str, int], torch.Tensor], remaining: dict[tuple[str, int], int],
+              shared: set[tuple[str, int]], writer: _Writer, compute: _Compute, closer: _Closer,
               lock: threading.Lock) -> int:
-    """Run one unit of one output; returns the bytes it read from the input. ``copier`` belongs to the
-    writer thread."""
+    """Start one unit of one output; returns the bytes it read from the input. ``copier`` belongs to the
+    writer thread. A tensor in ``shared`` (quantized by several outputs) gets its group amaxes computed
+    once, here, for all of them (:func:`qconvert.quantizers.share_group_amax`)."""
     read = 0
     if unit.produce is None and remaining[_key(unit.inputs[0])] == 1 and _key(unit.inputs[0]) not in cache:
         info, spec = unit.inputs[0], unit.outputs[0]
@@ -170,7 +306,7 @@ def _run_unit(unit: Unit, output: Output, reader: TensorReader, copier: TensorRe
             try:
                 copier.copy_into(info, shard.fd, shard.position(spec.name))
                 shard.mark_written(spec.name)
-                _close_complete([shard])
+                closer.close_complete(output, [shard])
             except Exception as exc:
                 _fail(output, exc, lock)
 
@@ -185,28 +321,23 @@ def _run_unit(unit: Unit, output: Output, reader: TensorReader, copier: TensorRe
             read += info.nbytes
             if remaining[key] > 1:
                 cache[key] = tensor
+            if key in shared:
+                share_group_amax(tensor)
         tensors.append(tensor)
-    produced = {unit.outputs[0].name: tensors[0]} if unit.produce is None else unit.produce(tensors)
-    del tensors
 
-    def write() -> None:
+    def run() -> None:
+        if output.error is not None:
+            return  # an earlier unit of this output failed: the output is abandoned
         try:
+            produced = {unit.outputs[0].name: tensors[0]} if unit.produce is None else unit.produce(tensors)
             for name, tensor in produced.items():
                 output._shard_of[name].write(name, tensor)
-            _close_complete([output._shard_of[name] for name in produced])
+            closer.close_complete(output, [output._shard_of[name] for name in produced])
         except Exception as exc:
             _fail(output, exc, lock)
 
-    writer.submit(write)
+    compute.submit(run)
     return read
-
-
-def _close_complete(shards: list[ShardFile]) -> None:
-    """Close (and fsync) each shard as soon as its last tensor is in, so the flush to disk overlaps the
-    rest of the work, as in a single run."""
-    for shard in shards:
-        if not shard.pending and shard.fd >= 0:
-            shard.close()
 
 
 def _fail(output: Output, exc: BaseException, lock: threading.Lock) -> None:

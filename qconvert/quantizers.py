@@ -113,6 +113,43 @@ def tile_scales(weight: torch.Tensor, tile: tuple[int, int], divisor: float) -> 
     return scales_from_amax(_tiles(weight, tile).abs().amax(dim=(1, 3)), divisor, weight.dtype)
 
 
+SHARED_AMAX_WIDTH = 128  # inputs per row of one shared amax (the group of rtn4/rtn8; divides 128x128 blocks)
+_SHARED_AMAX = "_qconvert_group_amax"  # the attribute of a weight tensor that holds its shared amaxes
+
+
+def share_group_amax(weight: torch.Tensor) -> bool:
+    """Compute ``|x|`` max per 128 inputs of each row of ``weight`` once and keep it on the tensor, for
+    every quantizer that will read this very tensor object (``qconvert batch`` quantizing one weight
+    into several schemes). Tiles that are whole groups (a group of 128, a row, a 128x128 block) then
+    take their amax from it instead of a pass over the weight; max is exact, so every result is
+    bit-identical. Returns whether the weight qualifies (2-D floating point, rows of whole groups)."""
+    if weight.dim() != 2 or not weight.dtype.is_floating_point or weight.shape[1] % SHARED_AMAX_WIDTH:
+        return False
+    out_features, in_features = weight.shape
+    amax = torch.empty(out_features, in_features // SHARED_AMAX_WIDTH, dtype=weight.dtype, device=weight.device)
+    rows = max(1, band_elements(weight, 1 << 19) // max(1, in_features))
+    for start in range(0, out_features, rows):
+        amax[start : start + rows] = _tiles(weight[start : start + rows], (1, SHARED_AMAX_WIDTH)).abs().amax(dim=(1, 3))
+    setattr(weight, _SHARED_AMAX, amax)
+    return True
+
+
+def _shared_tile_amax(weight: torch.Tensor, tile: tuple[int, int]) -> torch.Tensor | None:
+    """``[R, C]`` amax per tile of ``weight`` from its shared group amaxes, or None when it has none or
+    the tile is not made of whole groups."""
+    groups = getattr(weight, _SHARED_AMAX, None)
+    if groups is None:
+        return None
+    out_features, in_features = weight.shape
+    th, tw = tile
+    if tw % SHARED_AMAX_WIDTH or in_features % tw:
+        return None
+    rows = -(-out_features // th)
+    if rows * th != out_features:  # zero rows pad the last tile row, as _tiles does
+        groups = torch.nn.functional.pad(groups, (0, 0, 0, rows * th - out_features))
+    return groups.reshape(rows, th, in_features // tw, tw // SHARED_AMAX_WIDTH).amax(dim=(1, 3))
+
+
 def quantize_tiles(weight: torch.Tensor, scales: torch.Tensor, tile: tuple[int, int], kind: str,
                    num_bits: int = 8) -> torch.Tensor:
     """int8-stored integer codes, or float8_e4m3fn values, of ``weight`` for per-tile ``scales``.
@@ -157,11 +194,15 @@ def quantize_tiled(weight: torch.Tensor, tile: tuple[int, int], kind: str, num_b
         return values, scale
     rows, cols = -(-out_features // th), -(-in_features // tw)
     scales = torch.empty(rows, cols, dtype=weight.dtype, device=weight.device)
+    shared = _shared_tile_amax(weight, tile)
     step = max(1, band_rows // th)
     for first in range(0, rows, step):
         last = min(rows, first + step)
         band = weight[first * th : last * th]
-        band_scales = tile_scales(band, tile, scale_divisor(kind, num_bits))
+        if shared is None:
+            band_scales = tile_scales(band, tile, scale_divisor(kind, num_bits))
+        else:
+            band_scales = scales_from_amax(shared[first:last], scale_divisor(kind, num_bits), weight.dtype)
         scales[first:last] = band_scales
         values[first * th : last * th] = quantize_tiles(band, band_scales, tile, kind, num_bits)
     return values, scales
@@ -257,9 +298,13 @@ def quantize_and_pack_symmetric(
         out_features, packed_columns(in_features, num_bits), dtype=torch.int32, device=weight.device
     )
     rows = max(1, band_elements(weight, 1 << 19) // max(1, in_features))
+    shared = _shared_tile_amax(weight, tile)
     for start in range(0, out_features, rows):
         block = weight[start : start + rows]
-        block_scales = tile_scales(block, tile, divisor)
+        if shared is None:
+            block_scales = tile_scales(block, tile, divisor)
+        else:
+            block_scales = scales_from_amax(shared[start : start + rows], divisor, weight.dtype)
         scales[start : start + rows] = block_scales
         codes = quantize_tiles(block, block_scales, tile, "int", num_bits)
         packed[start : start + rows] = pack_int32(codes, num_bits)

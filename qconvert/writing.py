@@ -392,7 +392,9 @@ class OutputFolder:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
         if self._retired.exists():
             shutil.rmtree(self._retired, ignore_errors=True)
-            _OUTCOME[-1] = f"the output was already complete at {self.target}"
+            # appended, not put in place of the last: with `batch --jobs N`, another thread's output may
+            # have cleared the list since (IndexError seen in tests/test_batch.py)
+            _OUTCOME.append(f"the output was already complete at {self.target}")
 
 
 def check_shard(path: Path, names: set[str]) -> None:
