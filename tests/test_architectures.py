@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -493,3 +494,14 @@ def test_verify_names_the_per_expert_tensors_it_cannot_check(arch_root: Path, tm
     assert len(report.not_verified) == 2 * EXPERTS * 2  # layers x experts x (w13, w2)
     assert all(name.endswith(("w13_weight_packed", "w2_weight_packed")) for name in report.not_verified)
     assert report.to_json()["not_verified"] == report.not_verified
+
+
+def test_per_expert_layers_with_partial_blocks_are_not_claimed_for_vllm(arch_root: Path) -> None:
+    """A per-expert layer that is not whole 128x128 blocks (here GraniteMoE with an intermediate size of 192)
+    is reported as vLLM reports such layers: not served (a note, and nothing in serves_in)."""
+    case = _case("granitemoe")
+    narrow = replace(case, name="granitemoe-i192", config={**case.config, "intermediate_size": 192,
+                                                           "num_key_value_heads": 4})
+    summary, notes = run_quantize(narrow, build_checkpoint(narrow, arch_root), "fp8-block", None)
+    assert summary["serves_in"] == [], summary["serves_in"]
+    assert any("experts.0.gate_proj [192, 128] is not whole 128x128 blocks" in note for note in notes), notes
