@@ -79,6 +79,9 @@ _TRANSFORMERS = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTe
 _TRANSFORMERS_DENSE = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None,
                               families=("llama",), note="dense models; MoE experts fail transformers' conversion")
 _QCONVERT = Serving(Engine.QCONVERT, "", "verify (Triton kernels)", None)
+# GraniteMoE's per-expert layers are compressed-tensors modules, which verify checks (gpt-oss's, in vLLM's own
+# spelling, it names as not verified).
+_QCONVERT_WITH_GRANITE = Serving(Engine.QCONVERT, "", "verify (Triton kernels)", None, families=("*", "granitemoe"))
 
 # gpt-oss and GraniteMoE keep their experts in 3-D tensors; qconvert writes them per expert in the layout vLLM's
 # loaders read (architectures.EXPERT_SPLITS), which no transformers release loads. vLLM loads gpt-oss's only in
@@ -90,30 +93,31 @@ _WITH_GRANITE: dict = {"families": ("*", "granitemoe")}
 
 SERVES: dict[str, tuple[Serving, ...]] = {
     "rtn4": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE, **_WITH_SPLIT),
-             _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED), _TRANSFORMERS, _QCONVERT),
+             _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED), _TRANSFORMERS, _QCONVERT_WITH_GRANITE),
     "rtn8": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE, **_WITH_SPLIT),
-             _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED), _TRANSFORMERS, _QCONVERT),
+             _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED), _TRANSFORMERS, _QCONVERT_WITH_GRANITE),
     "w8a8-int8": (_vllm("CompressedTensorsW8A8Int8", 75, "CompressedTensorsW8A8Int8MoEMethod"),
                   _sglang("CompressedTensorsW8A8Int8", 80, families=("llama",),
                           note="SGLang: int8 MoE experts only on NPU (DeepSeek refused)"), _TRANSFORMERS_DENSE,
-                  _QCONVERT),
+                  _QCONVERT_WITH_GRANITE),
     "fp8": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE, **_WITH_GRANITE),
             _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE, **_WITH_GRANITE),
             _sglang("CompressedTensorsW8A16Fp8", 80, "CompressedTensorsW8A8Fp8MoE"),
-            _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS, _QCONVERT),
+            _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS,
+            _QCONVERT_WITH_GRANITE),
     "fp8-block": (_vllm("CompressedTensorsW8A16Fp8", 75, _VLLM_FP8_MOE, **_WITH_GRANITE),
                   _vllm("CompressedTensorsW8A8Fp8", 89, _VLLM_FP8_MOE, **_WITH_GRANITE),
                   _sglang("CompressedTensorsW8A8Fp8", 89, "CompressedTensorsW8A8Fp8MoE"), _TRANSFORMERS_DENSE,
-                  _QCONVERT),
+                  _QCONVERT_WITH_GRANITE),
     # vLLM's FP8 MoE method takes per-tensor weights only with static per-tensor activations (a bare
     # AssertionError in CompressedTensorsW8A8Fp8MoEMethod otherwise): DeepSeek-family MoE models do not load.
     "fp8-tensor": (*_VLLM_FP8_TENSOR,
                    _sglang("CompressedTensorsW8A16Fp8", 80, families=("llama",)),
                    _sglang("CompressedTensorsW8A8Fp8", 89, families=("llama",),
                            note="SGLang's fp8 MoE takes tensor weights only with static tensor activations"),
-                   _TRANSFORMERS, _QCONVERT),
+                   _TRANSFORMERS, _QCONVERT_WITH_GRANITE),
     # No engine accepts int8 weights with block scales through compressed-tensors.
-    "int8-block": (_TRANSFORMERS_DENSE, _QCONVERT),
+    "int8-block": (_TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),
     # SGLang's blockwise_int8 reaches the scales only where the model's loader keeps `weight_scale_inv`.
     "int8-block@sglang": (_sglang("BlockInt8LinearMethod", 80, "BlockInt8MoEMethod", families=("deepseek",)),
                           _QCONVERT),

@@ -313,6 +313,12 @@ def check_split_experts(case: ArchCase, source: Path, output: Path, scheme: str)
         assert rel(got, reference) < 1e-2, (module, rel(got, reference))
         checked += 1
     assert checked == LAYERS_EXPERTS_PARTS[case.model_type]
+    if case.model_type == "granitemoe":  # compressed-tensors modules: qconvert verify checks them (serving table)
+        from qconvert.verification import verify
+
+        report = verify(str(output), device=torch.device("cpu"), tokens=[1],
+                        layers=r"layers\.1\.block_sparse_moe\.experts\.3\.(gate|down)_proj$")
+        assert len(report.layers) == 2 and report.ok, [(r.module, r.notes) for r in report.layers]
     try:
         _, info = load(output, case)
     except Exception as error:  # any refusal is what the table says
