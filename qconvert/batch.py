@@ -477,6 +477,17 @@ def not_run(job: Job, reason: str) -> list[dict]:
     return [row(job, output, Status.SKIPPED, reason=reason) for output in job.outputs]
 
 
+def stops_the_rest(rows: list[dict], settings: Settings) -> bool:
+    """``--fail-fast`` and one of these outputs failed: no further job starts."""
+    return settings.fail_fast and any(r["status"] == Status.FAILED.value for r in rows)
+
+
+def report_not_started(jobs: list[Job], on_rows: Callable[[list[dict]], None]) -> None:
+    """The jobs ``--fail-fast`` kept from starting, reported as skipped."""
+    for job in jobs:
+        on_rows(not_run(job, "not run: an earlier job failed (--fail-fast)"))
+
+
 def exit_code(rows: list[dict]) -> int:
     """0 when nothing failed, 2 when every failure was bad input, 1 otherwise."""
     failed = [r for r in rows if r["status"] == Status.FAILED.value]
@@ -513,9 +524,8 @@ def run_local(jobs: list[Job], settings: Settings, concurrency: int, on_rows: Ca
         for position, job in enumerate(jobs):
             rows = run_job(job, settings, advance)
             on_rows(rows)
-            if settings.fail_fast and any(r["status"] == Status.FAILED.value for r in rows):
-                for rest in jobs[position + 1:]:
-                    on_rows(not_run(rest, "not run: an earlier job failed (--fail-fast)"))
+            if stops_the_rest(rows, settings):
+                report_not_started(jobs[position + 1:], on_rows)
                 return
         return
     cancel = threading.Event()
@@ -535,10 +545,8 @@ def run_local(jobs: list[Job], settings: Settings, concurrency: int, on_rows: Ca
                     job = running.pop(future)
                     rows = future.result()
                     on_rows(rows)
-                    if settings.fail_fast and any(r["status"] == Status.FAILED.value for r in rows):
-                        stop = True
-            for job in queue:
-                on_rows(not_run(job, "not run: an earlier job failed (--fail-fast)"))
+                    stop = stop or stops_the_rest(rows, settings)
+            report_not_started(queue, on_rows)
         except BaseException:
             cancel.set()  # running jobs stop at their next tensor and remove their temporary folders
             wait(running)

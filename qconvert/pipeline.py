@@ -189,9 +189,8 @@ def _block_misaligned(plan: Plan, view: dict[str, TensorInfo], layout: str) -> t
         if hit is not None:
             return hit
     for split in plan.splits.values():  # 3-D experts written per expert: each part's [out, in]
-        shapes = [split.split.part_shape(part, view[split.tensor].shape) for part in split.split.parts]
-        layers = [(module, shapes[i % len(shapes)]) for i, module in enumerate(split.modules)]
-        hit = misaligned_layer(output_kind(split.scheme.name, layout), layers)
+        hit = misaligned_layer(output_kind(split.scheme.name, layout),
+                               [(module, shape) for module, _, _, shape in split.layers])
         if hit is not None:
             return hit
     return None

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from qconvert.architectures import (
+    ExpertPart,
     ExpertSplit,
     LayerKind,
     ModelFacts,
@@ -28,7 +29,7 @@ from qconvert.architectures import (
 from qconvert.checkpoint import Checkpoint
 from qconvert.errors import BadInputError
 from qconvert.safetensors_io import TensorInfo
-from qconvert.schemes import Scheme
+from qconvert.schemes import SCHEMES, Scheme
 
 _EMBEDDING = re.compile(r"(^|\.)(embed\w*|\w*_embeddings?|embeddings|wte|wpe|shared)$")
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output_layer|predictions\.decoder)$")
@@ -63,11 +64,24 @@ class SplitExperts:
     tensor: str
     split: ExpertSplit
     scheme: Scheme
-    experts: int
+    shape: tuple[int, ...]  # the stored [experts, ...]
+
+    @property
+    def part_shapes(self) -> list[tuple[int, ...]]:
+        """Each part's [out, in], in the order of ``split.parts``."""
+        return [self.split.part_shape(part, self.shape) for part in self.split.parts]
+
+    @property
+    def layers(self) -> list[tuple[str, int, ExpertPart, tuple[int, ...]]]:
+        """(module, expert, part, [out, in]) of every per-expert layer, expert by expert."""
+        parts, shapes = self.split.parts, self.part_shapes
+        modules = self.split.modules(self.tensor, self.shape[0])
+        return [(module, i // len(parts), parts[i % len(parts)], shapes[i % len(parts)])
+                for i, module in enumerate(modules)]
 
     @property
     def modules(self) -> list[str]:
-        return self.split.modules(self.tensor, self.experts)
+        return [module for module, *_ in self.layers]
 
 
 @dataclass
@@ -155,8 +169,6 @@ def _layout_problem(info: TensorInfo, facts: ModelFacts, keep_experts: bool, sch
         reason = EXPERTS_3D_REASON
         split = expert_split(facts.model_type, info.name, info.shape)
         if split is not None and split.formats is not None and scheme.format not in split.formats:
-            from qconvert.schemes import SCHEMES  # the scheme names of the formats a loader reads
-
             names = "/".join(n for n, s in SCHEMES.items() if s.format in split.formats)
             reason = EXPERTS_SCHEME_REASON.format(model_type=facts.model_type, schemes=names, why=split.why)
         if keep_experts:
@@ -233,12 +245,12 @@ def make_plan(
                 chosen = override[1]
         split = None if keep_experts else expert_split(facts.model_type, info.name, info.shape)
         if reason is None and split is not None and (split.formats is None or chosen.format in split.formats):
-            shapes = [split.part_shape(part, info.shape) for part in split.parts]
+            candidate = SplitExperts(info.name, split, chosen, info.shape)
             reason = next((f"per-expert {part.leaf} {list(shape)}: {problem}"
-                           for part, shape in zip(split.parts, shapes, strict=True)
+                           for part, shape in zip(split.parts, candidate.part_shapes, strict=True)
                            if (problem := shape_problem(shape, chosen))), None)
             if reason is None:
-                plan.splits[info.name] = SplitExperts(info.name, split, chosen, info.shape[0])
+                plan.splits[info.name] = candidate
                 _count(plan, LayerKind.EXPERTS, info.numel, quantized=True)
                 continue
             runtime_linear, kind = False, LayerKind.EXPERTS

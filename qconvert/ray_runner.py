@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 
 from qconvert import __version__
-from qconvert.batch import Job, Settings, Status, not_run, run_job
+from qconvert.batch import Job, Settings, Status, not_run, report_not_started, run_job, stops_the_rest
 from qconvert.errors import BadInputError, QConvertError
 
 
@@ -82,10 +82,8 @@ def run_on_ray(jobs: list[Job], settings: Settings, address: str, concurrency: i
                 if version != __version__:
                     raise QConvertError(f"--ray {address}: workers run qconvert {version}, this is {__version__}")
             on_rows(rows)
-            if settings.fail_fast and any(r["status"] == Status.FAILED.value for r in rows):
-                stop = True
-        for job in queue:
-            on_rows(not_run(job, "not run: an earlier job failed (--fail-fast)"))
+            stop = stop or stops_the_rest(rows, settings)
+        report_not_started(queue, on_rows)
     except BaseException:
         # An interrupt reaches running tasks as KeyboardInterrupt, so they remove their temporary folders.
         for ref in running:

@@ -98,37 +98,26 @@ def quantize_unit(info: TensorInfo, scheme: Scheme, layout: str, scale: torch.Te
 def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: str) -> Unit:
     """A 3-D expert tensor written as one quantized layer per expert and part (``architectures.ExpertSplit``):
     the stored tensor is read once, each expert's slice cut into its parts' ``[out, in]`` weights."""
-    parts = split.split.parts
-    modules = split.modules
-    shapes = [split.split.part_shape(part, info.shape) for part in parts]
-
-    def spelled(specs: list[TensorSpec]) -> list[TensorSpec]:
-        if not split.split.vllm_spelling:
-            return specs
-        return [TensorSpec(name, spec.dtype, spec.shape) for spec in specs
-                if (name := streamed_expert_name(spec.name)) is not None]
-
-    per_layer = [spelled(output_specs(f"{module}.weight", shapes[i % len(parts)], info.dtype, split.scheme, layout))
-                 for i, module in enumerate(modules)]
+    layers = split.layers
+    # The on-disk name of each tensor compress_weight names (None: not written).
+    spelled = streamed_expert_name if split.split.vllm_spelling else (lambda name: name)
+    per_layer = [[TensorSpec(name, spec.dtype, spec.shape)
+                  for spec in output_specs(f"{module}.weight", shape, info.dtype, split.scheme, layout)
+                  if (name := spelled(spec.name)) is not None]
+                 for module, _, _, shape in layers]
 
     def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        stored = tensors[0]
         result: dict[str, torch.Tensor] = {}
-        for index, module in enumerate(modules):
-            part = parts[index % len(parts)]
-            weight = part.cut(stored[index // len(parts)]).contiguous()
+        for module, expert, part, _ in layers:
+            weight = part.cut(tensors[0][expert]).contiguous()
             written = checked_compress(info, f"{module}.weight", weight, split.scheme, layout, None)
-            if split.split.vllm_spelling:
-                written = {spelled_name: tensor for name, tensor in written.items()
-                           if (spelled_name := streamed_expert_name(name)) is not None}
-            result.update(written)
+            result.update({name: tensor for stored, tensor in written.items()
+                           if (name := spelled(stored)) is not None})
         return result
 
-    itemsize = info.dtype.itemsize
-    layers = [layer_entry(module, split.scheme, shapes[i % len(parts)], info.dtype,
-                          shapes[i % len(parts)][0] * shapes[i % len(parts)][1] * itemsize, per_layer[i])
-              for i, module in enumerate(modules)]
-    return Unit([info], [spec for specs in per_layer for spec in specs], produce, layers[0], layers[1:])
+    entries = [layer_entry(module, split.scheme, shape, info.dtype, shape[0] * shape[1] * info.dtype.itemsize, specs)
+               for (module, _, _, shape), specs in zip(layers, per_layer, strict=True)]
+    return Unit([info], [spec for specs in per_layer for spec in specs], produce, entries[0], entries[1:])
 
 
 def fused_groups(modules: list[str], patterns: list[str]) -> list[list[str]]:
