@@ -19,6 +19,7 @@ from qconvert.quantizers import (
     quantize_tiled,
     quantize_tiles,
     scale_divisor,
+    share_group_amax,
     tile_scales,
     tile_shape,
     unpack_int32,
@@ -179,3 +180,27 @@ def test_banded_tiled_quantization_equals_the_plain_pair(
     assert torch.equal(reference.view(torch.int8), values.view(torch.int8))
     assert torch.equal(dequantize_tiles(values, scales, tile),
                        dequantize(values, scales.reshape(1) if strategy == "tensor" else scales, None, args))
+
+
+@pytest.mark.parametrize("scheme", ["rtn4", "rtn8", "int8-block", "w8a8-int8", "fp8", "fp8-block", "fp8-tensor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 128), (200, 256), (130, 384), (1, 128), (96, 200)])
+def test_shared_group_amax_changes_no_byte(scheme: str, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    """``qconvert batch`` computes |x| max per 128 inputs once for every scheme quantizing one tensor: each
+    scheme's output from that tensor is bit for bit what it writes without it (uneven shapes included; a
+    width that is not whole groups takes no shared amax)."""
+    from qconvert.format import compress_weight
+    from qconvert.schemes import get_scheme
+
+    if scheme in ("rtn4", "rtn8") and shape[1] % 128:
+        pytest.skip("group schemes quantize whole groups only (planning leaves such layers unquantized)")
+    weight = (torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 0.05).to(dtype)
+    plain = compress_weight("layer.weight", weight.clone(), get_scheme(scheme))
+    shared = weight.clone()
+    assert share_group_amax(shared) == (shape[1] % 128 == 0)
+    with_shared = compress_weight("layer.weight", shared, get_scheme(scheme))
+    assert plain.keys() == with_shared.keys()
+    for name, tensor in plain.items():
+        assert tensor.dtype == with_shared[name].dtype and torch.equal(
+            tensor.view(torch.uint8) if tensor.dtype.is_floating_point else tensor,
+            with_shared[name].view(torch.uint8) if tensor.dtype.is_floating_point else with_shared[name]), name
