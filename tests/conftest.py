@@ -163,6 +163,32 @@ def tiny_llama_copy(tiny_llama: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_llama, tmp_path / "model"))
 
 
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every shard of ``folder``, with the reference reader."""
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            found.update({name: f.get_tensor(name) for name in f.keys()})
+    return found
+
+
+def build_linear_shards(folder: Path, size: int) -> Path:
+    """Four shards of four ``size`` x ``size`` bf16 linear weights each (seeded), an empty config: a checkpoint
+    big enough for a run to be interrupted mid-way (size 1024: about 34 MB; 2048: about 130 MB)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    for i in range(4):
+        layers = {f"model.layers.{i}.mlp.{p}.weight": torch.randn(size, size).to(torch.bfloat16)
+                  for p in ("gate_proj", "up_proj", "down_proj", "extra_proj")}
+        save_file(layers, folder / f"part-{i}.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 

@@ -10,15 +10,14 @@ import torch
 from safetensors.torch import save_file
 
 from qconvert.quantizers import e4m3fn_to_e4m3fnuz, unpack_int32
-from tests.conftest import read_config, run_cli, tree_digest
-from tests.test_quantize_cli import _load_tensors
+from tests.conftest import read_config, read_tensors, run_cli, tree_digest
 from tests.test_schemes import ct_decompress, our_dequantize
 
 
 def _with_static_scales(folder: Path, kind: str, zero: str) -> dict[str, torch.Tensor]:
     """Give every quantized layer static input/output scales (one input scale left at zero, i.e.
     uncalibrated) and declare them in the config, as a calibrated wNa8o8 / static-FP8 model has."""
-    tensors = _load_tensors(folder)
+    tensors = read_tensors(folder)
     modules = [n.removesuffix(".weight_scale") for n in tensors if n.endswith(".weight_scale")]
     gen = torch.Generator().manual_seed(0)
     for module in modules:
@@ -64,7 +63,7 @@ def test_fnuz_conversion_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
     assert result.code == 0, result.stderr
     assert "uncalibrated" in result.stderr and tree_digest(fp8) == before
     assert len(json.loads(result.stdout)["converted"]) == 14
-    out = _load_tensors(tmp_path / "fnuz")
+    out = read_tensors(tmp_path / "fnuz")
     assert "F8_E4M3FNUZ" in _dtype_codes(tmp_path / "fnuz" / "model.safetensors")
     assert f"{zero}.input_scale" not in out
     for module in (n.removesuffix(".weight_scale") for n in source if n.endswith(".weight_scale")):
@@ -78,7 +77,7 @@ def test_fnuz_conversion_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
     assert run_cli("quantize", tiny_llama, "-s", "fp8", "--fnuz", "-o", tmp_path / "direct", "-q").code == 0
     assert run_cli("quantize", tiny_llama, "-s", "fp8", "-o", tmp_path / "plain", "-q").code == 0
     assert run_cli("convert", tmp_path / "plain", "--op", "fnuz", "-o", tmp_path / "two-step", "-q").code == 0
-    direct, two_step = _load_tensors(tmp_path / "direct"), _load_tensors(tmp_path / "two-step")
+    direct, two_step = read_tensors(tmp_path / "direct"), read_tensors(tmp_path / "two-step")
     assert direct.keys() == two_step.keys()
     for name in direct:
         a, b = direct[name], two_step[name]
@@ -92,7 +91,7 @@ def test_shared_scale_requantizes_fused_parts_across_shards(tiny_llama: Path, tm
     result = run_cli("quantize", tiny_llama, "-s", "fp8-tensor", "--fuse", "^(no-such-module)$", "-o", per_part,
                      "--max-shard-size", "100KB", "-q")
     assert result.code == 0, result.stderr
-    source = _load_tensors(per_part)
+    source = read_tensors(per_part)
     attn = "model.layers.0.self_attn"
     assert len({source[f"{attn}.{p}_proj.weight_scale"].item() for p in "qkv"}) > 1  # not shared yet
     index = json.loads((per_part / "model.safetensors.index.json").read_text())["weight_map"]
@@ -102,7 +101,7 @@ def test_shared_scale_requantizes_fused_parts_across_shards(tiny_llama: Path, tm
     result = run_cli("convert", per_part, "--op", "shared-scale", "-o", out, "--json")
     assert result.code == 0, result.stderr
     assert len(json.loads(result.stdout)["converted"]) == 10  # 2 x (q, k, v, gate, up)
-    written = _load_tensors(out)
+    written = read_tensors(out)
     for layer in (0, 1):
         for parts in (["q", "k", "v"], ["gate", "up"]):
             prefix = f"model.layers.{layer}.{'self_attn' if 'q' in parts else 'mlp'}"
@@ -128,7 +127,7 @@ def test_pack_int_quantized_keeps_values_and_static_scales(tiny_llama: Path, tmp
     result = run_cli("convert", w8a8, "--op", "pack", "-o", tmp_path / "packed")
     assert result.code == 0, result.stderr
     assert "uncalibrated" in result.stderr
-    out = _load_tensors(tmp_path / "packed")
+    out = read_tensors(tmp_path / "packed")
     config = read_config(tmp_path / "packed")["quantization_config"]
     assert config["format"] == "pack-quantized"
     group = next(iter(config["config_groups"].values()))
@@ -160,7 +159,7 @@ def test_pack_int4_held_in_int8(tmp_path: Path) -> None:
         "config_groups": {"group_0": {"targets": ["Linear"], "format": "int-quantized", "weights": weights}}}}
     (model / "config.json").write_text(json.dumps(config))
     assert run_cli("convert", model, "--op", "pack", "-o", tmp_path / "packed", "-q").code == 0
-    out = _load_tensors(tmp_path / "packed")
+    out = read_tensors(tmp_path / "packed")
     packed = out["model.layers.0.mlp.up_proj.weight_packed"]
     assert packed.shape == (64, 32) and torch.equal(unpack_int32(packed, 4, 256), codes)
     # Values outside the declared bit width are refused, not silently wrapped.
@@ -177,7 +176,7 @@ def test_dequantize_deepseek_to_plain_bf16(deepseek_fp8: Path, tmp_path: Path) -
     result = run_cli("convert", deepseek_fp8, "--op", "dequantize", "-o", tmp_path / "dq")
     assert result.code == 0, result.stderr
     assert "quantization_config" not in read_config(tmp_path / "dq")
-    source, out = _load_tensors(deepseek_fp8), _load_tensors(tmp_path / "dq")
+    source, out = read_tensors(deepseek_fp8), read_tensors(tmp_path / "dq")
     assert not any(name.endswith("weight_scale_inv") for name in out)
     name = "model.layers.1.mlp.down_proj"
     values, scales = source[f"{name}.weight"].float(), source[f"{name}.weight_scale_inv"]
@@ -187,7 +186,7 @@ def test_dequantize_deepseek_to_plain_bf16(deepseek_fp8: Path, tmp_path: Path) -
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "dq")
     assert torch.equal(model.get_submodule(name).weight.detach(), out[f"{name}.weight"])
     fp32 = run_cli("convert", deepseek_fp8, "--op", "dequantize", "--dtype", "fp32", "-o", tmp_path / "dq32", "-q")
-    assert fp32.code == 0 and _load_tensors(tmp_path / "dq32")[f"{name}.weight"].dtype == torch.float32
+    assert fp32.code == 0 and read_tensors(tmp_path / "dq32")[f"{name}.weight"].dtype == torch.float32
 
 
 def test_convert_bad_input(tiny_llama: Path, tmp_path: Path) -> None:

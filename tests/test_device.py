@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from qconvert.engine import MAX_WORKERS, default_workers, execution_settings
 from qconvert.errors import BadInputError
@@ -21,7 +20,7 @@ from qconvert.format import compress_weight
 from qconvert.pipeline import ConvertRequest, QuantizeRequest, convert, quantize
 from qconvert.quantizers import scales_from_amax
 from qconvert.schemes import SCHEMES, get_scheme
-from tests.conftest import build_deepseek_fp8, build_tiny_llama, run_cli, tree_digest
+from tests.conftest import build_deepseek_fp8, build_tiny_llama, read_tensors, run_cli, tree_digest
 from tests.test_convert import _with_static_scales
 
 ALL_SCHEMES = sorted(SCHEMES)
@@ -40,14 +39,6 @@ def _convert(model: Path, out: Path, op: str, device: str, **extra: object) -> P
                              **SILENT, **extra)  # type: ignore[arg-type]
     convert(request, lambda _: None)
     return out
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            found.update({name: f.get_tensor(name) for name in f.keys()})
-    return found
 
 
 def _assert_same_files(a: Path, b: Path) -> None:
@@ -131,8 +122,8 @@ def test_cpu_auto_and_any_workers_write_identical_bytes(two_shard_llama: Path, t
         del os.environ["QCONVERT_INFLIGHT_MB"]
     for variant in variants:
         _assert_same_files(base, variant)
-    written = _tensors(base)
-    source = _tensors(two_shard_llama)
+    written = read_tensors(base)
+    source = read_tensors(two_shard_llama)
     name = "model.layers.1.mlp.down_proj.weight"
     if scheme != "fp8-tensor":  # fp8-tensor's fused parts share a scale; down_proj is not fused
         direct = compress_weight(name, source[name], get_scheme(scheme))

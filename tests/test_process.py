@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from qconvert import writing
+from tests.conftest import build_linear_shards
 from tests.test_hostile import run_main, snapshot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,16 +31,7 @@ def _tree(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 34 MB of bf16 linear weights in four shards: long enough to be interrupted mid-way."""
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("proc") / "model"
-    folder.mkdir()
-    torch.manual_seed(0)
-    for i in range(4):
-        layers = {f"model.layers.{i}.mlp.{p}.weight": torch.randn(1024, 1024).to(torch.bfloat16)
-                  for p in ("gate_proj", "up_proj", "down_proj", "extra_proj")}
-        save_file(layers, folder / f"part-{i}.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text("{}")
+    folder = build_linear_shards(tmp_path_factory.mktemp("proc") / "model", 1024)
     (folder / "README.md").write_text("readme\n")
     return folder
 

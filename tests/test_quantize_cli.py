@@ -12,18 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from qconvert.quantizers import dequantize_tiles, unpack_int32
-from tests.conftest import build_tiny_llama, read_config, run_cli, tree_digest
-
-
-def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
+from tests.conftest import build_linear_shards, build_tiny_llama, read_config, read_tensors, run_cli, tree_digest
 
 
 def _our_dequantized(tensors: dict[str, torch.Tensor], module: str, bits: int) -> torch.Tensor:
@@ -56,7 +47,7 @@ def test_tiny_llama_loads_in_transformers_with_our_exact_weights(
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 1 and shards == summary["shards"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    tensors = _load_tensors(out)
+    tensors = read_tensors(out)
     assert set(index["weight_map"]) == set(tensors)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     assert (out / "extra" / "notes.txt").read_text() == (tiny_llama / "extra" / "notes.txt").read_text()
@@ -69,7 +60,7 @@ def test_tiny_llama_loads_in_transformers_with_our_exact_weights(
     assert summary["quantized_layers"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
 
     # Tensors that are not quantized pass through bit-identical.
-    original = _load_tensors(tiny_llama)
+    original = read_tensors(tiny_llama)
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
                  "model.layers.1.input_layernorm.weight"):
         assert tensors[name].dtype == original[name].dtype and torch.equal(tensors[name], original[name])
@@ -106,7 +97,7 @@ def test_group_size_per_channel_and_skipped_layers(tiny_llama: Path, tmp_path: P
     again = run_cli("quantize", tiny_llama, "-o", tmp_path / "g256b", "--group-size", "256")
     assert "model.layers.0.mlp.down_proj" in again.stderr and "not a multiple" in again.stderr
     model = _load_with_compressed_tensors(tmp_path / "g256")
-    original = _load_tensors(tiny_llama)
+    original = read_tensors(tiny_llama)
     down = model.get_submodule("model.layers.0.mlp.down_proj").weight.detach()
     assert torch.equal(down, original["model.layers.0.mlp.down_proj.weight"])
 
@@ -115,7 +106,7 @@ def test_group_size_per_channel_and_skipped_layers(tiny_llama: Path, tmp_path: P
     assert result.code == 0, result.stderr
     weights = next(iter(read_config(tmp_path / "chan")["quantization_config"]["config_groups"].values()))["weights"]
     assert weights["strategy"] == "channel" and weights["group_size"] is None
-    tensors = _load_tensors(tmp_path / "chan")
+    tensors = read_tensors(tmp_path / "chan")
     assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (256, 1)
     model = _load_with_compressed_tensors(tmp_path / "chan")
     module = "model.layers.1.mlp.down_proj"
@@ -143,7 +134,7 @@ def test_ignore_and_targets(tiny_llama: Path, tmp_path: Path) -> None:
         f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up")
     ]
     model = _load_with_compressed_tensors(tmp_path / "tgt")
-    original = _load_tensors(tiny_llama)
+    original = read_tensors(tiny_llama)
     assert torch.equal(model.get_submodule("model.layers.0.mlp.down_proj").weight.detach(),
                        original["model.layers.0.mlp.down_proj.weight"])
 
@@ -204,16 +195,7 @@ def test_output_location_rules(tiny_llama_copy: Path, tmp_path: Path) -> None:
 @pytest.mark.slow  # make test has the same (SIGTERM mid-run) in test_process.py::test_signal_mid_run_leaves_nothing
 def test_interrupted_run_leaves_nothing(tmp_path: Path) -> None:
     # Big enough (about 130 MB) that the run is still going when the signal arrives.
-    from safetensors.torch import save_file
-
-    model = tmp_path / "big"
-    model.mkdir()
-    torch.manual_seed(0)
-    for i in range(4):
-        layers = {f"model.layers.{i}.mlp.{p}.weight": torch.randn(2048, 2048).to(torch.bfloat16)
-                  for p in ("gate_proj", "up_proj", "down_proj", "extra_proj")}
-        save_file(layers, model / f"part-{i}.safetensors", metadata={"format": "pt"})
-    (model / "config.json").write_text("{}")
+    model = build_linear_shards(tmp_path / "big", 2048)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-m", "qconvert", "quantize", str(model), "-o", str(out)],

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from qconvert.quantizers import dequantize_tiles
-from tests.conftest import read_config, run_cli, tree_digest
-from tests.test_quantize_cli import _load_tensors, _load_with_compressed_tensors
+from tests.conftest import read_config, read_tensors, run_cli, tree_digest
+from tests.test_quantize_cli import _load_with_compressed_tensors
 from tests.test_schemes import ct_decompress
 
 LINEARS = [f"model.layers.{i}.{m}" for i in (0, 1) for m in (
@@ -33,9 +33,9 @@ def test_deepseek_fp8_block_to_int8_block(deepseek_fp8: Path, tiny_llama: Path, 
     (group,) = read_config(out)["quantization_config"]["config_groups"].values()
     assert group["weights"]["strategy"] == "block"
 
-    source = _load_tensors(tiny_llama)
-    fp8 = _load_tensors(deepseek_fp8)
-    written = _load_tensors(out)
+    source = read_tensors(tiny_llama)
+    fp8 = read_tensors(deepseek_fp8)
+    written = read_tensors(out)
     rebuilt = ct_decompress(out)
     for module in LINEARS:
         # What the FP8 checkpoint represents: its values times their block scales, in bf16.
@@ -61,7 +61,7 @@ def test_matching_layers_are_copied_not_requantized(deepseek_fp8: Path, tmp_path
     out = tmp_path / "fp8-block"
     result = run_cli("quantize", deepseek_fp8, "-s", "fp8-block", "-o", out, "--ignore", "model.layers.1.mlp.down_proj")
     assert result.code == 0, result.stderr
-    source, written = _load_tensors(deepseek_fp8), _load_tensors(out)
+    source, written = read_tensors(deepseek_fp8), read_tensors(out)
     for module in LINEARS:
         if module == "model.layers.1.mlp.down_proj":
             continue
@@ -82,7 +82,7 @@ def test_matching_layers_are_copied_not_requantized(deepseek_fp8: Path, tmp_path
 
 
 def test_deepseek_fp8_to_rtn4_and_fp8_tensor(deepseek_fp8: Path, tiny_llama: Path, tmp_path: Path) -> None:
-    source = _load_tensors(tiny_llama)
+    source = read_tensors(tiny_llama)
     for scheme, bound in (("rtn4", 0.15), ("fp8-tensor", 0.08)):
         out = tmp_path / scheme
         result = run_cli("quantize", deepseek_fp8, "-s", scheme, "-o", out, "-q")
@@ -90,7 +90,7 @@ def test_deepseek_fp8_to_rtn4_and_fp8_tensor(deepseek_fp8: Path, tiny_llama: Pat
         rebuilt = ct_decompress(out)
         for module in LINEARS:
             assert _relative_error(rebuilt[module], source[f"{module}.weight"]) < bound, (scheme, module)
-    tensors = _load_tensors(tmp_path / "fp8-tensor")
+    tensors = read_tensors(tmp_path / "fp8-tensor")
     scales = [tensors[f"model.layers.0.self_attn.{p}_proj.weight_scale"] for p in "qkv"]
     assert all(torch.equal(s, scales[0]) for s in scales)
 
@@ -106,7 +106,7 @@ def test_integer_inputs_need_allow_requantize(tiny_llama: Path, tmp_path: Path) 
     # The same scheme again: nothing to requantize, every tensor copied bit for bit.
     same = run_cli("quantize", int8, "-s", "int8-block", "-o", tmp_path / "same", "-q")
     assert same.code == 0, same.stderr
-    first, second = _load_tensors(int8), _load_tensors(tmp_path / "same")
+    first, second = read_tensors(int8), read_tensors(tmp_path / "same")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -115,7 +115,7 @@ def test_float_inputs_are_requantized(tiny_llama: Path, tmp_path: Path) -> None:
     assert run_cli("quantize", tiny_llama, "-s", "fp8", "-o", fp8, "-q").code == 0
     result = run_cli("quantize", fp8, "-s", "fp8-block", "-o", tmp_path / "block", "-q")
     assert result.code == 0, result.stderr
-    source = _load_tensors(tiny_llama)
+    source = read_tensors(tiny_llama)
     rebuilt = ct_decompress(tmp_path / "block")
     for module in LINEARS:
         assert _relative_error(rebuilt[module], source[f"{module}.weight"]) < 0.08

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from qconvert.quantizers import dequantize_tiles, unpack_int32
 from qconvert.serving import Engine, output_kind, serving_for
-from tests.conftest import read_config, run_cli
-from tests.test_quantize_cli import _load_tensors, _load_with_compressed_tensors
+from tests.conftest import read_config, read_tensors, run_cli
+from tests.test_quantize_cli import _load_with_compressed_tensors
 
 SCHEMES = ["int8-block", "w8a8-int8", "fp8", "fp8-block", "fp8-tensor"]
 TILES = {"int8-block": (128, 128), "fp8-block": (128, 128)}
@@ -27,7 +27,7 @@ def ct_decompress(folder: Path) -> dict[str, torch.Tensor]:
     """Every quantized module's weight as compressed-tensors rebuilds it: its own target matching
     picks the config group, its own compressor for that group's format decompresses."""
     config = QuantizationConfig.model_validate(read_config(folder)["quantization_config"])
-    tensors = _load_tensors(folder)
+    tensors = read_tensors(folder)
     modules = {name.rsplit(".", 1)[0] for name in tensors if name.endswith((".weight_scale", ".weight_packed"))}
     linear = torch.nn.Linear(1, 1, device="meta")
     rebuilt = {}
@@ -89,7 +89,7 @@ def test_scheme_matches_compressed_tensors_and_transformers(tiny_llama: Path, tm
 
     # This test is the transformers row of the serving table: it loads every scheme the table says it does.
     assert any(s.engine == Engine.TRANSFORMERS for s in serving_for(output_kind(scheme)))
-    tensors = _load_tensors(out)
+    tensors = read_tensors(out)
     theirs = ct_decompress(out)
     model = _load_with_compressed_tensors(out)
     for layer in summary["layers"]:
@@ -135,7 +135,7 @@ def test_sglang_layout_holds_the_same_values(tiny_llama: Path, tmp_path: Path) -
     config = read_config(tmp_path / "sgl")["quantization_config"]
     assert config == {"quant_method": "blockwise_int8", "activation_scheme": "dynamic",
                       "weight_block_size": [128, 128], "ignored_layers": ["lm_head"]}
-    ct, sgl = _load_tensors(tmp_path / "ct"), _load_tensors(tmp_path / "sgl")
+    ct, sgl = read_tensors(tmp_path / "ct"), read_tensors(tmp_path / "sgl")
     modules = [n.removesuffix(".weight_scale") for n in ct if n.endswith(".weight_scale")]
     assert len(modules) == 14
     for module in modules:
@@ -149,8 +149,8 @@ def test_sglang_layout_holds_the_same_values(tiny_llama: Path, tmp_path: Path) -
 def test_fp8_tensor_shares_scales_across_fused_modules(tiny_llama: Path, tmp_path: Path) -> None:
     result = run_cli("quantize", tiny_llama, "-s", "fp8-tensor", "-o", tmp_path / "out", "--max-shard-size", "150KB")
     assert result.code == 0, result.stderr
-    tensors = _load_tensors(tmp_path / "out")
-    original = _load_tensors(tiny_llama)
+    tensors = read_tensors(tmp_path / "out")
+    original = read_tensors(tiny_llama)
     for layer in (0, 1):
         attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
         qkv = [tensors[f"{attn}.{p}_proj.weight_scale"] for p in "qkv"]
@@ -192,7 +192,7 @@ def test_mixed_schemes_and_overrides_file(tiny_llama: Path, tmp_path: Path) -> N
         groups["pack-quantized8"]["targets"])
     assert {"model.layers.1.mlp.up_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.gate_up_proj"} <= set(
         qconfig["ignore"])
-    tensors = _load_tensors(tmp_path / "out")
+    tensors = read_tensors(tmp_path / "out")
     theirs = ct_decompress(tmp_path / "out")
     assert set(theirs) == set(by_module)
     for module in by_module:
