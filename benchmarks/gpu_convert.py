@@ -14,11 +14,18 @@ of the first size (e4m3fn + fp32 128x128 `weight_scale_inv`) into int8-block on 
 
 The parent process never imports torch: a large parent would hand its resident pages to the peak RSS
 of every child it starts. Generation runs in a child of its own.
+
+Python bytecode: where ``PYTHONDONTWRITEBYTECODE`` is set and torch was installed without ``__pycache__``
+(as on the lent GPU machines), every process compiles torch's Python modules again: 2-3 s of each
+tool's start. ``--pycache DIR`` gives every tool's process a bytecode cache (``PYTHONPYCACHEPREFIX``),
+filled by one untimed run of each tool first, as a pip install that compiles its modules would; the
+report says which setting each table was measured with.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -158,8 +165,21 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def bytecode_setting(pycache: Path | None) -> str:
+    """How the tools' processes get Python bytecode (without importing torch here)."""
+    spec = importlib.util.find_spec("torch")
+    torch_dir = Path(spec.origin).parent if spec and spec.origin else None
+    compiled = bool(torch_dir and (torch_dir / "__pycache__").is_dir())
+    flag = os.environ.get("PYTHONDONTWRITEBYTECODE") or "unset"
+    if pycache is not None:
+        return f"bytecode cache {pycache} for every tool (PYTHONPYCACHEPREFIX), filled by one untimed run of each"
+    return (f"as the machine is: PYTHONDONTWRITEBYTECODE={flag}, torch's own __pycache__ "
+            f"{'present' if compiled else 'absent'}")
+
+
 def measure(ckpt: Path, work: Path, schemes: list[str], repeats: int, llmc_python: str | None,
-            with_cp: bool, workers: int | None, devices: list[str]) -> dict:
+            with_cp: bool, workers: int | None, devices: list[str], env: dict | None = None,
+            prime: bool = False) -> dict:
     qconvert = [sys.executable, "-m", "qconvert", "quantize", str(ckpt), "--quiet"]
     extra = ["--workers", str(workers)] if workers else []
     commands: dict[str, tuple[list[str], Path]] = {}
@@ -178,11 +198,17 @@ def measure(ckpt: Path, work: Path, schemes: list[str], repeats: int, llmc_pytho
     subprocess.run(["sh", "-c", f"cat '{ckpt}'/*.safetensors > /dev/null"], check=True)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     identical: dict[str, tuple[bool, int]] = {}
+    if prime:
+        for name, (cmd, out) in commands.items():
+            if name != "cp":
+                seconds, _ = run_measured(cmd, env)
+                print(f"  untimed run filling the bytecode cache: {name}: {seconds:.2f} s", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
     for round_index in range(repeats):
         for name, (cmd, out) in commands.items():
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=True)
-            runs[name].append(run_measured(cmd))
+            runs[name].append(run_measured(cmd, env))
             print(f"  round {round_index + 1} {name}: {runs[name][-1][0]:.2f} s, {runs[name][-1][1]:.0f} MB",
                   flush=True)
             last = round_index == repeats - 1
@@ -236,6 +262,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="qconvert --device values to time")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--pycache", type=Path, default=None,
+                        help="a bytecode cache for every tool's process, filled by one untimed run of each")
     parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--generate-deepseek", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -246,8 +274,13 @@ def main() -> None:
         generate_deepseek(Path(args.generate_deepseek[0]), Path(args.generate_deepseek[1]))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"machine": f"{platform.node()}, {os.cpu_count()} cores", "sizes": {}}
-    lines: list[str] = []
+    env = None
+    if args.pycache:
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = str(args.pycache.resolve())
+    bytecode = bytecode_setting(args.pycache)
+    report: dict = {"machine": f"{platform.node()}, {os.cpu_count()} cores", "bytecode": bytecode, "sizes": {}}
+    lines: list[str] = [f"Python bytecode: {bytecode}.", ""]
     for index, layers in enumerate(args.layers):
         repeats = args.repeats[min(index, len(args.repeats) - 1)]
         ckpt = args.work / f"llama8b-shape-{layers}l"
@@ -261,7 +294,7 @@ def main() -> None:
         size = folder_bytes(ckpt)
         print(f"{layers} layers, {size / 1e9:.2f} GB, {repeats} repeat(s)", flush=True)
         result = measure(ckpt, args.work, args.schemes, repeats, args.llmc_python or None, not args.no_cp,
-                         args.workers, args.devices)
+                         args.workers, args.devices, env, prime=args.pycache is not None)
         report["sizes"][f"{layers}l"] = {"bytes": size, "repeats": repeats, **result}
         lines += summarize(f"{layers} layers ({repeats} repeat(s))", size, result)
         lines.append("")
@@ -274,7 +307,7 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, "--generate-deepseek", str(ckpt), str(fp8)], check=True)
             fp8_size = folder_bytes(fp8)
             result = measure(fp8, args.work, ["int8-block"], args.deepseek_repeats, None, not args.no_cp,
-                             args.workers, args.devices)
+                             args.workers, args.devices, env, prime=args.pycache is not None)
             report["sizes"][f"{layers}l-deepseek"] = {"bytes": fp8_size, "repeats": args.deepseek_repeats, **result}
             label = f"DeepSeek-style FP8 of {layers} layers → int8-block ({args.deepseek_repeats} repeat(s))"
             lines += summarize(label,

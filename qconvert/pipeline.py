@@ -20,7 +20,7 @@ from qconvert import __version__
 from qconvert.architectures import facts_from_config
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
 from qconvert.conversions import plan_conversion
-from qconvert.engine import ExecutionSettings, execute, execution_settings, warm_up
+from qconvert.engine import ExecutionSettings, execute, execution_settings, report_stage, warm_up
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.planning import Plan, check_coverage, make_plan, module_of
@@ -112,7 +112,9 @@ def quantize(request: QuantizeRequest, notice: Notice) -> dict:
 
 
 def _quantize(request: QuantizeRequest, notice: Notice) -> dict:
+    report_stage("quantize starts")
     prepared = prepare_quantize(request, notice)
+    report_stage("planned")
     checkpoint, target, units, plan = prepared.checkpoint, prepared.target, prepared.units, prepared.plan
     if request.dry_run:
         return summarize(checkpoint, units, target, [], time.perf_counter() - prepared.started, plan=plan,
@@ -120,6 +122,7 @@ def _quantize(request: QuantizeRequest, notice: Notice) -> dict:
     shards = write_checkpoint(checkpoint, units, target, prepared.config, request.max_shard_bytes,
                               request.show_progress, notice, resume=request.resume, options=job_options(request),
                               settings=prepared.settings)
+    report_stage("committed")
     return summarize(checkpoint, units, target, shards, time.perf_counter() - prepared.started, plan=plan,
                      **prepared.summary_extra)
 

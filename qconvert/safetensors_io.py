@@ -481,7 +481,7 @@ class ShardFile:
     size (as the reference writer does) without padding between tensors.
 
     With ``digest``, each tensor is hashed as it is written (``write``: the bytes in memory; ``mark_written``,
-    for bytes copied file to file or written with ``finish=False``: read back from this file's page cache),
+    for bytes copied file to file or written in pieces by ``write_range``: read back from this file's page cache),
     so that :meth:`digest` is ready as soon as the last tensor is written, without reading the shard back
     whole (see :func:`file_digest`).
     """
@@ -504,28 +504,36 @@ class ShardFile:
     def position(self, name: str) -> int:
         return self.data_start + self.offsets[name]
 
-    def write(self, name: str, tensor: torch.Tensor, written: Callable[[int, int], None] | None = None,
-              finish: bool = True) -> None:
-        """Write ``name``'s bytes at their place; ``written(position, nbytes)`` is called as soon as they are in
-        the file (before they are hashed: the engine starts the disk's writeback there). With ``finish=False``
-        the tensor is neither hashed nor done: the caller lets go of ``tensor`` and calls :meth:`mark_written`."""
+    def write(self, name: str, tensor: torch.Tensor, written: Callable[[int, int], None] | None = None) -> None:
+        """Write ``name``'s bytes at their place and hash them from memory; ``written(position, nbytes)`` is
+        called as soon as they are in the file (before they are hashed: the engine starts the disk's
+        writeback there)."""
+        self.check_planned(name, tensor)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(data)
+        self.write_range(name, view, 0)
+        if written is not None:
+            written(self.position(name), len(view))
+        if self._digests is not None:
+            self._digests[name] = hashlib.sha256(view).digest()  # hashlib lets other threads run meanwhile
+        self.pending.discard(name)
+
+    def check_planned(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise AssertionError(
                 f"{name}: planned {spec.dtype}{list(spec.shape)}, produced {tensor.dtype}{list(tensor.shape)}"
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(data)
+
+    def write_range(self, name: str, data: memoryview, start: int) -> None:
+        """Write ``data`` as bytes ``[start, start + len(data))`` of ``name``'s place: one piece of a tensor
+        that several threads write at once (then :meth:`mark_written`), or the whole of it."""
+        if start < 0 or start + len(data) > self.specs[name].nbytes:
+            raise AssertionError(f"{name}: bytes {start}..{start + len(data)} lie outside the tensor")
+        position = self.position(name) + start
         done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], self.position(name) + done)
-        if written is not None:
-            written(self.position(name), len(view))
-        if not finish:
-            return
-        if self._digests is not None:
-            self._digests[name] = hashlib.sha256(view).digest()  # hashlib lets other threads run meanwhile
-        self.pending.discard(name)
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], position + done)
 
     def mark_written(self, name: str) -> None:
         """``name``'s bytes are in this file (put there by ``TensorReader.copy_into``, or by :meth:`write` with

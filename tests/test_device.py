@@ -184,12 +184,51 @@ def gpu_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return inputs
 
 
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU results written in pieces of 4099 bytes (8 MiB in real runs): with the tiny models' tensors,
+    most are cut into several pieces, at offsets that fall inside elements."""
+    from qconvert import engine
+
+    monkeypatch.setattr(engine, "_WRITE_PIECE", 4099)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ALL_SCHEMES)
-def test_every_scheme_byte_identical_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, scheme: str) -> None:
+@pytest.mark.parametrize("pieces", ["whole", "small"])
+def test_every_scheme_byte_identical_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, scheme: str, pieces: str,
+                                             request: pytest.FixtureRequest) -> None:
+    if pieces == "small":
+        request.getfixturevalue("small_pieces")
     cpu = _quantize(gpu_inputs["llama"], tmp_path / "cpu", scheme, "cpu")
     cuda = _quantize(gpu_inputs["llama"], tmp_path / "cuda", scheme, "cuda", workers=4)
     _assert_same_files(cpu, cuda)
+
+
+@pytest.mark.gpu
+def test_failed_piece_write_on_cuda_surfaces_and_leaves_no_output(gpu_inputs: dict[str, Path], tmp_path: Path,
+                                                                   small_pieces: None,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that fills up while one piece of a GPU result is being written: one line naming the
+    output, every thread stopped, nothing left behind (the other pieces' regions are given back)."""
+    from qconvert import safetensors_io
+    from qconvert.errors import QConvertError
+
+    calls = {"n": 0}
+    original = safetensors_io.ShardFile.write_range
+
+    def failing(self: safetensors_io.ShardFile, name: str, data: memoryview, start: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError(28, "No space left on device")
+        original(self, name, data, start)
+
+    monkeypatch.setattr(safetensors_io.ShardFile, "write_range", failing)
+    with pytest.raises(QConvertError, match=r"disk filled up.*No space"):
+        _quantize(gpu_inputs["llama"], tmp_path / "out", "fp8-block", "cuda", workers=4)
+    assert calls["n"] >= 7
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.qconvert-*"))
 
 
 @pytest.mark.gpu
@@ -255,7 +294,7 @@ def test_cli_device_cuda(tiny_llama: Path, tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arena_mib", ["1", "2"])
-def test_tiny_arena_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, arena_mib: str,
+def test_tiny_arena_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, arena_mib: str, small_pieces: None,
                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A page-locked arena smaller than most units (1 MiB: every unit runs alone through ordinary
     memory; 2 MiB: a mix of arena regions and such units) still writes the CPU path's bytes."""

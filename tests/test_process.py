@@ -377,3 +377,55 @@ def test_verify_device_cpu_works_from_a_fresh_command_line(tiny_llama: Path, tmp
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1/1 layers pass" in proc.stdout
+
+
+# ---------------------------------------------------------------- how the command's process ends
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_the_command_pauses_gc_while_importing_and_restores_it() -> None:
+    """In the command's process the collector is off during imports and back on once main runs; a
+    program that imports qconvert keeps its own setting."""
+    done = _python("import sys, gc; sys.argv = ['qconvert', '--version']\n"
+                   "import qconvert; paused = not gc.isenabled()\n"
+                   "from qconvert import cli\n"
+                   "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+                   "print(paused, gc.isenabled(), qconvert.AS_COMMAND)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["True", "True", "True"]
+    library = _python("import gc, qconvert; print(gc.isenabled(), qconvert.AS_COMMAND)")
+    assert library.stdout.split() == ["True", "False"], library.stderr
+
+
+def test_leaving_flushes_runs_atexit_and_keeps_the_exit_code() -> None:
+    """``cli._leave`` skips the interpreter's teardown, not the output, the atexit handlers or the code."""
+    done = _python("import atexit, sys\n"
+                   "from qconvert import cli\n"
+                   "atexit.register(lambda: print('atexit ran'))\n"
+                   "print('buffered', end=' '); sys.stderr.write('err')\n"
+                   "cli._leave(3)")
+    assert done.returncode == 3
+    assert done.stdout == "buffered atexit ran\n" and done.stderr == "err"
+
+
+def test_leaving_waits_for_a_running_thread() -> None:
+    """A thread still running (none should be) gets the ordinary exit, which waits for it."""
+    done = _python("import threading, time\n"
+                   "from qconvert import cli\n"
+                   "threading.Thread(target=lambda: (time.sleep(0.5), print('thread finished'))).start()\n"
+                   "cli._leave(0)")
+    assert done.returncode == 0 and done.stdout == "thread finished\n", done.stderr
+
+
+def test_the_command_process_prints_its_whole_json_and_exits_0(model: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    result = run_cli("quantize", model, "-o", tmp_path / "out", "--json", process=True)
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["output"] == str(tmp_path / "out")
+    assert "Exception" not in result.stderr
