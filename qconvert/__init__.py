@@ -12,9 +12,10 @@ def _command_starting() -> None:
 
     Ctrl-C, SIGTERM or SIGHUP while it is still importing would print a traceback from inside an import:
     nothing is open or written yet, so one line and exit 1 (the CLI's own handlers replace these once
-    it runs). And the cyclic garbage collector is paused: importing torch finds no garbage for it, yet
-    runs it hundreds of times over a growing heap, about a tenth of the import's 1.5-3 s;
-    ``cli.main`` freezes what was imported and turns it back on.
+    it runs). The cyclic garbage collector is paused: importing torch finds no garbage for it, yet runs
+    it hundreds of times over a growing heap, about a tenth of the import's 1.5-3 s; ``cli.main``
+    freezes what was imported and turns it back on. And a command that will use a GPU starts creating
+    its CUDA context meanwhile (:mod:`qconvert.early_cuda`).
 
     Only for the command itself: ``python -m qconvert`` imports this package while ``sys.argv[0]`` is
     still ``-m``.
@@ -39,6 +40,9 @@ def _command_starting() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupted)
     gc.disable()
+    from qconvert import early_cuda
+
+    early_cuda.start(sys.argv[1:])
 
 
 _command_starting()

@@ -297,6 +297,22 @@ class _Profile:
         self.busy: dict[str, float] = {}
         self.started = time.perf_counter()
         self._lock = threading.Lock()
+        self.units: dict[int, dict[str, float]] = {}  # the first units' timeline, by id of their Unit
+        self._names: dict[int, str] = {}
+
+    def mark(self, pending: _Pending, event: str) -> None:
+        """The time of ``event`` for one of the first 12 units that compute (QCONVERT_PROFILE=1)."""
+        key = id(pending.unit)  # units live as long as the run; a _Pending's id is reused once it is freed
+        if self.enabled and (key in self.units or len(self.units) < 12):
+            with self._lock:
+                self.units.setdefault(key, {})[event] = time.perf_counter() - self.started
+                self._names.setdefault(key, pending.unit.outputs[0].name)
+
+    def report_units(self) -> None:
+        if self.enabled:
+            for key, events in sorted(self.units.items(), key=lambda item: min(item[1].values())):
+                line = ", ".join(f"{event} {at:.3f}" for event, at in events.items())
+                print(f"qconvert profile: unit {self._names[key]}: {line}", file=sys.stderr, flush=True)
 
     def add(self, kind: str, since: float) -> None:
         if self.enabled:
@@ -402,6 +418,7 @@ class Engine:
         self.profile.report("every write, hash and shard close done")
         self._close_shards()
         self.profile.report("shards synced")
+        self.profile.report_units()
 
     def _wait_for_room(self, unit: Unit, seen: int) -> None:
         if self.arena is not None:
@@ -420,7 +437,9 @@ class Engine:
             if not self.budget.try_take(taken):
                 return None
             read = self.readers.submit(self._read, unit)
-            return _Pending(unit, [read], taken=taken, inputs_share=min(unit.input_bytes, taken))
+            pending = _Pending(unit, [read], taken=taken, inputs_share=min(unit.input_bytes, taken))
+            self.profile.mark(pending, "scheduled")
+            return pending
         arena = self.arena
         in_offsets, in_size = _layout([info.nbytes for info in unit.inputs])
         out_offsets, out_size = _layout([spec.nbytes for spec in unit.outputs])
@@ -446,8 +465,10 @@ class Engine:
             for start in range(0, info.nbytes, _READ_CHUNK):
                 length = min(_READ_CHUNK, info.nbytes - start)
                 reads.append(self.readers.submit(self._read_chunk, info, raw[start : start + length], start, length))
-        return _Pending(unit, reads, inputs_at=inputs_at, inputs_size=in_size, outputs_at=outputs_at,
-                        outputs_size=out_size, host_inputs=host, landing=landing)
+        pending = _Pending(unit, reads, inputs_at=inputs_at, inputs_size=in_size, outputs_at=outputs_at,
+                           outputs_size=out_size, host_inputs=host, landing=landing)
+        self.profile.mark(pending, "scheduled")
+        return pending
 
     # -- jobs ----------------------------------------------------------------------------------
 
@@ -505,6 +526,7 @@ class Engine:
         started = time.perf_counter()
         try:
             results = [read.result() for read in pending.reads]
+            self.profile.mark(pending, "read")
             if not self.settings.cuda:
                 outputs, loaded, ready = pending.unit.produce(results[0]), None, None  # type: ignore[misc]
                 self._release(pending, inputs=True, outputs=False)
@@ -521,6 +543,7 @@ class Engine:
             self._release(pending, inputs=True, outputs=True)
             raise
         self.profile.add("compute", started)
+        self.profile.mark(pending, "launched")
         self.bar.advance(pending.unit.input_bytes)
         if loaded is None or ready is None:
             self.jobs.add(self.writers.submit(self._write, pending, outputs))
@@ -566,6 +589,7 @@ class Engine:
                 shard = self.shard_of[name]
                 shard.write(name, tensor, written=partial(self.writeback.start, shard.fd))
             self.profile.add("write", started)
+            self.profile.mark(pending, "written")
             for shard in {id(self.shard_of[name]): self.shard_of[name] for name in outputs}.values():
                 self._close_if_complete(shard)
         finally:
@@ -581,6 +605,7 @@ class Engine:
             self._release(pending, inputs=True, outputs=False)
             inputs_released = True
             ready.synchronize()
+            self.profile.mark(pending, "computed")
             pieces: list[tuple[str, memoryview, int]] = []
             for name, tensor in outputs.items():
                 self.shard_of[name].check_planned(name, tensor)
@@ -606,6 +631,7 @@ class Engine:
         """The last piece of a GPU unit is in its file: the region is free again; hash the results (from the
         page cache, on the hasher threads) unless a piece failed."""
         self._release(written.pending, inputs=False, outputs=True)
+        self.profile.mark(written.pending, "written")
         if not written.failed:
             self.jobs.add(self.hashers.submit(self._hash, written.names))
 

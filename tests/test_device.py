@@ -302,3 +302,66 @@ def test_tiny_arena_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, arena_m
     monkeypatch.setenv("QCONVERT_INFLIGHT_MB", arena_mib)
     cuda = _quantize(gpu_inputs["llama"], tmp_path / "cuda", "fp8-block", "cuda", workers=3)
     _assert_same_files(cpu, cuda)
+
+
+# -- the CUDA context started while the command imports (qconvert.early_cuda) ---------------------
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["quantize", "m"], 0),
+    (["quantize", "m", "--device", "cuda"], 0),
+    (["convert", "m", "--device=cuda:2"], 2),
+    (["batch", "jobs.yaml"], 0),
+    (["quantize", "m", "--device", "cpu"], None),
+    (["quantize", "m", "--device=CPU"], None),
+    (["quantize", "m", "--dry-run"], None),
+    (["quantize", "--help"], None),
+    (["inspect", "m"], None),
+    (["verify", "m"], None),
+    ([], None),
+])
+def test_early_cuda_only_for_commands_that_use_a_gpu(args: list[str], expected: int | None) -> None:
+    from qconvert import early_cuda
+
+    assert early_cuda.gpu_ordinal(args) == expected
+
+
+def test_early_cuda_is_harmless_without_a_driver_or_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qconvert import early_cuda
+
+    thread = early_cuda.start(["quantize", "m"])
+    if thread is not None:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    monkeypatch.setenv("QCONVERT_EARLY_CUDA", "0")
+    assert early_cuda.start(["quantize", "m"]) is None
+
+
+@pytest.mark.gpu
+def test_early_cuda_context_is_the_one_torch_uses(tiny_llama: Path, tmp_path: Path) -> None:
+    """In a fresh process: the primary context retained through the driver before torch is imported
+    is the context torch's runtime then works in, and the command's output is the same bytes."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes, sys; sys.argv = ['qconvert', 'quantize', 'm']\n"
+            "from qconvert import early_cuda\n"
+            "early_cuda.start(['quantize', 'm']).join()\n"
+            "import torch\n"
+            "torch.empty(1, device='cuda')\n"
+            "driver = ctypes.CDLL('libcuda.so.1')\n"
+            "current, primary = ctypes.c_void_p(), ctypes.c_void_p()\n"
+            "assert driver.cuCtxGetCurrent(ctypes.byref(current)) == 0\n"
+            "device = ctypes.c_int(); driver.cuDeviceGet(ctypes.byref(device), 0)\n"
+            "assert driver.cuDevicePrimaryCtxRetain(ctypes.byref(primary), device) == 0\n"
+            "print(current.value == primary.value and current.value is not None)\n")
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+    args = ("-s", "fp8-block", "--device", "cuda", "-q", "--max-shard-size", "300KB")
+    on = run_cli("quantize", tiny_llama, "-o", tmp_path / "on", *args, process=True)
+    off = run_cli("quantize", tiny_llama, "-o", tmp_path / "off", *args, process=True,
+                  env={"QCONVERT_EARLY_CUDA": "0"})
+    assert on.code == 0 and off.code == 0, on.stderr + off.stderr
+    _assert_same_files(tmp_path / "on", tmp_path / "off")
