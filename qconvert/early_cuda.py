@@ -7,9 +7,9 @@ background thread from the command's first line, while the import runs on the ma
 go of the GIL during the calls. torch's CUDA runtime later finds the primary context created and only
 attaches to it, so nothing about the run changes but its start.
 
-Only for commands that will put tensors on a GPU (``quantize``, ``convert``, ``batch`` without
-``--device cpu``, ``--dry-run`` or ``--help``), only where ``libcuda`` loads; any failure leaves it all to
-torch as before. ``QCONVERT_EARLY_CUDA=0`` turns it off.
+Only for commands that will put tensors on a GPU in this process (``quantize``, ``convert``, ``batch``
+without ``--device cpu``, ``--dry-run``, ``--help`` or, for ``batch``, ``--ray``), only where
+``libcuda`` loads; any failure leaves it all to torch as before. ``QCONVERT_EARLY_CUDA=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def gpu_ordinal(args: list[str]) -> int | None:
         return None
     if any(arg in ("--dry-run", "--help", "-h") for arg in args):
         return None
+    if args[0] == "batch" and any(arg == "--ray" or arg.startswith("--ray=") for arg in args):
+        return None  # the jobs run in Ray's worker processes
     device = "auto"
     for index, arg in enumerate(args):
         if arg == "--device" and index + 1 < len(args):

@@ -312,6 +312,7 @@ def test_tiny_arena_on_cuda(gpu_inputs: dict[str, Path], tmp_path: Path, arena_m
     (["quantize", "m", "--device", "cuda"], 0),
     (["convert", "m", "--device=cuda:2"], 2),
     (["batch", "jobs.yaml"], 0),
+    (["batch", "jobs.yaml", "--ray", "local"], None),
     (["quantize", "m", "--device", "cpu"], None),
     (["quantize", "m", "--device=CPU"], None),
     (["quantize", "m", "--dry-run"], None),
