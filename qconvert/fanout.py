@@ -104,6 +104,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _malloc_tuned = False
 
 
+def malloc_tuned() -> bool:
+    """Whether this process's malloc was tuned for batch (the engine then leaves it as it is)."""
+    return _malloc_tuned
+
+
 def _tune_malloc() -> None:
     """Keep tensor-sized buffers in malloc's arenas instead of fresh mmaps (glibc only; once per process).
 
