@@ -39,6 +39,7 @@ from functools import partial
 
 import torch
 
+from qconvert import malloc_policy
 from qconvert.errors import BadInputError
 from qconvert.progress import Progress
 from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
@@ -122,36 +123,6 @@ def warm_up(settings: ExecutionSettings) -> threading.Thread | None:
     thread = threading.Thread(target=init, name="qconvert-cuda-init")
     thread.start()
     return thread
-
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-_malloc_steadied = False
-
-
-def _steady_malloc() -> None:
-    """CPU runs: a fixed 32 MiB threshold above which glibc maps each block on its own (glibc only; once
-    per process, and not where ``fanout._tune_malloc`` already tuned it for batch).
-
-    glibc's default threshold moves: it rises to the size of the last large block freed (up to 32 MiB)
-    and lets every arena keep twice that free at its top. The reader, main and writer threads each
-    allocate from an arena of their own, so RSS drifted with the order of allocations: 498-640 MiB peak
-    for rtn4 on the 1.67 GB checkpoint on 2 cores. A fixed threshold keeps the same blocks mapped and
-    the default trimming: 512-533 MiB over seven runs, at the same speed (benchmarks in BENCHMARKS.md).
-    """
-    global _malloc_steadied
-    if _malloc_steadied or not sys.platform.startswith("linux"):
-        return
-    _malloc_steadied = True
-    from qconvert import fanout
-
-    if fanout.malloc_tuned():
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return  # not glibc (musl has no mallopt)
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
 class _Budget:
@@ -401,7 +372,7 @@ class Engine:
             self.arena = _Arena(settings.budget_bytes)
             self.profile.report("CUDA ready, arena allocated")
         else:
-            _steady_malloc()
+            malloc_policy.for_engine_on_cpu()
 
     def __enter__(self) -> Engine:
         # Two dozen threads spend most of their time in system calls and hashing, each needing the GIL

@@ -19,10 +19,8 @@ others go on.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from qconvert import malloc_policy
 from qconvert.checkpoint import Checkpoint
 from qconvert.quantizers import share_group_amax
 from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
@@ -98,40 +97,6 @@ def compute_threads(outputs: int) -> int:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     return max(1, min(outputs, cores))
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-_malloc_tuned = False
-
-
-def malloc_tuned() -> bool:
-    """Whether this process's malloc was tuned for batch (the engine then leaves it as it is)."""
-    return _malloc_tuned
-
-
-def _tune_malloc() -> None:
-    """Keep tensor-sized buffers in malloc's arenas instead of fresh mmaps (glibc only; once per process).
-
-    By default glibc serves a block above a dynamic threshold (128 KiB at first) from its own mmap and
-    returns freed memory at the top of an arena to the kernel, so every input read, temporary and output
-    of the compute threads is faulted in page by page again (measured: about 2.7x the page faults of
-    this setting and ~0.5 s of system time per 1.7 GB read). Blocks up to 32 MiB (a thread's arena
-    grows in heaps of 64 MiB) now come from the arenas, which keep up to 128 MiB free each; larger ones
-    are still mapped and unmapped. What is in flight stays bounded as before; RSS may stay up to that
-    much higher per arena after a peak.
-    """
-    global _malloc_tuned
-    if _malloc_tuned or not sys.platform.startswith("linux"):
-        return
-    _malloc_tuned = True
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return  # not glibc (musl has no mallopt): nothing to tune
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 128 << 20)
 
 
 class _Compute:
@@ -214,7 +179,7 @@ def write_outputs(outputs: list[Output], notice: Notice, advance: Callable[[int]
     is removed.
     """
     advance = advance or (lambda _n: None)
-    _tune_malloc()
+    malloc_policy.for_batch()
     read_bytes = 0
     lock = threading.Lock()  # guards Output.error and shard closing, used from the worker threads too
     try:

@@ -366,3 +366,38 @@ def test_early_cuda_context_is_the_one_torch_uses(tiny_llama: Path, tmp_path: Pa
                   env={"QCONVERT_EARLY_CUDA": "0"})
     assert on.code == 0 and off.code == 0, on.stderr + off.stderr
     _assert_same_files(tmp_path / "on", tmp_path / "off")
+
+
+def test_malloc_policy_engine_then_batch_and_never_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU engine run fixes glibc's mmap threshold; a batch run then keeps its buffers in the arenas;
+    a later engine run leaves batch's policy as it is (the calls reach mallopt as written)."""
+    import ctypes
+    import sys
+    import types
+
+    from qconvert import malloc_policy
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt: Linux only")
+    calls: list[tuple[int, int]] = []
+
+    class FakeMallopt:
+        def __init__(self) -> None:
+            self.argtypes: list = []
+            self.restype = None
+
+        def __call__(self, parameter: int, value: int) -> int:
+            calls.append((parameter, value))
+            return 1
+
+    fake_libc = types.SimpleNamespace(mallopt=FakeMallopt())
+    monkeypatch.setattr(malloc_policy, "ctypes", types.SimpleNamespace(CDLL=lambda _name: fake_libc,
+                                                                       c_int=ctypes.c_int))
+    monkeypatch.setattr(malloc_policy, "_chosen", None)
+    malloc_policy.for_engine_on_cpu()
+    malloc_policy.for_engine_on_cpu()  # once
+    assert calls == [(-3, 32 << 20)] and malloc_policy.chosen() == "engine"
+    malloc_policy.for_batch()
+    assert calls[1:] == [(-3, 32 << 20), (-1, 128 << 20)] and malloc_policy.chosen() == "batch"
+    malloc_policy.for_engine_on_cpu()
+    assert len(calls) == 3 and malloc_policy.chosen() == "batch"
