@@ -303,8 +303,10 @@ class _Profile:
 
     def mark(self, pending: _Pending, event: str) -> None:
         """The time of ``event`` for one of the first 12 units that compute (QCONVERT_PROFILE=1)."""
+        if not self.enabled:
+            return
         key = id(pending.unit)  # units live as long as the run; a _Pending's id is reused once it is freed
-        if self.enabled and (key in self.units or len(self.units) < 12):
+        if key in self.units or len(self.units) < 12:
             with self._lock:
                 self.units.setdefault(key, {})[event] = time.perf_counter() - self.started
                 self._names.setdefault(key, pending.unit.outputs[0].name)
@@ -503,12 +505,16 @@ class Engine:
         for name in names:
             self.shard_of[name].mark_written(name)
         self.profile.add("hash", started)
+        self._close_completed(names)
+
+    def _close_completed(self, names: list[str] | dict[str, torch.Tensor]) -> None:
         for shard in {id(self.shard_of[name]): self.shard_of[name] for name in names}.values():
             self._close_if_complete(shard)
 
     def _close_if_complete(self, shard: ShardFile) -> None:
-        """Close (fsync) a shard as soon as its last tensor is written, on a writer thread: its close journals
-        it for ``--resume``, so a run killed later keeps it. Once only, whichever write finished it."""
+        """Close (fsync) a shard as soon as its last tensor is written (and hashed), on a writer thread: its
+        close journals it for ``--resume``, so a run killed later keeps it. Once only, whichever job
+        finished it."""
         with self._closing_lock:
             if shard.pending or shard.fd < 0 or id(shard) in self._closing:
                 return
@@ -593,8 +599,7 @@ class Engine:
                 shard.write(name, tensor, written=partial(self.writeback.start, shard.fd))
             self.profile.add("write", started)
             self.profile.mark(pending, "written")
-            for shard in {id(self.shard_of[name]): self.shard_of[name] for name in outputs}.values():
-                self._close_if_complete(shard)
+            self._close_completed(outputs)
         finally:
             self._release(pending, inputs=False, outputs=True)
 

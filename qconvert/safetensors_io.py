@@ -536,8 +536,8 @@ class ShardFile:
             done += os.pwrite(self.fd, data[done:], position + done)
 
     def mark_written(self, name: str) -> None:
-        """``name``'s bytes are in this file (put there by ``TensorReader.copy_into``, or by :meth:`write` with
-        ``finish=False``): hash them back from the file if the shard keeps digests; the tensor is done."""
+        """``name``'s bytes are in this file (put there by ``TensorReader.copy_into``, or in pieces by
+        :meth:`write_range`): hash them back from the file if the shard keeps digests; the tensor is done."""
         if self._digests is not None:
             digest = _hash_range(self.fd, self.position(name), self.specs[name].nbytes)
             if digest is None:

@@ -72,16 +72,19 @@ def run_cli(*args: str | Path, cwd: Path | None = None, env: dict | None = None,
     tests of the process itself (the entry point, signals, settings read once at import such as
     ``HF_HUB_CACHE``)."""
     if process:
-        merged = {**os.environ, **(env or {})}
-        merged.pop("QCONVERT_DEBUG", None)
-        # The checkout's qconvert also where it is not installed and cwd is elsewhere.
-        merged["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), merged.get("PYTHONPATH")]))
-        proc = subprocess.run(
-            [sys.executable, "-m", "qconvert", *map(str, args)],
-            capture_output=True, text=True, cwd=cwd, env=merged, timeout=600,
-        )
+        proc = run_python("-m", "qconvert", *map(str, args), cwd=cwd, env=env)
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
     return _run_in_process([str(a) for a in args], cwd, env)
+
+
+def run_python(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A fresh ``python ARGS`` process (``-c CODE``, ``-m MODULE ...``) that imports this checkout's qconvert
+    also where it is not installed and cwd is elsewhere; ``env`` is added to the environment (without
+    ``QCONVERT_DEBUG``); output captured as text."""
+    merged = {**os.environ, **(env or {})}
+    merged.pop("QCONVERT_DEBUG", None)
+    merged["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), merged.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=merged, timeout=600)
 
 
 def _run_in_process(args: list[str], cwd: Path | None, env: dict | None) -> CliResult:

@@ -20,7 +20,7 @@ from qconvert.format import compress_weight
 from qconvert.pipeline import ConvertRequest, QuantizeRequest, convert, quantize
 from qconvert.quantizers import scales_from_amax
 from qconvert.schemes import SCHEMES, get_scheme
-from tests.conftest import build_deepseek_fp8, build_tiny_llama, read_tensors, run_cli, tree_digest
+from tests.conftest import build_deepseek_fp8, build_tiny_llama, read_tensors, run_cli, run_python, tree_digest
 from tests.test_convert import _with_static_scales
 
 ALL_SCHEMES = sorted(SCHEMES)
@@ -342,9 +342,6 @@ def test_early_cuda_is_harmless_without_a_driver_or_when_turned_off(monkeypatch:
 def test_early_cuda_context_is_the_one_torch_uses(tiny_llama: Path, tmp_path: Path) -> None:
     """In a fresh process: the primary context retained through the driver before torch is imported
     is the context torch's runtime then works in, and the command's output is the same bytes."""
-    import subprocess
-    import sys
-
     code = ("import ctypes, sys; sys.argv = ['qconvert', 'quantize', 'm']\n"
             "from qconvert import early_cuda\n"
             "early_cuda.start(['quantize', 'm']).join()\n"
@@ -356,9 +353,7 @@ def test_early_cuda_context_is_the_one_torch_uses(tiny_llama: Path, tmp_path: Pa
             "device = ctypes.c_int(); driver.cuDeviceGet(ctypes.byref(device), 0)\n"
             "assert driver.cuDevicePrimaryCtxRetain(ctypes.byref(primary), device) == 0\n"
             "print(current.value == primary.value and current.value is not None)\n")
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    done = run_python("-c", code)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
     args = ("-s", "fp8-block", "--device", "cuda", "-q", "--max-shard-size", "300KB")
     on = run_cli("quantize", tiny_llama, "-o", tmp_path / "on", *args, process=True)

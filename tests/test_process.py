@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qconvert import writing
-from tests.conftest import build_linear_shards
+from tests.conftest import build_linear_shards, run_python
 from tests.test_hostile import run_main, snapshot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -383,9 +383,7 @@ def test_verify_device_cpu_works_from_a_fresh_command_line(tiny_llama: Path, tmp
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    return run_python("-c", code)
 
 
 def test_the_command_pauses_gc_while_importing_and_restores_it() -> None:
