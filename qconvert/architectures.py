@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from qconvert.formats.base import WeightFormat
+from qconvert.formats.tiled import PackQuantized
+
 
 class LayerKind(str, enum.Enum):
     """What a linear-like weight does; coverage is reported per kind."""
@@ -155,7 +158,7 @@ class ExpertSplit:
     source: re.Pattern[str]  # the stored tensor; group 1 + ``experts``: the experts' module
     experts: str  # appended to group 1: ``{group 1}{experts}.{e}.{leaf}`` names each per-expert layer
     parts: tuple[ExpertPart, ...]
-    formats: tuple[str, ...] | None = None  # compressed-tensors formats a loader reads this way; None: all
+    formats: tuple[type[WeightFormat], ...] | None = None  # formats a loader reads this way; None: all
     vllm_spelling: bool = False
     why: str = ""  # where the layout comes from (for notes)
 
@@ -206,10 +209,10 @@ EXPERT_SPLITS: dict[str, tuple[ExpertSplit, ...]] = {
     ),
     "gpt_oss": (
         ExpertSplit("gpt_oss", re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$"), "", (ExpertPart("w13", _transposed),),
-                    formats=("pack-quantized",), vllm_spelling=True,
+                    formats=(PackQuantized,), vllm_spelling=True,
                     why="vLLM's GptOssForCausalLM streams per-expert w13/w2 for weight-only int schemes"),
         ExpertSplit("gpt_oss", re.compile(r"^(.*\.mlp\.experts)\.down_proj$"), "", (ExpertPart("w2", _transposed),),
-                    formats=("pack-quantized",), vllm_spelling=True,
+                    formats=(PackQuantized,), vllm_spelling=True,
                     why="vLLM's GptOssForCausalLM streams per-expert w13/w2 for weight-only int schemes"),
     ),
 }

@@ -429,8 +429,9 @@ def schemes(as_json: JsonOpt = False) -> None:
     from qconvert.serving import FAMILIES, SERVES, output_kind, serving_for
 
     rows = [
-        {"name": s.name, "label": s.label, "type": s.kind, "bits": s.num_bits, "strategy": s.strategy,
-         "group_size": s.group_size, "block": list(s.block) if s.block else None, "format": s.format,
+        {"name": s.name, "label": s.label, "type": s.args.number.config_type, "number": s.args.number.value,
+         "bits": s.num_bits, "strategy": s.strategy.value, "group_size": s.group_size,
+         "block": list(s.block) if s.block else None, "format": s.format.config_format(),
          "input_activations": s.activations, "summary": s.summary,
          "serves_in": {family: [e.to_json() for e in serving_for(output_kind(s.name), family)]
                        for family in FAMILIES}}

@@ -17,16 +17,29 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
 from qconvert.errors import BadInputError
+from qconvert.formats import Strategy
+from qconvert.formats.tiled import DeepSeekFp8, FloatQuantized, IntQuantized
 from qconvert.quantizers import FP8_E4M3_MAX, e4m3fn_to_e4m3fnuz, int_range, pack_int32, packed_columns
 from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
 from qconvert.sources import ACTIVATION_LEAVES, StoredLayer, config_group
 from qconvert.units import Unit, copy_unit, dequantize_unit, fused_groups
 
-OPS = ("fnuz", "shared-scale", "pack", "dequantize")
+
+class ConvertOp(str, Enum):
+    """``convert --op``: what a conversion does."""
+
+    FNUZ = "fnuz"
+    SHARED_SCALE = "shared-scale"
+    PACK = "pack"
+    DEQUANTIZE = "dequantize"
+
+
+OPS = tuple(op.value for op in ConvertOp)
 
 
 @dataclass
@@ -46,11 +59,12 @@ def _zero_scales(reader: TensorReader, layers: dict[str, StoredLayer], tensors: 
     return zero
 
 
-def plan_conversion(op: str, tensors: dict[str, TensorInfo], layers: dict[str, StoredLayer], config: dict,
+def plan_conversion(op: ConvertOp | str, tensors: dict[str, TensorInfo], layers: dict[str, StoredLayer], config: dict,
                     reader: TensorReader, fused_patterns: list[str], dtype: torch.dtype | None = None
                     ) -> ConversionPlan:
     if op not in OPS:
         raise BadInputError(f"--op {op!r}: choose from {', '.join(OPS)}")
+    op = ConvertOp(op)
     if not layers:
         raise BadInputError("the input has no quantized layers to convert")
     zero = _zero_scales(reader, layers, tensors)
@@ -59,12 +73,12 @@ def plan_conversion(op: str, tensors: dict[str, TensorInfo], layers: dict[str, S
     if zero:
         plan.notes.append(f"note: dropping {len(zero)} static activation scales that are entirely zero "
                           f"(uncalibrated), e.g. {sorted(zero)[0]}")
-    builder: Callable[..., None] = {"fnuz": _fnuz, "shared-scale": _shared_scale, "pack": _pack,
-                                    "dequantize": _dequantize}[op]
+    builder: Callable[..., None] = {ConvertOp.FNUZ: _fnuz, ConvertOp.SHARED_SCALE: _shared_scale,
+                                    ConvertOp.PACK: _pack, ConvertOp.DEQUANTIZE: _dequantize}[op]
     handled: set[str] = set()
     builder(plan, tensors, layers, reader, handled, fused_patterns=fused_patterns, dtype=dtype, zero=zero)
     if not plan.converted:
-        raise BadInputError(f"--op {op}: no layer of this checkpoint is one it applies to "
+        raise BadInputError(f"--op {op.value}: no layer of this checkpoint is one it applies to "
                             f"({', '.join(sorted({layer.layout + ' ' + layer.label for layer in layers.values()}))})")
     for name, info in tensors.items():
         if name not in handled and name not in zero:
@@ -83,7 +97,8 @@ def _transform_unit(inputs: list[TensorInfo], outputs: list[TensorSpec],
 def _fnuz(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str, StoredLayer],
           reader: TensorReader, handled: set[str], zero: set[str], **_: object) -> None:
     for module, layer in layers.items():
-        if layer.values.dtype != torch.float8_e4m3fn:
+        # Tiled e4m3fn layers only: doubling a scale is exact there (an MX scale is an exponent byte).
+        if layer.values.dtype != torch.float8_e4m3fn or not isinstance(layer.format, (FloatQuantized, DeepSeekFp8)):
             continue
         values, scale = layer.values, layer.scale
         inputs = [values, scale]
@@ -116,7 +131,8 @@ def _fnuz(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str
 def _shared_scale(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str, StoredLayer],
                   reader: TensorReader, handled: set[str], fused_patterns: list[str], **_: object) -> None:
     per_tensor = {m: layer for m, layer in layers.items()
-                  if layer.strategy == "tensor" and layer.values.dtype == torch.float8_e4m3fn}
+                  if layer.strategy is Strategy.TENSOR and layer.values.dtype == torch.float8_e4m3fn
+                  and isinstance(layer.format, FloatQuantized)}
     for group in fused_groups(sorted(per_tensor), fused_patterns):
         scales = {m: reader.read(per_tensor[m].scale) for m in group}  # tiny: one value each
         shared = torch.stack([s.reshape(()) for s in scales.values()]).max()
@@ -143,7 +159,7 @@ def _shared_scale(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: 
 def _pack(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str, StoredLayer],
           reader: TensorReader, handled: set[str], **_: object) -> None:
     for module, layer in layers.items():
-        if layer.layout != "int-quantized":
+        if not isinstance(layer.format, IntQuantized):
             continue
         values = layer.values
         bits = layer.num_bits
@@ -189,7 +205,7 @@ def _check_packable(module: str, layer: StoredLayer, group: dict | None) -> None
             f"--op pack: {module} quantizes activations dynamically ({activations.get('strategy')}); packed, SGLang "
             f"would pick its W8A8 method and never load weight_packed, and vLLM would serve it weight-only, dropping "
             "the activation quantization. pack applies to weight-only and static-activation (wNa8o8) int layers")
-    if layer.strategy == "block":
+    if layer.strategy is Strategy.BLOCK:
         raise BadInputError(f"--op pack: {module} has block scales ({layer.label}); no vLLM or SGLang packed "
                             "(pack-quantized) method accepts block scales")
 

@@ -1,8 +1,8 @@
-"""The on-disk formats we write: tensor names, shapes and the ``quantization_config`` block.
+"""The compressed-tensors side of what we write: tensor names and the ``quantization_config`` block.
 
-This is the only module that knows how a quantized layer is spelled on disk (FORMAT.md):
-compressed-tensors ``pack-quantized`` / ``int-quantized`` / ``float-quantized``, and SGLang's
-``blockwise_int8`` layout for the block-INT8 scheme.
+What each format's tensors are lives in its class (:mod:`qconvert.formats`); this module picks the format a
+scheme is written in (SGLang's ``blockwise_int8`` under ``--layout sglang``) and assembles the config block that
+names every group's format, field for field as compressed-tensors dumps it.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from qconvert.errors import BadInputError
-from qconvert.quantizers import packed_columns, quantize_and_pack_symmetric, quantize_tiled
+from qconvert.formats import Layout, WeightFormat
+from qconvert.formats.tiled import BlockwiseInt8
 from qconvert.safetensors_io import TensorSpec
 from qconvert.schemes import Scheme
 from qconvert.serving import fused_modules
 
-LAYOUTS = ("compressed-tensors", "sglang")
+LAYOUTS = tuple(layout.value for layout in Layout)
 
 
 def base_name(weight_name: str) -> str:
@@ -23,30 +24,17 @@ def base_name(weight_name: str) -> str:
     return weight_name.removesuffix(".weight")
 
 
-def scale_shape(shape: tuple[int, ...], scheme: Scheme) -> tuple[int, ...]:
-    if scheme.strategy == "tensor":
-        return (1,)
-    th, tw = scheme.tile(shape)
-    return (-(-shape[0] // th), -(-shape[1] // tw))
+def written_format(scheme: Scheme, layout: Layout | str = Layout.COMPRESSED_TENSORS) -> WeightFormat:
+    """The format ``scheme``'s layers are written in under ``layout``."""
+    if Layout(layout) is Layout.SGLANG:
+        return BlockwiseInt8.instance()
+    return scheme.format
 
 
 def output_specs(name: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: Scheme,
-                 layout: str = "compressed-tensors") -> list[TensorSpec]:
+                 layout: Layout | str = Layout.COMPRESSED_TENSORS) -> list[TensorSpec]:
     """What one weight becomes on disk; known before any data is read."""
-    prefix = base_name(name)
-    out_features, in_features = shape
-    scales = scale_shape(shape, scheme)
-    if scheme.format == "pack-quantized":
-        return [
-            TensorSpec(f"{prefix}.weight_packed", torch.int32,
-                       (out_features, packed_columns(in_features, scheme.num_bits))),
-            TensorSpec(f"{prefix}.weight_scale", dtype, scales),
-            TensorSpec(f"{prefix}.weight_shape", torch.int64, (2,)),
-        ]
-    stored = torch.float8_e4m3fn if scheme.kind == "float" else torch.int8
-    if layout == "sglang":
-        return [TensorSpec(name, stored, shape), TensorSpec(f"{prefix}.weight_scale_inv", torch.float32, scales)]
-    return [TensorSpec(name, stored, shape), TensorSpec(f"{prefix}.weight_scale", dtype, scales)]
+    return written_format(scheme, layout).specs(base_name(name), (shape[0], shape[1]), dtype, scheme.args)
 
 
 def streamed_expert_name(name: str) -> str | None:
@@ -57,28 +45,13 @@ def streamed_expert_name(name: str) -> str | None:
     return None if leaf == "weight_shape" else f"{module}_{leaf}"
 
 
-def compress_weight(name: str, weight: torch.Tensor, scheme: Scheme, layout: str = "compressed-tensors",
-                    scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def compress_weight(name: str, weight: torch.Tensor, scheme: Scheme, layout: Layout | str = Layout.COMPRESSED_TENSORS,
+                    shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The tensors of one quantized layer, named as :func:`output_specs` announced them.
 
-    ``scale`` forces a given scale (a per-tensor scale shared by the parts of a fused module).
+    ``shared`` forces what the parts of a fused layer share (fp8-tensor's scale, NVFP4's global scale).
     """
-    prefix = base_name(name)
-    if scheme.format == "pack-quantized":
-        if scale is not None:
-            raise ValueError(f"{scheme.name}: pack-quantized schemes compute their own group scales")
-        group = -1 if scheme.strategy == "channel" else scheme.group_size
-        packed, scales = quantize_and_pack_symmetric(weight, scheme.num_bits, group)
-        return {
-            f"{prefix}.weight_packed": packed,
-            f"{prefix}.weight_scale": scales,
-            f"{prefix}.weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
-        }
-    values, scales = quantize_tiled(weight, scheme.tile(tuple(weight.shape)), scheme.kind, scheme.num_bits, scale)
-    stored_scale = scales.reshape(scale_shape(tuple(weight.shape), scheme))
-    if layout == "sglang":
-        return {name: values, f"{prefix}.weight_scale_inv": stored_scale.to(torch.float32)}
-    return {name: values, f"{prefix}.weight_scale": stored_scale}
+    return written_format(scheme, layout).compress(base_name(name), weight, scheme.args, shared)
 
 
 # compressed-tensors writes its own library version into `version`; ours is the release of the format
@@ -89,7 +62,7 @@ COMPRESSED_TENSORS_VERSION = "0.20.0"
 def config_group(scheme: Scheme, targets: list[str]) -> dict:
     return {
         "targets": targets,
-        "format": scheme.format,
+        "format": scheme.format.config_format(),
         "weights": scheme.weights_args(),
         "input_activations": scheme.activations,
         "output_activations": None,
@@ -118,7 +91,7 @@ def _with_fused_names(schemes_by_module: dict[str, Scheme | None]) -> dict[str, 
 
 
 def quantization_config(schemes_by_module: dict[str, Scheme], ignore: list[str],
-                        layout: str = "compressed-tensors", extra_groups: dict | None = None) -> dict:
+                        layout: Layout | str = Layout.COMPRESSED_TENSORS, extra_groups: dict | None = None) -> dict:
     """The config block for the layers as planned: one group, or one group per scheme (mixed).
 
     Field for field what compressed-tensors' ``QuantizationConfig`` dumps (as llm-compressor writes it).
@@ -131,7 +104,7 @@ def quantization_config(schemes_by_module: dict[str, Scheme], ignore: list[str],
     for module, scheme in everything.items():
         if scheme is not None:
             by_scheme.setdefault(scheme.name, (scheme, []))[1].append(module)
-    if layout == "sglang":
+    if Layout(layout) is Layout.SGLANG:
         if set(by_scheme) != {"int8-block"}:
             raise BadInputError("--layout sglang writes only the int8-block scheme, with no other scheme mixed in")
         return {"quant_method": "blockwise_int8", "activation_scheme": "dynamic",
@@ -140,7 +113,7 @@ def quantization_config(schemes_by_module: dict[str, Scheme], ignore: list[str],
     if len(by_scheme) == 1:
         (scheme, _), = by_scheme.values()
         groups = {scheme.preset: config_group(scheme, ["Linear"])}
-        fmt = scheme.format
+        fmt = scheme.format.config_format()
     else:
         # The group with the most layers targets "Linear" (every linear layer not named elsewhere), the others
         # name their layers: vLLM, SGLang and compressed-tensors all try name targets before class names, and

@@ -1,10 +1,10 @@
 """Refusing numbers that would not survive the trip: codes whose dequantized value overflows.
 
-A scale is stored in the weight's dtype (bf16, fp16): a finite weight within a few percent of that
-dtype's maximum gives a finite scale, but ``scale * code`` for the format's largest code (-8 for int4,
--128 for int8, 448 for fp8) can exceed the dtype's maximum, and a runtime that dequantizes in that dtype
-gets ±Inf. Choosing a different scale would break bit-identity with compressed-tensors for every other
-input, so such weights are refused like NaN and Inf are, with a line naming the tensor.
+A runtime rebuilds ``code * scale`` in the weight's dtype (bf16, fp16). A finite weight within a few percent of
+that dtype's maximum gives a finite scale, but the format's largest code (-8 for int4, -128 for int8, 448 for
+fp8, 6 for fp4) times its scale can exceed the dtype's maximum, and the runtime gets ±Inf. Choosing a different
+scale would break bit-identity with compressed-tensors for every other input, so such weights are refused like
+NaN and Inf are, with a line naming the tensor.
 """
 
 from __future__ import annotations
@@ -12,28 +12,24 @@ from __future__ import annotations
 import torch
 
 from qconvert.errors import BadInputError
+from qconvert.formats import QuantArgs, WeightFormat
 from qconvert.planning import module_of
-from qconvert.quantizers import FP8_E4M3_MAX
 from qconvert.safetensors_io import TensorInfo
-from qconvert.schemes import Scheme
 
 
-def largest_code(scheme: Scheme) -> float:
-    """The largest magnitude a stored code can have: 448 (fp8 e4m3fn) or 2**(bits - 1) (int)."""
-    return FP8_E4M3_MAX if scheme.kind == "float" else float(1 << (scheme.num_bits - 1))
-
-
-def require_representable(info: TensorInfo, scales: torch.Tensor, scheme: Scheme) -> None:
-    """Refuse when some tile's ``largest code * scale`` is beyond the scale dtype's finite range."""
-    if not scales.dtype.is_floating_point or scales.numel() == 0:
+def require_representable(info: TensorInfo, scales: torch.Tensor, fmt: WeightFormat, args: QuantArgs,
+                          scheme_name: str, dtype: torch.dtype) -> None:
+    """Refuse when some tile's ``largest code * scale`` (``scales`` decoded to their values) is beyond the finite
+    range of ``dtype``, the dtype the weight is rebuilt in."""
+    if not scales.dtype.is_floating_point or scales.numel() == 0 or not dtype.is_floating_point:
         return
-    limit = torch.finfo(scales.dtype).max
-    worst = float(scales.detach().abs().amax().to(torch.float64)) * largest_code(scheme)
+    limit = torch.finfo(dtype).max
+    worst = float(scales.detach().abs().amax().to(torch.float64)) * fmt.largest_code(args)
     if worst > limit:
-        dtype = str(scales.dtype).removeprefix("torch.")
+        name = str(dtype).removeprefix("torch.")
         raise BadInputError(
-            f"{info.file.name}: tensor {info.name} has values so close to the {dtype} "
-            f"maximum that {scheme.name} codes would dequantize to ±Inf (scale x code = {worst:.4g} > {limit:.4g}); "
+            f"{info.file.name}: tensor {info.name} has values so close to the {name} "
+            f"maximum that {scheme_name} codes would dequantize to ±Inf (scale x code = {worst:.4g} > {limit:.4g}); "
             f"refusing to quantize it (rescale the layer, or skip it with --ignore {module_of(info.name)})"
         )
 

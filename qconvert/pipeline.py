@@ -23,6 +23,7 @@ from qconvert.conversions import plan_conversion
 from qconvert.engine import ExecutionSettings, execute, execution_settings, report_stage, warm_up
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
+from qconvert.formats import Layout, NumberType
 from qconvert.planning import Plan, check_coverage, make_plan, module_of
 from qconvert.preflight import (
     check_plan,
@@ -69,7 +70,7 @@ class QuantizeRequest:
     targets: list[str] = field(default_factory=list)
     overrides: list[tuple[str, Scheme | None]] = field(default_factory=list)
     fused_patterns: list[str] | None = None  # None: the architecture's fusion map
-    layout: str = "compressed-tensors"
+    layout: Layout = Layout.COMPRESSED_TENSORS
     max_shard_bytes: int = 5 * 10**9
     overwrite: bool = False
     revision: str | None = None
@@ -132,6 +133,7 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
     started = time.perf_counter()
     if request.layout not in LAYOUTS:
         raise BadInputError(f"--layout {request.layout!r}: choose from {', '.join(LAYOUTS)}")
+    request = replace(request, layout=Layout(request.layout))
     source = resolve_source(request.model, request.revision)
     target = (request.output or default_output(request.model, source, request.scheme.name)).expanduser()
     settings = execution_settings(request.device, request.workers)
@@ -149,7 +151,7 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
         fused_patterns = plan.facts.fused_patterns if request.fused_patterns is None else request.fused_patterns
         check_plan(plan, view, stored)
         config = quantization_config(plan.schemes_by_module, plan.ignore, request.layout)
-        if request.layout == "sglang" and family != "deepseek" and not request.force_layout:
+        if request.layout is Layout.SGLANG and family != "deepseek" and not request.force_layout:
             architecture = ", ".join(map(str, (checkpoint.config or {}).get("architectures") or [])) or "this model"
             raise BadInputError(
                 f"--layout sglang: SGLang {SGLANG_VERSION}'s loader for {architecture} renames weight_scale_inv to "
@@ -158,7 +160,9 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
                 "--force-layout")
         if request.fnuz:
             config["qconvert_fp8_format"] = "e4m3fnuz"  # mark the output: the dtype alone is easy to miss
-        kinds = sorted({output_kind(s.name, request.layout, "fnuz" if request.fnuz and s.kind == "float" else None)
+        fnuz = request.fnuz and any(s.args.number is NumberType.FP8_E4M3 for s in plan.schemes)
+        kinds = sorted({output_kind(s.name, request.layout,
+                                    "fnuz" if fnuz and s.args.number is NumberType.FP8_E4M3 else None)
                         for s in plan.schemes})
         # Units are built first without shared scales, so that a refusal (--allow-requantize) comes
         # before the pre-pass reads every fused tensor; building them again later costs no I/O.

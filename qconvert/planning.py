@@ -168,8 +168,8 @@ def _layout_problem(info: TensorInfo, facts: ModelFacts, keep_experts: bool, sch
     if is_expert_3d(info.name, info.shape):
         reason = EXPERTS_3D_REASON
         split = expert_split(facts.model_type, info.name, info.shape)
-        if split is not None and split.formats is not None and scheme.format not in split.formats:
-            names = "/".join(n for n, s in SCHEMES.items() if s.format in split.formats)
+        if split is not None and split.formats is not None and not isinstance(scheme.format, split.formats):
+            names = "/".join(n for n, s in SCHEMES.items() if isinstance(s.format, split.formats))
             reason = EXPERTS_SCHEME_REASON.format(model_type=facts.model_type, schemes=names, why=split.why)
         if keep_experts:
             reason = f"{reason}; {KEPT_EXPERTS_NOTE}"
@@ -244,7 +244,7 @@ def make_plan(
             elif override is not None:
                 chosen = override[1]
         split = None if keep_experts else expert_split(facts.model_type, info.name, info.shape)
-        if reason is None and split is not None and (split.formats is None or chosen.format in split.formats):
+        if reason is None and split is not None and (split.formats is None or isinstance(chosen.format, split.formats)):
             candidate = SplitExperts(info.name, split, chosen, info.shape)
             reason = next((f"per-expert {part.leaf} {list(shape)}: {problem}"
                            for part, shape in zip(split.parts, candidate.part_shapes, strict=True)
@@ -315,7 +315,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 def shape_problem(shape: tuple[int, ...], scheme: Scheme) -> str | None:
     """Why ``scheme`` cannot quantize a weight of this shape, or None. Blocks pad; groups cannot."""
     in_features = shape[-1]
-    if scheme.strategy == "group" and scheme.group_size and in_features % scheme.group_size:
+    if scheme.args.grouped and scheme.group_size and in_features % scheme.group_size:
         return f"input size {in_features} is not a multiple of the group size {scheme.group_size}"
     return None
 

@@ -1,4 +1,9 @@
-"""The quantization schemes a user can ask for, and what each one writes."""
+"""The quantization schemes a user can ask for, and what each one writes.
+
+A scheme is a row: a name, the quantization arguments (:class:`~qconvert.formats.QuantArgs`), the on-disk format
+that stores them (a registered :class:`~qconvert.formats.WeightFormat`), and the activation quantization engines
+run. How scales are chosen (the algorithm) is not part of a scheme: every scheme here is round-to-nearest.
+"""
 
 from __future__ import annotations
 
@@ -6,123 +11,117 @@ import dataclasses
 from dataclasses import dataclass
 
 from qconvert.errors import BadInputError
+from qconvert.formats import NumberType, QuantArgs, ScaleDtype, Strategy, WeightFormat
+from qconvert.formats.base import describe_grouping, describe_number
+from qconvert.formats.microscaled import MXFP4, NVFP4
+from qconvert.formats.tiled import FloatQuantized, IntQuantized, PackQuantized
 
 BLOCK = (128, 128)
 
 
-def _activations(kind: str, strategy: str, group_size: int | None = None) -> dict:
+def _activations(number: NumberType, strategy: str, group_size: int | None = None) -> dict:
     """Dynamic (runtime-computed) symmetric 8-bit activation quantization, serialized exactly as
     compressed-tensors' ``QuantizationArgs`` dumps it (fields left at their defaults are omitted)."""
-    return {"num_bits": 8, "type": kind, "symmetric": True, "group_size": group_size, "strategy": strategy,
-            "dynamic": True}
+    return {"num_bits": 8, "type": number.config_type, "symmetric": True, "group_size": group_size,
+            "strategy": strategy, "dynamic": True}
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """Symmetric weight quantization (int or fp8), with optional dynamic activation quantization."""
+    """Symmetric weight quantization in one on-disk format, with optional dynamic activation quantization."""
 
     name: str
-    kind: str  # "int" | "float" (fp8 e4m3fn)
-    num_bits: int
-    strategy: str  # "group" | "channel" | "block" | "tensor"
-    format: str  # compressed-tensors format: "pack-quantized" | "int-quantized" | "float-quantized"
+    args: QuantArgs
+    format: WeightFormat
     summary: str
     preset: str  # the config group's name: llm-compressor's preset for the same scheme where one exists
-    group_size: int | None = None
-    block: tuple[int, int] | None = None
     activations: dict | None = None
-    shared_fused_scale: bool = False  # q/k/v and gate/up share one per-tensor scale
+    shared_fused_scale: bool = False  # the parts of a fused layer share one per-tensor value (format.shared)
+
+    @property
+    def num_bits(self) -> int:
+        return self.args.num_bits
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.args.strategy
+
+    @property
+    def group_size(self) -> int | None:
+        return self.args.group_size
+
+    @property
+    def block(self) -> tuple[int, int] | None:
+        return self.args.block
 
     @property
     def label(self) -> str:
-        weight = f"{'fp8' if self.kind == 'float' else 'int'}{'' if self.kind == 'float' else self.num_bits}"
-        grouping = {
-            "group": f"g{self.group_size}",
-            "channel": "per-channel",
-            "tensor": "per-tensor",
-            "block": f"block {self.block[0]}x{self.block[1]}" if self.block else "block",
-        }[self.strategy]
-        return f"{weight} {grouping}"
+        return f"{describe_number(self.args)} {describe_grouping(self.args)}"
 
     def with_group_size(self, group_size: int | None) -> Scheme:
-        """``--group-size``: only for the weight-only group schemes; -1 means one scale per channel."""
+        """``--group-size``: only for the weight-only int group schemes; -1 means one scale per channel."""
         if group_size is None:
             return self
-        if self.strategy not in ("group", "channel") or self.format != "pack-quantized":
+        if self.strategy not in (Strategy.GROUP, Strategy.CHANNEL) or not isinstance(self.format, PackQuantized):
             raise BadInputError(f"--group-size does not apply to scheme {self.name} ({self.label})")
         # Another grouping is no longer llm-compressor's preset: the config group gets the scheme's own name.
         if group_size == -1:
-            return dataclasses.replace(self, strategy="channel", group_size=None, preset=self.name)
+            args = dataclasses.replace(self.args, strategy=Strategy.CHANNEL, group_size=None)
+            return dataclasses.replace(self, args=args, preset=self.name)
         if group_size <= 0:
             raise BadInputError(f"--group-size {group_size}: must be a positive integer or -1 (per channel)")
         if group_size == self.group_size:
             return self
-        return dataclasses.replace(self, strategy="group", group_size=group_size, preset=self.name)
+        args = dataclasses.replace(self.args, strategy=Strategy.GROUP, group_size=group_size)
+        return dataclasses.replace(self, args=args, preset=self.name)
 
     def weights_args(self) -> dict:
-        """The ``weights`` entry of a compressed-tensors config group, as ``QuantizationArgs.model_dump``
-        writes it (and so llm-compressor): unset optional fields such as the observer are omitted."""
-        args = {
-            "num_bits": self.num_bits,
-            "type": self.kind,
-            "symmetric": True,
-            "group_size": self.group_size if self.strategy == "group" else None,
-            "strategy": self.strategy,
-            "dynamic": False,
-        }
-        if self.strategy == "block" and self.block:
-            args["block_structure"] = list(self.block)
-        return args
+        """The ``weights`` entry of a compressed-tensors config group (see :meth:`QuantArgs.config`)."""
+        return self.args.config()
 
     def tile(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        from qconvert.quantizers import tile_shape
-
-        return tile_shape(shape, self.strategy, self.group_size, self.block)
+        return self.args.tile(shape)
 
 
+def _int(bits: int, strategy: Strategy, group_size: int | None = None,
+         block: tuple[int, int] | None = None) -> QuantArgs:
+    return QuantArgs(NumberType.INT, bits, strategy, group_size, block)
+
+
+def _fp8(strategy: Strategy, block: tuple[int, int] | None = None) -> QuantArgs:
+    return QuantArgs(NumberType.FP8_E4M3, 8, strategy, None, block)
+
+
+_INT, _FP8 = NumberType.INT, NumberType.FP8_E4M3
 SCHEMES: dict[str, Scheme] = {
     scheme.name: scheme
     for scheme in (
-        Scheme(
-            "rtn4", "int", 4, "group", "pack-quantized",
-            "int4 symmetric round-to-nearest, one scale per 128 inputs, 8 values per int32",
-            "W4A16", group_size=128,
-        ),
-        Scheme(
-            "rtn8", "int", 8, "group", "pack-quantized",
-            "int8 symmetric round-to-nearest, one scale per 128 inputs, 4 values per int32",
-            "W8A16", group_size=128,
-        ),
-        Scheme(
-            "int8-block", "int", 8, "block", "int-quantized",
-            "int8 weights, one scale per 128x128 block; int8 activations per token per 128 channels",
-            "INT8_BLOCK",
-            block=BLOCK, activations=_activations("int", "group", 128),
-        ),
-        Scheme(
-            "w8a8-int8", "int", 8, "channel", "int-quantized",
-            "int8 weights per output channel; int8 activations per token (dynamic)",
-            "W8A8",
-            activations=_activations("int", "token"),
-        ),
-        Scheme(
-            "fp8", "float", 8, "channel", "float-quantized",
-            "fp8 e4m3fn weights per output channel; fp8 activations per token (dynamic)",
-            "FP8_DYNAMIC",
-            activations=_activations("float", "token"),
-        ),
-        Scheme(
-            "fp8-block", "float", 8, "block", "float-quantized",
-            "fp8 e4m3fn weights, one scale per 128x128 block; fp8 activations per token per 128 channels",
-            "FP8_BLOCK",
-            block=BLOCK, activations=_activations("float", "group", 128),
-        ),
-        Scheme(
-            "fp8-tensor", "float", 8, "tensor", "float-quantized",
-            "fp8 e4m3fn weights, one scale per tensor, shared by q/k/v and by gate/up; fp8 activations per token",
-            "FP8_TENSOR_WEIGHTS",
-            activations=_activations("float", "token"), shared_fused_scale=True,
-        ),
+        Scheme("rtn4", _int(4, Strategy.GROUP, 128), PackQuantized.instance(),
+               "int4 symmetric round-to-nearest, one scale per 128 inputs, 8 values per int32", "W4A16"),
+        Scheme("rtn8", _int(8, Strategy.GROUP, 128), PackQuantized.instance(),
+               "int8 symmetric round-to-nearest, one scale per 128 inputs, 4 values per int32", "W8A16"),
+        Scheme("int8-block", _int(8, Strategy.BLOCK, block=BLOCK), IntQuantized.instance(),
+               "int8 weights, one scale per 128x128 block; int8 activations per token per 128 channels",
+               "INT8_BLOCK", _activations(_INT, "group", 128)),
+        Scheme("w8a8-int8", _int(8, Strategy.CHANNEL), IntQuantized.instance(),
+               "int8 weights per output channel; int8 activations per token (dynamic)",
+               "W8A8", _activations(_INT, "token")),
+        Scheme("fp8", _fp8(Strategy.CHANNEL), FloatQuantized.instance(),
+               "fp8 e4m3fn weights per output channel; fp8 activations per token (dynamic)",
+               "FP8_DYNAMIC", _activations(_FP8, "token")),
+        Scheme("fp8-block", _fp8(Strategy.BLOCK, BLOCK), FloatQuantized.instance(),
+               "fp8 e4m3fn weights, one scale per 128x128 block; fp8 activations per token per 128 channels",
+               "FP8_BLOCK", _activations(_FP8, "group", 128)),
+        Scheme("fp8-tensor", _fp8(Strategy.TENSOR), FloatQuantized.instance(),
+               "fp8 e4m3fn weights, one scale per tensor, shared by q/k/v and by gate/up; fp8 activations per token",
+               "FP8_TENSOR_WEIGHTS", _activations(_FP8, "token"), shared_fused_scale=True),
+        Scheme("nvfp4", QuantArgs(NumberType.FP4_E2M1, 4, Strategy.TENSOR_GROUP, 16, scale_dtype=ScaleDtype.E4M3,
+                                  global_scale=True), NVFP4.instance(),
+               "fp4 e2m1 weights, an e4m3 scale per 16 inputs times a global scale shared by every fused layer "
+               "(NVFP4, weight-only)", "NVFP4A16", shared_fused_scale=True),
+        Scheme("mxfp4", QuantArgs(NumberType.FP4_E2M1, 4, Strategy.GROUP, 32, scale_dtype=ScaleDtype.E8M0),
+               MXFP4.instance(), "fp4 e2m1 weights, a power-of-two (E8M0) scale per 32 inputs (MXFP4, weight-only)",
+               "MXFP4A16"),
     )
 }
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 
 from qconvert.architectures import ENGINE_FUSIONS
+from qconvert.formats.args import Layout
 
 
 class Engine(str, Enum):
@@ -131,8 +132,9 @@ SERVES: dict[str, tuple[Serving, ...]] = {
 }
 
 
-def output_kind(scheme: str, layout: str = "compressed-tensors", op: str | None = None) -> str:
-    kind = scheme if layout == "compressed-tensors" else f"{scheme}@{layout}"
+def output_kind(scheme: str, layout: Layout | str = Layout.COMPRESSED_TENSORS, op: str | None = None) -> str:
+    layout = Layout(layout)
+    kind = scheme if layout is Layout.COMPRESSED_TENSORS else f"{scheme}@{layout.value}"
     return f"{kind}+{op}" if op else kind
 
 

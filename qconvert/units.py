@@ -16,10 +16,11 @@ import torch
 
 from qconvert.architectures import COMMON_FUSIONS
 from qconvert.errors import BadInputError
-from qconvert.format import compress_weight, output_specs, streamed_expert_name
+from qconvert.format import base_name, output_specs, streamed_expert_name, written_format
+from qconvert.formats import Layout, NumberType
 from qconvert.numerics import require_finite_part, require_representable
 from qconvert.planning import Plan, SplitExperts, module_of
-from qconvert.quantizers import e4m3fn_to_e4m3fnuz, scale_divisor, scales_from_amax
+from qconvert.quantizers import e4m3fn_to_e4m3fnuz
 from qconvert.safetensors_io import TensorInfo, TensorSpec
 from qconvert.schemes import Scheme
 from qconvert.sources import ACTIVATION_LEAVES, StoredLayer, rebuild_weight
@@ -75,17 +76,18 @@ def require_finite(info: TensorInfo, weight: torch.Tensor, scales: torch.Tensor)
     )
 
 
-def checked_compress(source: TensorInfo, name: str, weight: torch.Tensor, scheme: Scheme, layout: str,
-                     scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def checked_compress(source: TensorInfo, name: str, weight: torch.Tensor, scheme: Scheme, layout: Layout,
+                     shared: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """:func:`compress_weight`, refusing weights with NaN/Inf (named after the ``source`` tensor)."""
-    result = compress_weight(name, weight, scheme, layout, scale)
-    scales = next(t for n, t in result.items() if n.rpartition(".")[2].startswith("weight_scale"))
+    fmt = written_format(scheme, layout)
+    result = fmt.compress(base_name(name), weight, scheme.args, shared)
+    scales, dtype = fmt.scales_of(result, weight.dtype)
     require_finite(source, weight, scales)
-    require_representable(source, scales, scheme)
+    require_representable(source, scales, fmt, scheme.args, scheme.name, dtype)
     return result
 
 
-def quantize_unit(info: TensorInfo, scheme: Scheme, layout: str, scale: torch.Tensor | None = None) -> Unit:
+def quantize_unit(info: TensorInfo, scheme: Scheme, layout: Layout, scale: torch.Tensor | None = None) -> Unit:
     outputs = output_specs(info.name, info.shape, info.dtype, scheme, layout)
 
     def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -95,7 +97,7 @@ def quantize_unit(info: TensorInfo, scheme: Scheme, layout: str, scale: torch.Te
     return Unit([info], outputs, produce, layer)
 
 
-def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: str) -> Unit:
+def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: Layout) -> Unit:
     """A 3-D expert tensor written as one quantized layer per expert and part (``architectures.ExpertSplit``):
     the stored tensor is read once, each expert's slice cut into its parts' ``[out, in]`` weights."""
     layers = split.layers
@@ -156,9 +158,9 @@ def shared_tensor_scales(plan: Plan, load_weight: WeightLoader, patterns: list[s
             dtype = weight.dtype
             del weight
         scheme = shared[names[0]]
-        scale = scales_from_amax(torch.stack(amaxes).max(), scale_divisor(scheme.kind, scheme.num_bits), dtype)
-        scale = scale.reshape(1, 1)
-        scales.update(dict.fromkeys(names, scale))
+        value = scheme.format.shared(torch.stack(amaxes).max(), dtype, scheme.args)
+        if value is not None:
+            scales.update(dict.fromkeys(names, value))
     return scales
 
 
@@ -170,7 +172,7 @@ def _stored_tensors(layer: StoredLayer, tensors: list[torch.Tensor]) -> dict[str
     return dict(zip(_leaves(layer), tensors, strict=True))
 
 
-def requantize_unit(layer: StoredLayer, scheme: Scheme, layout: str, scale: torch.Tensor | None = None) -> Unit:
+def requantize_unit(layer: StoredLayer, scheme: Scheme, layout: Layout, scale: torch.Tensor | None = None) -> Unit:
     """Rebuild a stored layer's weight and quantize it into ``scheme``."""
     name = f"{layer.module}.weight"
     outputs = output_specs(name, layer.shape, layer.dtype, scheme, layout)
@@ -207,7 +209,7 @@ def copy_layer_units(layer: StoredLayer, scheme: Scheme) -> list[Unit]:
     return units
 
 
-def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: str,
+def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: Layout,
                    stored: dict[str, StoredLayer] | None = None,
                    shared_scales: dict[str, torch.Tensor] | None = None,
                    allow_requantize: bool = False) -> tuple[list[Unit], list[str]]:
@@ -230,9 +232,10 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: str,
             units.append(quantize_unit(info, scheme, layout, shared_scales.get(info.name)))
         elif scheme is None:
             units.append(dequantize_unit(layer))
-        elif layout == "compressed-tensors" and layer.matches(scheme) and info.name not in shared_scales:
+        elif layout == Layout.COMPRESSED_TENSORS and layer.matches(scheme.format, scheme.args) \
+                and info.name not in shared_scales:
             units.extend(copy_layer_units(layer, scheme))
-        elif layer.kind == "int" and not allow_requantize:
+        elif layer.args.number is not NumberType.FP8_E4M3 and not allow_requantize:
             raise BadInputError(
                 f"{layer.values.file.name}: {module} is already quantized ({layer.label}, {layer.layout}); "
                 f"requantizing integer weights into {scheme.name} loses quality: pass --allow-requantize"
@@ -249,8 +252,11 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: str,
 def apply_fnuz(units: list[Unit]) -> list[Unit]:
     """``--fnuz``: every e4m3fn weight written as e4m3fnuz, and its layer's scale doubled, so each code
     dequantizes as before. Works on each tensor alone, so copied layers stay copies in spirit."""
+    # Tiled fp8 layers only (a float scale, which doubling keeps exact); an MX scale is an exponent byte.
+    float_scaled = {spec.name.removesuffix(".weight_scale") for unit in units for spec in unit.outputs
+                    if spec.name.endswith(".weight_scale") and spec.dtype.is_floating_point}
     fp8_modules = {spec.name.removesuffix(".weight") for unit in units for spec in unit.outputs
-                   if spec.dtype == torch.float8_e4m3fn and spec.name.endswith(".weight")}
+                   if spec.dtype == torch.float8_e4m3fn and spec.name.endswith(".weight")} & float_scaled
     if not fp8_modules:
         return units
 

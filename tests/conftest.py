@@ -235,3 +235,80 @@ def build_deepseek_fp8(source: Path, folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def deepseek_fp8(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_deepseek_fp8(tiny_llama, tmp_path_factory.mktemp("ds") / "tiny-fp8")
+
+
+# ---------------------------------------------------------------- llm-compressor, the reference tool
+
+LLMC_STUBS = REPO / "tests" / "llmc_stubs"  # a stand-in for `datasets`, which llm-compressor imports but never uses
+_NOT_IMPORTABLE = 77  # the script's exit code when it cannot import llmcompressor
+_LLMC_SCRIPT = (  # one process (importing llmcompressor takes seconds): the import check, then every preset
+    "import sys\ntry:\n    import llmcompressor\n"
+    f"except Exception as exc:\n    print(repr(exc), file=sys.stderr)\n    sys.exit({_NOT_IMPORTABLE})\n"
+    "from llmcompressor import model_free_ptq\n"
+    "for arg in sys.argv[2:]:\n"
+    "    preset, out = arg.split('=')\n"
+    "    model_free_ptq(sys.argv[1], out, scheme=preset, ignore=['lm_head'], max_workers=1, device='cpu')\n"
+)
+
+
+def run_llm_compressor(model: Path, outputs: dict[str, Path], expect_failure: bool = False
+                       ) -> subprocess.CompletedProcess:
+    """llm-compressor 0.14's ``model_free_ptq`` on ``model`` for each ``{preset: output}``, in one process (skips the
+    test where llmcompressor is not importable; ``make setup`` installs it without its dependencies)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(LLMC_STUBS), os.environ.get("PYTHONPATH")]))}
+    jobs = [f"{preset}={out}" for preset, out in outputs.items()]
+    proc = subprocess.run([sys.executable, "-c", _LLMC_SCRIPT, str(model), *jobs], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if proc.returncode == _NOT_IMPORTABLE:
+        pytest.skip(f"llmcompressor is not importable (make setup installs it without its dependencies): "
+                    f"{proc.stderr.strip().splitlines()[-1]}")
+    if not expect_failure:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Every tensor name of ``folder``'s shards → the shard that holds it."""
+    from safetensors import safe_open
+
+    files = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            files.update(dict.fromkeys(f.keys(), shard))
+    return files
+
+
+def assert_same_as_llm_compressor(ours_dir: Path, theirs_dir: Path, scheme: str) -> None:
+    """Our quantization_config equals llm-compressor's field for field, and every tensor both wrote of the
+    layers we quantized is bit-identical."""
+    import compressed_tensors
+
+    from qconvert.format import COMPRESSED_TENSORS_VERSION
+
+    ours = _read_config(ours_dir)["quantization_config"]
+    theirs = _read_config(theirs_dir)["quantization_config"]
+    # `version` is the compressed-tensors release: ours names the one we write and test against.
+    assert ours.pop("version") == COMPRESSED_TENSORS_VERSION
+    if compressed_tensors.__version__.split("+")[0] == COMPRESSED_TENSORS_VERSION:
+        assert theirs["version"] == COMPRESSED_TENSORS_VERSION
+    theirs.pop("version")
+    assert ours == theirs, scheme
+    # llm-compressor also quantizes embed_tokens (it skips only what `ignore` names): compare the tensors
+    # both wrote, which must cover every layer we quantized.
+    theirs_tensors = tensor_files(theirs_dir)
+    ours_tensors = tensor_files(ours_dir)
+    quantized = {n.rpartition(".")[0] for n in ours_tensors if ".weight_" in n}
+    common = {n for n in set(ours_tensors) & set(theirs_tensors) if n.rpartition(".")[0] in quantized}
+    assert {n for n in ours_tensors if n.rpartition(".")[0] in quantized} == common, scheme
+    from safetensors import safe_open
+
+    for name in sorted(common):
+        with safe_open(ours_tensors[name], "pt") as o, safe_open(theirs_tensors[name], "pt") as t:
+            assert torch.equal(o.get_tensor(name).view(torch.uint8).flatten(),
+                               t.get_tensor(name).view(torch.uint8).flatten()), (scheme, name)
+
+
+
+
+def _read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())

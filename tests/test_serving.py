@@ -8,19 +8,15 @@ refusals of outputs an engine would load wrongly, notices, and ``serves_in`` fro
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from qconvert import serving
 from qconvert.cli import main
-from tests.conftest import REPO, read_config
+from tests.conftest import REPO, assert_same_as_llm_compressor, read_config, run_llm_compressor
 
 
 def run_inline(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
@@ -145,65 +141,17 @@ def test_schemes_json_carries_the_table(capsys: pytest.CaptureFixture[str]) -> N
 
 # llm-compressor's model_free_ptq presets that coincide with our schemes.
 LLMC_PRESETS = {"rtn4": "W4A16", "rtn8": "W8A16", "w8a8-int8": "W8A8", "fp8": "FP8_DYNAMIC", "fp8-block": "FP8_BLOCK"}
-STUBS = REPO.parent / "shared" / "device" / "stubs"  # a stand-in for `datasets`, imported but unused
-
-NOT_IMPORTABLE = 77  # the llm-compressor script's exit code when it cannot import llmcompressor
 
 
 def test_config_fields_equal_llm_compressor(tiny_llama: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Field by field, our quantization_config is llm-compressor's (0.14, model_free_ptq) for the same scheme,
     and the tensors are bit-identical."""
-    import compressed_tensors
-
-    from qconvert.format import COMPRESSED_TENSORS_VERSION
-
-    script = (  # one process (importing llmcompressor takes seconds): the import check, then every preset
-        "import sys\ntry:\n    import llmcompressor\n"
-        f"except Exception as exc:\n    print(repr(exc), file=sys.stderr)\n    sys.exit({NOT_IMPORTABLE})\n"
-        "from llmcompressor import model_free_ptq\n"
-        "for arg in sys.argv[3:]:\n"
-        "    preset, out = arg.split('=')\n"
-        "    model_free_ptq(sys.argv[1], out, scheme=preset, ignore=['lm_head'], max_workers=1, device='cpu')\n"
-    )
-    jobs = [f"{preset}={tmp_path / ('llmc-' + scheme)}" for scheme, preset in LLMC_PRESETS.items()]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(STUBS), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", script, str(tiny_llama), "-", *jobs], capture_output=True, text=True,
-                          env=env, timeout=600)
-    if proc.returncode == NOT_IMPORTABLE:
-        pytest.skip(f"llmcompressor is not importable (make setup installs it without its dependencies): "
-                    f"{proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_llm_compressor(tiny_llama, {preset: tmp_path / f"llmc-{scheme}" for scheme, preset in LLMC_PRESETS.items()})
     for scheme in LLMC_PRESETS:
         ours_dir, theirs_dir = tmp_path / scheme, tmp_path / f"llmc-{scheme}"
         assert run_inline(capsys, "quantize", tiny_llama, "-s", scheme, "-o", ours_dir, "-q")[0] == 0
-        ours = read_config(ours_dir)["quantization_config"]
-        theirs = read_config(theirs_dir)["quantization_config"]
-        # `version` is the compressed-tensors release: ours names the one we write and test against.
-        assert ours.pop("version") == COMPRESSED_TENSORS_VERSION
-        if compressed_tensors.__version__.split("+")[0] == COMPRESSED_TENSORS_VERSION:
-            assert theirs["version"] == COMPRESSED_TENSORS_VERSION
-        theirs.pop("version")
-        assert ours == theirs, scheme
-        # llm-compressor also quantizes embed_tokens (it skips only what `ignore` names): compare the tensors
-        # both wrote, which must cover every layer we quantized.
-        theirs_tensors = _tensor_files(theirs_dir)
-        ours_tensors = _tensor_files(ours_dir)
-        quantized = {n.rpartition(".")[0] for n in ours_tensors if ".weight_" in n}
-        common = {n for n in set(ours_tensors) & set(theirs_tensors) if n.rpartition(".")[0] in quantized}
-        assert {n for n in ours_tensors if n.rpartition(".")[0] in quantized} == common, scheme
-        for name in sorted(common):
-            with safe_open(ours_tensors[name], "pt") as o, safe_open(theirs_tensors[name], "pt") as t:
-                assert torch.equal(o.get_tensor(name).view(torch.uint8).flatten(),
-                                   t.get_tensor(name).view(torch.uint8).flatten()), (scheme, name)
-
-
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    files = {}
-    for shard in folder.glob("*.safetensors"):
-        with safe_open(shard, "pt") as f:
-            files.update(dict.fromkeys(f.keys(), shard))
-    return files
+        assert_same_as_llm_compressor(ours_dir, theirs_dir, scheme)
 
 
 def test_readme_table_is_the_serving_table() -> None:

@@ -1,0 +1,218 @@
+"""What an on-disk weight format is, and the registry of them.
+
+One :class:`WeightFormat` subclass per format owns everything about it: the tensors a quantized layer becomes
+(names, dtypes, shapes, known before any data is read), how a weight is compressed into them, how a stored
+layer is recognised when reading and rebuilt, the largest code (what the ±Inf refusal multiplies scales by),
+the kernels ``qconvert verify`` runs on it, and the ``format`` its config group names. Subclasses register
+themselves by being defined (as gguf-py's ``quants.py`` types and compressed-tensors' compressors do), so the
+rest of qconvert asks the registry instead of branching on format names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from qconvert.formats.args import Layout, NumberType, QuantArgs, Strategy
+from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
+
+if TYPE_CHECKING:
+    from qconvert.verify_paths import KernelPath
+
+# The tensors of one quantized linear layer (a module's leaves) and its static activation scales.
+WEIGHT_LEAVES = ("weight", "weight_packed", "weight_scale", "weight_scale_inv", "weight_shape", "weight_zero_point",
+                 "weight_global_scale")
+ACTIVATION_LEAVES = ("input_scale", "output_scale")
+
+
+@dataclass(frozen=True)
+class StoredLayer:
+    """One quantized linear layer as stored: its format, its tensors, and what they mean."""
+
+    module: str
+    format: WeightFormat
+    parts: dict[str, TensorInfo]  # leaf name → tensor (weight values, scales, shape)
+    shape: tuple[int, int]  # logical [out, in]
+    dtype: torch.dtype  # dtype of the rebuilt weight
+    args: QuantArgs
+    tile: tuple[int, int]
+
+    @property
+    def layout(self) -> str:
+        """The format's name, for messages and summaries."""
+        return self.format.name
+
+    @property
+    def num_bits(self) -> int:
+        return self.args.num_bits
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.args.strategy
+
+    @property
+    def values(self) -> TensorInfo:
+        return self.parts.get("weight_packed") or self.parts["weight"]
+
+    @property
+    def scale(self) -> TensorInfo:
+        return self.parts.get("weight_scale") or self.parts["weight_scale_inv"]
+
+    @property
+    def label(self) -> str:
+        return self.format.label(self)
+
+    def matches(self, format: WeightFormat, args: QuantArgs) -> bool:
+        """Whether writing ``args`` in ``format`` would store exactly these values: then the layer is copied."""
+        return self.format.copies_as(format) and self.format.same_codes(self, args)
+
+
+def config_group(config: dict | None, module: str) -> dict | None:
+    """The compressed-tensors config group that targets ``module`` (by name first, then by class)."""
+    qconfig = (config or {}).get("quantization_config") or {}
+    groups = list((qconfig.get("config_groups") or {}).values())
+    for group in groups:
+        targets = group.get("targets") or []
+        if any(t == module or (t.startswith("re:") and re.match(t[3:], module)) for t in targets):
+            return group
+    for group in groups:  # class-name targets ("Linear") cover every remaining layer
+        if any(not t.startswith("re:") and "." not in t for t in group.get("targets") or []):
+            return group
+    return None
+
+
+@dataclass(frozen=True)
+class ReadContext:
+    """What recognising a stored layer may consult beyond its own tensors."""
+
+    config: dict  # the checkpoint's config.json (may be empty)
+    block: tuple[int, int] | None  # the config's weight_block_size (DeepSeek FP8, blockwise_int8)
+    model_dtype: torch.dtype  # the config's torch_dtype: what a float32-scaled layer rebuilds into
+    reader: TensorReader
+
+    def stated_args(self, module: str) -> QuantArgs | None:
+        group = config_group(self.config, module)
+        return QuantArgs.from_config(group.get("weights") if group else None)
+
+
+FORMATS: dict[str, WeightFormat] = {}
+
+
+class WeightFormat:
+    """One on-disk weight format. Subclasses set ``name`` and implement what they support."""
+
+    name: ClassVar[str]  # the config group's ``format`` (or the reader's name for formats we only read)
+    layout: ClassVar[Layout] = Layout.COMPRESSED_TENSORS
+    writable: ClassVar[bool] = True  # False: a format we only read (DeepSeek FP8)
+    number: ClassVar[NumberType]  # what its codes are
+    rtn_bound: ClassVar[bool] = True  # verify --original checks each element against round-to-nearest's bound
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in FORMATS:
+                raise ValueError(f"two formats named {cls.name!r}")
+            FORMATS[cls.name] = cls()
+
+    @classmethod
+    def instance(cls) -> WeightFormat:
+        """The registered instance of this format."""
+        return FORMATS[cls.name]
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
+
+    # --- writing -------------------------------------------------------------------------------------------
+    def specs(self, prefix: str, shape: tuple[int, int], dtype: torch.dtype, args: QuantArgs) -> list[TensorSpec]:
+        """The tensors a weight of ``shape`` and ``dtype`` becomes, named under module ``prefix``."""
+        raise NotImplementedError
+
+    def compress(self, prefix: str, weight: torch.Tensor, args: QuantArgs,
+                 shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of :meth:`specs`, computed. ``shared``: what a fused group shares (see :meth:`shared`)."""
+        raise NotImplementedError
+
+    def shared(self, amax: torch.Tensor, dtype: torch.dtype, args: QuantArgs) -> torch.Tensor | None:
+        """What the parts of a fused layer (q/k/v, gate/up) share, from their common amax, for formats whose
+        engines load the fused matrix with one per-tensor value (fp8-tensor's scale, NVFP4's global scale)."""
+        return None
+
+    def scales_of(self, tensors: dict[str, torch.Tensor], weight_dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.dtype]:
+        """The compressed tensors' scales as the values a code is multiplied by, and the dtype the product is
+        rebuilt in: what the NaN/Inf check and the ±Inf refusal look at. A NaN or Inf weight makes its
+        group's scale non-finite, so the scales are the cheap place to look for one."""
+        scale = tensors[next(n for n in tensors if n.rpartition(".")[2] == "weight_scale")]
+        return scale, scale.dtype
+
+    def largest_code(self, args: QuantArgs) -> float:
+        """The largest magnitude a stored code can have."""
+        raise NotImplementedError
+
+    def config_format(self) -> str:
+        return self.name
+
+    # --- reading -------------------------------------------------------------------------------------------
+    def recognise(self, module: str, parts: dict[str, TensorInfo], context: ReadContext) -> StoredLayer | None:
+        """This layer as stored in this format, or None when its tensors are not this format's."""
+        return None
+
+    def rebuild(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The layer's weight, dequantized as the reference reader (compressed-tensors) computes it."""
+        raise NotImplementedError
+
+    def copies_as(self, other: WeightFormat) -> bool:
+        """Whether a layer stored in this format is, copied, a layer of ``other``."""
+        return other is self
+
+    def same_codes(self, layer: StoredLayer, args: QuantArgs) -> bool:
+        """Whether quantizing the rebuilt weight with ``args`` would give this layer's codes and scales again."""
+        same_tile = layer.args.strategy == args.strategy and (
+            args.strategy in (Strategy.TENSOR, Strategy.CHANNEL) or args.tile(layer.shape) == layer.tile)
+        return (layer.args.number is args.number and layer.args.num_bits == args.num_bits and same_tile
+                and layer.args.scale_dtype is args.scale_dtype)
+
+    def label(self, layer: StoredLayer) -> str:
+        return f"{describe_number(layer.args)} {describe_grouping(layer.args, layer.tile)}"
+
+    # --- verifying -----------------------------------------------------------------------------------------
+    def kernel_path(self, layer: StoredLayer, tensors: dict[str, torch.Tensor], config: dict | None,
+                    device: torch.device) -> KernelPath:
+        """The kernels a runtime runs for this layer (``qconvert verify``)."""
+        raise NotImplementedError(f"{self.name}: no verify kernel")
+
+
+def describe_number(args: QuantArgs) -> str:
+    return {NumberType.INT: f"int{args.num_bits}", NumberType.FP8_E4M3: "fp8",
+            NumberType.FP4_E2M1: "fp4"}[args.number]
+
+
+def describe_grouping(args: QuantArgs, tile: tuple[int, int] | None = None) -> str:
+    if args.strategy is Strategy.TENSOR:
+        return "per-tensor"
+    if args.strategy is Strategy.CHANNEL:
+        return "per-channel"
+    if args.grouped:
+        return f"g{args.group_size or (tile[1] if tile else '?')}"
+    block = args.block or tile
+    return f"block {block[0]}x{block[1]}" if block else "block"
+
+
+def get_format(name: str) -> WeightFormat:
+    return FORMATS[name]
+
+
+def recognise(module: str, parts: dict[str, TensorInfo], context: ReadContext) -> StoredLayer | None:
+    """The first registered format that recognises this layer's tensors (None: not a quantized layer)."""
+    for fmt in FORMATS.values():
+        layer = fmt.recognise(module, parts, context)
+        if layer is not None:
+            return layer
+    return None
+
+
+Rebuilder = Callable[[StoredLayer, dict[str, torch.Tensor]], torch.Tensor]

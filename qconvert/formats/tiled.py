@@ -1,0 +1,251 @@
+"""The int and fp8 formats with one scale per tile (tensor, channel, group of inputs, or 2-D block).
+
+* compressed-tensors ``pack-quantized``: int4/int8 codes offset by ``2**(b-1)`` and packed into int32 words
+  (``weight_packed``), scales in the weight dtype, the logical shape in ``weight_shape``;
+* compressed-tensors ``int-quantized`` (int8 ``weight``) and ``float-quantized`` (fp8 e4m3fn ``weight``, or
+  e4m3fnuz after ``--fnuz``), scales in the weight dtype;
+* SGLang's ``blockwise_int8``: int8 ``weight`` with float32 ``weight_scale_inv`` per 128x128 block;
+* DeepSeek-V3's FP8 (read only): fp8 ``weight`` with float32 ``weight_scale_inv`` per block (despite the name,
+  the value multiplies).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from qconvert.errors import BadInputError
+from qconvert.formats.args import Layout, NumberType, QuantArgs, ScaleDtype, Strategy
+from qconvert.formats.base import ReadContext, StoredLayer, WeightFormat
+from qconvert.quantizers import (
+    FP8_E4M3_MAX,
+    band_elements,
+    dequantize_tiles,
+    packed_columns,
+    quantize_and_pack_symmetric,
+    quantize_tiled,
+    scale_divisor,
+    scales_from_amax,
+    unpack_int32,
+)
+from qconvert.safetensors_io import TensorInfo, TensorSpec
+from qconvert.verify_paths import KernelPath, packed_path, scaled_path
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+
+def stated_or_inferred(shape: tuple[int, int], scale: TensorInfo, stated: QuantArgs | None,
+                       block: tuple[int, int] | None, number: NumberType, bits: int,
+                       scale_dtype: ScaleDtype = ScaleDtype.WEIGHT) -> tuple[QuantArgs, tuple[int, int]]:
+    """A tiled layer's arguments and tile: the strategy the config states, else the one the scale's shape implies."""
+    out_features, in_features = shape
+    strategy = stated.strategy if stated is not None else None
+    if strategy is Strategy.BLOCK:
+        block = (stated.block if stated is not None else None) or block or (128, 128)
+    elif strategy is None:
+        if math.prod(scale.shape) == 1:
+            strategy = Strategy.TENSOR
+        elif scale.shape[0] == out_features and (len(scale.shape) == 1 or scale.shape[1] == 1):
+            strategy = Strategy.CHANNEL
+        elif scale.shape[0] == out_features and block is None:
+            strategy = Strategy.GROUP
+        else:
+            strategy = Strategy.BLOCK
+    if strategy is Strategy.TENSOR:
+        tile = (out_features, in_features)
+    elif strategy is Strategy.CHANNEL:
+        tile = (1, in_features)
+    elif strategy in (Strategy.GROUP, Strategy.TENSOR_GROUP):
+        tile = (1, in_features // max(1, scale.shape[-1]))
+    else:
+        tile = tuple(block or (128, 128))  # type: ignore[assignment]
+    group = tile[1] if strategy in (Strategy.GROUP, Strategy.TENSOR_GROUP) else None
+    args = QuantArgs(number, bits, strategy, group, tile if strategy is Strategy.BLOCK else None,  # type: ignore[arg-type]
+                     scale_dtype=scale_dtype)
+    return args, tile
+
+
+def rebuild_tiled(layer: StoredLayer, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``values * scale`` per tile in the scale's dtype, as ``layer.dtype``, over bands of tile rows."""
+    th, tw = layer.tile
+    rows, cols = -(-layer.shape[0] // th), -(-layer.shape[1] // tw)
+    if scale.numel() != rows * cols:
+        raise BadInputError(f"{layer.scale.file.name}: {layer.module} has {scale.numel()} scales; its "
+                            f"{layer.strategy.value} layout needs {rows}x{cols}")
+    scale = scale.reshape(rows, cols)
+    weight = torch.empty(layer.shape, dtype=layer.dtype, device=values.device)
+    # Bands of whole tile rows keep the (often float32) intermediates small: memory stays near the
+    # size of the weight itself rather than several float32 copies of it.
+    tiles_per_band = max(1, band_elements(values, 1 << 20) // (th * layer.shape[1]))
+    for first in range(0, rows, tiles_per_band):
+        last = min(rows, first + tiles_per_band)
+        weight[first * th : last * th] = dequantize_tiles(
+            values[first * th : last * th], scale[first:last], layer.tile, layer.dtype)
+    return weight
+
+
+class PackQuantized(WeightFormat):
+    """int4/int8 codes packed into int32 words, one scale per group of inputs or per channel (W4A16/W8A16)."""
+
+    name = "pack-quantized"
+    number = NumberType.INT
+
+    def specs(self, prefix: str, shape: tuple[int, int], dtype: torch.dtype, args: QuantArgs) -> list[TensorSpec]:
+        out_features, in_features = shape
+        return [
+            TensorSpec(f"{prefix}.weight_packed", torch.int32,
+                       (out_features, packed_columns(in_features, args.num_bits))),
+            TensorSpec(f"{prefix}.weight_scale", dtype, args.scale_shape(shape)),
+            TensorSpec(f"{prefix}.weight_shape", torch.int64, (2,)),
+        ]
+
+    def compress(self, prefix: str, weight: torch.Tensor, args: QuantArgs,
+                 shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if shared is not None:
+            raise ValueError("pack-quantized layers compute their own group scales")
+        group = -1 if args.strategy is Strategy.CHANNEL else args.group_size
+        packed, scales = quantize_and_pack_symmetric(weight, args.num_bits, group)  # type: ignore[arg-type]
+        return {f"{prefix}.weight_packed": packed, f"{prefix}.weight_scale": scales,
+                f"{prefix}.weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
+
+    def largest_code(self, args: QuantArgs) -> float:
+        return float(1 << (args.num_bits - 1))
+
+    def recognise(self, module: str, parts: dict[str, TensorInfo], context: ReadContext) -> StoredLayer | None:
+        values, scale = parts.get("weight_packed"), parts.get("weight_scale")
+        if values is None or scale is None or values.dtype != torch.int32 or len(values.shape) != 2:
+            return None
+        if "weight_zero_point" in parts:
+            raise BadInputError(f"{values.file.name}: {module} is asymmetric (weight_zero_point); not supported")
+        if "weight_shape" not in parts:
+            raise BadInputError(f"{values.file.name}: {module}.weight_packed has no weight_shape")
+        out_features, in_features = (int(v) for v in context.reader.read(parts["weight_shape"]).tolist())
+        stated = context.stated_args(module)
+        bits = stated.num_bits if stated else (4 if values.shape[1] == packed_columns(in_features, 4) else 8)
+        if values.shape != (out_features, packed_columns(in_features, bits)):
+            raise BadInputError(f"{values.file.name}: {module}.weight_packed {list(values.shape)} does not hold "
+                                f"{bits}-bit values of shape {[out_features, in_features]}")
+        shape = (out_features, in_features)
+        args, tile = stated_or_inferred(shape, scale, stated, context.block, NumberType.INT, bits)
+        return StoredLayer(module, self, parts, shape, scale.dtype, args, tile)
+
+    def rebuild(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        values = unpack_int32(tensors["weight_packed"], layer.num_bits, layer.shape[1])
+        return rebuild_tiled(layer, values, tensors["weight_scale"])
+
+    def kernel_path(self, layer: StoredLayer, tensors: dict[str, torch.Tensor], config: dict | None,
+                    device: torch.device) -> KernelPath:
+        return packed_path(layer, tensors, device)
+
+
+class _Unpacked(WeightFormat):
+    """8-bit codes stored as they are (``weight``), one scale per tile."""
+
+    stored_dtype: ClassVar[torch.dtype]
+    scale_leaf: ClassVar[str] = "weight_scale"
+
+    def specs(self, prefix: str, shape: tuple[int, int], dtype: torch.dtype, args: QuantArgs) -> list[TensorSpec]:
+        scale_dtype = torch.float32 if self.scale_leaf == "weight_scale_inv" else dtype
+        return [TensorSpec(f"{prefix}.weight", self.stored_dtype, shape),
+                TensorSpec(f"{prefix}.{self.scale_leaf}", scale_dtype, args.scale_shape(shape))]
+
+    def compress(self, prefix: str, weight: torch.Tensor, args: QuantArgs,
+                 shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        kind = "float" if self.number is NumberType.FP8_E4M3 else "int"
+        values, scales = quantize_tiled(weight, args.tile(tuple(weight.shape)), kind, args.num_bits, shared)
+        scales = scales.reshape(args.scale_shape(tuple(weight.shape)))
+        if self.scale_leaf == "weight_scale_inv":
+            scales = scales.to(torch.float32)
+        return {f"{prefix}.weight": values, f"{prefix}.{self.scale_leaf}": scales}
+
+    def scales_of(self, tensors: dict[str, torch.Tensor], weight_dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.dtype]:
+        scale = tensors[next(n for n in tensors if n.rpartition(".")[2] == self.scale_leaf)]
+        return scale, scale.dtype
+
+    def shared(self, amax: torch.Tensor, dtype: torch.dtype, args: QuantArgs) -> torch.Tensor | None:
+        if args.strategy is not Strategy.TENSOR:
+            return None
+        kind = "float" if self.number is NumberType.FP8_E4M3 else "int"
+        return scales_from_amax(amax, scale_divisor(kind, args.num_bits), dtype).reshape(1, 1)
+
+    def largest_code(self, args: QuantArgs) -> float:
+        return FP8_E4M3_MAX if self.number is NumberType.FP8_E4M3 else float(1 << (args.num_bits - 1))
+
+    def _holds(self, values: TensorInfo) -> bool:
+        return values.dtype == self.stored_dtype
+
+    def recognise(self, module: str, parts: dict[str, TensorInfo], context: ReadContext) -> StoredLayer | None:
+        values, scale = parts.get("weight"), parts.get(self.scale_leaf)
+        if values is None or scale is None or len(values.shape) != 2 or not self._holds(values):
+            return None
+        if self.scale_leaf == "weight_scale" and (not scale.dtype.is_floating_point or "weight_scale_inv" in parts):
+            return None  # E8M0 scales (MXFP8) are uint8; a layer with both scale spellings is not ours to guess
+        shape = (values.shape[0], values.shape[1])
+        dtype = context.model_dtype if self.scale_leaf == "weight_scale_inv" else scale.dtype
+        args, tile = stated_or_inferred(shape, scale, context.stated_args(module), context.block, self.number, 8)
+        return StoredLayer(module, self, parts, shape, dtype, args, tile)
+
+    def rebuild(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return rebuild_tiled(layer, tensors["weight"], tensors[self.scale_leaf])
+
+    def kernel_path(self, layer: StoredLayer, tensors: dict[str, torch.Tensor], config: dict | None,
+                    device: torch.device) -> KernelPath:
+        return scaled_path(layer, tensors, config, device, self.number is NumberType.FP8_E4M3)
+
+
+class IntQuantized(_Unpacked):
+    """int8 codes, one scale per channel or block (W8A8, int8-block)."""
+
+    name = "int-quantized"
+    number = NumberType.INT
+    stored_dtype = torch.int8
+
+
+class FloatQuantized(_Unpacked):
+    """fp8 e4m3fn codes (e4m3fnuz after ``--fnuz``), one scale per tensor, channel or block."""
+
+    name = "float-quantized"
+    number = NumberType.FP8_E4M3
+    stored_dtype = torch.float8_e4m3fn
+
+    def _holds(self, values: TensorInfo) -> bool:
+        return values.dtype in _FP8
+
+    def same_codes(self, layer: StoredLayer, args: QuantArgs) -> bool:
+        return layer.values.dtype != torch.float8_e4m3fnuz and super().same_codes(layer, args)
+
+    def label(self, layer: StoredLayer) -> str:
+        label = super().label(layer)
+        return label.replace("fp8", "fp8 e4m3fnuz", 1) if layer.values.dtype == torch.float8_e4m3fnuz else label
+
+
+class BlockwiseInt8(_Unpacked):
+    """SGLang's ``blockwise_int8``: int8 codes, float32 ``weight_scale_inv`` per block (``--layout sglang``)."""
+
+    name = "blockwise-int8"
+    layout = Layout.SGLANG
+    number = NumberType.INT
+    stored_dtype = torch.int8
+    scale_leaf = "weight_scale_inv"
+
+    def copies_as(self, other: WeightFormat) -> bool:
+        return isinstance(other, IntQuantized)
+
+
+class DeepSeekFp8(_Unpacked):
+    """DeepSeek-V3's FP8 release: e4m3fn codes, float32 ``weight_scale_inv`` per 128x128 block (read only)."""
+
+    name = "deepseek-fp8"
+    writable = False
+    number = NumberType.FP8_E4M3
+    stored_dtype = torch.float8_e4m3fn
+    scale_leaf = "weight_scale_inv"
+
+    def _holds(self, values: TensorInfo) -> bool:
+        return values.dtype in _FP8
+
+    def copies_as(self, other: WeightFormat) -> bool:
+        return isinstance(other, FloatQuantized)

@@ -1,0 +1,176 @@
+"""Pure primitives of the FP4 and microscaled formats: E2M1 codes, nibble packing, E8M0 and NVFP4 scales.
+
+Tensors in, tensors out, on whatever device the input lives; nothing here reads files or knows tensor names
+(``qconvert.formats.microscaled`` maps these onto checkpoint names). The arithmetic is compressed-tensors' (the
+reference every consumer reads with), so that our checkpoints are bit-identical to llm-compressor's:
+
+* E2M1 (FP4) codes: a sign bit over a 3-bit index into ``0, 0.5, 1, 1.5, 2, 3, 4, 6``, rounded to nearest with
+  ties to the even index (0.25 → 0, 0.75 → 1, 1.25 → 1, 1.75 → 2, 2.5 → 2, 3.5 → 4, 5 → 4); a negative value that
+  rounds to zero keeps its sign (nibble 0x8, -0), as compressed-tensors writes it. Two codes per byte, the
+  element with the lower index in the low nibble.
+* NVFP4: per tensor a float32 *global scale* ``448 * 6 / amax`` (stored as the multiplier, not its inverse), per
+  16 inputs an e4m3 scale ``global * amax_16 / 6``; a code is ``x / (scale / global)``.
+* MX (MXFP4, MXFP8): per 32 inputs a power-of-two scale stored as its biased exponent (E8M0, a uint8, 127 = 2**0).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+FP4_E2M1_MAX = 6.0
+FP8_E4M3_MAX = 448.0
+E8M0_BIAS = 127
+
+# The magnitudes of the 8 E2M1 codes, and the boundaries between them: a magnitude m gets the index of the
+# number of boundaries it passes, where equality passes the boundaries whose upper neighbour has an even index
+# (ties to even): 0.75 → 1.0 (index 2), 1.25 → 1.0, 1.75 → 2.0 (index 4), 2.5 → 2.0, 3.5 → 4.0 (index 6), 5 → 4.0.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_UPPER_IS_EVEN = (False, True, False, True, False, True, False)  # the boundary below index 1, 2, ..., 7
+_BOUNDARIES = tuple((a + b) / 2 for a, b in itertools.pairwise(E2M1_VALUES))
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """uint8 nibbles (sign << 3 | index) of ``x`` rounded to the nearest E2M1 value, ties to even; magnitudes
+    beyond 6 saturate to 6. ``x`` is any float tensor (the quotient of a weight by its scale)."""
+    magnitude = x.abs()
+    index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for boundary, upper_even in zip(_BOUNDARIES, _UPPER_IS_EVEN, strict=False):
+        passed = magnitude >= boundary if upper_even else magnitude > boundary
+        index += passed.to(torch.uint8)
+    sign = torch.signbit(x).to(torch.uint8) << 3
+    return index | sign
+
+
+def e2m1_values(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values of uint8 nibbles (the inverse of :func:`e2m1_codes` on representable values)."""
+    table = torch.tensor([*E2M1_VALUES, *(-v for v in E2M1_VALUES)], dtype=dtype, device=codes.device)
+    return table[codes.to(torch.int64) & 0xF]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``[R, C]`` nibbles → ``[R, C/2]`` bytes, element ``2j`` in the low nibble and ``2j + 1`` in the high one."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"packing FP4 needs an even number of columns, not {codes.shape[-1]}")
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: ``[R, C/2]`` bytes → ``[R, C]`` nibbles."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def group_amax(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """``[R, C/group]`` max of ``|x|`` per group of ``group`` inputs, in the weight's dtype (max is exact)."""
+    rows, cols = weight.shape
+    return weight.reshape(rows, cols // group, group).abs().amax(dim=-1)
+
+
+def e8m0_values(exponents: torch.Tensor) -> torch.Tensor:
+    """float32 ``2**(e - 127)`` of uint8 E8M0 exponents; 255 (the format's NaN) decodes to NaN."""
+    values = torch.exp2(exponents.to(torch.float32) - E8M0_BIAS)
+    return values.masked_fill_(exponents == 255, float("nan"))
+
+
+def _power_of_two_at_or_below(amax: torch.Tensor) -> torch.Tensor:
+    """The exponent of ``amax``'s power of two after compressed-tensors' rounding: the exponent of ``amax``, plus one
+    when its significand is 1.75 or more (it adds a quarter of the leading binade to the bits and truncates the
+    significand), as float32; -inf for 0. The OCP MX rule would take ``floor(log2(amax))`` alone."""
+    wide = amax.to(torch.float32)
+    mantissa, exponent = torch.frexp(wide)  # wide = mantissa * 2**exponent, mantissa in [0.5, 1)
+    # bf16/fp16/fp32 amax values are exact in float32, so the significand test is exact too.
+    exponent = exponent.to(torch.float32) - 1 + (mantissa >= 0.875).to(torch.float32)
+    return exponent.masked_fill_(wide == 0, float("-inf"))
+
+
+def mx_exponents(amax: torch.Tensor, element_max_exponent: int) -> torch.Tensor:
+    """uint8 E8M0 scales for groups of ``amax``: ``127 + e(amax) - element_max_exponent`` where ``e`` is the power of
+    two of :func:`_power_of_two_at_or_below`, clamped to ``[0, 255]`` (a zero group gets 0, i.e. 2**-127).
+    ``element_max_exponent``: 2 for E2M1 (max 6), 8 for e4m3 (max 448)."""
+    biased = E8M0_BIAS + _power_of_two_at_or_below(amax) - element_max_exponent
+    biased = biased.nan_to_num_(nan=255.0)  # a NaN group stays NaN (refused by the caller's finite check)
+    return biased.clamp_(0, 255).to(torch.uint8)
+
+
+def quantize_mx(weight: torch.Tensor, number: object, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, exponents)`` of an MX quantization of ``weight`` ``[out, in]`` with one E8M0 scale per ``group``
+    inputs: packed E2M1 nibbles ``[out, in/2]`` uint8 (MXFP4) or e4m3 values ``[out, in]`` (MXFP8).
+
+    The division by the power-of-two scale is done in the weight dtype (exact but for underflow), as
+    compressed-tensors does, then rounded to the element type."""
+    from qconvert.formats.args import NumberType
+
+    fp4 = number is NumberType.FP4_E2M1
+    out_features, in_features = weight.shape
+    if in_features % group:
+        raise ValueError(f"input size {in_features} is not a multiple of the group size {group}")
+    exponents = torch.empty(out_features, in_features // group, dtype=torch.uint8, device=weight.device)
+    values = torch.empty(out_features, in_features // 2 if fp4 else in_features,
+                         dtype=torch.uint8 if fp4 else torch.float8_e4m3fn, device=weight.device)
+    rows = max(1, _band_rows(weight))
+    for first in range(0, out_features, rows):
+        band = weight[first : first + rows]
+        amax = group_amax(band, group)
+        band_exponents = mx_exponents(amax, 2 if fp4 else 8)
+        exponents[first : first + rows] = band_exponents
+        scale = e8m0_values(band_exponents).to(weight.dtype).repeat_interleave(group, dim=1)
+        scaled = band / scale
+        if fp4:
+            values[first : first + rows] = pack_nibbles(e2m1_codes(scaled))
+        else:
+            values[first : first + rows] = scaled.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return values, exponents
+
+
+def _band_rows(weight: torch.Tensor) -> int:
+    """Rows per band: small on the CPU, where bands that fit in cache are fast; 16M elements on a GPU."""
+    elements = (1 << 18) if weight.device.type == "cpu" else (1 << 24)
+    return elements // max(1, weight.shape[1])
+
+
+def nvfp4_global_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``[1]`` global scale ``448 * 6 / amax`` of a tensor (or of a fused group: the max of its amaxes).
+
+    llm-compressor computes it in the weight's dtype as torch evaluates ``2688 / amax`` for a tensor: the reciprocal
+    of amax, rounded, times 2688, rounded (in bf16, 2688 / 0.421875 gives 6400, not the 6368 of a true division).
+    We do the same for bf16 and float32 weights, so the bytes match. For fp16 weights we divide in float32
+    instead: in fp16, ``2688 / amax`` overflows for amax < 0.041 and llm-compressor silently falls back to 1.0,
+    which leaves every block scale of such a layer far below e4m3's range (a 24% weight error). A zero amax takes
+    the dtype's smallest normal, and a non-finite quotient falls back to 1.0, as compressed-tensors does."""
+    if dtype == torch.float16:
+        wide = amax.to(torch.float32).clamp(min=torch.finfo(torch.float16).tiny)
+        scale = torch.tensor(FP8_E4M3_MAX * FP4_E2M1_MAX, dtype=torch.float32, device=wide.device) / wide
+    else:
+        work = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
+        scale = amax.to(work).clamp(min=torch.finfo(work).tiny).reciprocal() * (FP8_E4M3_MAX * FP4_E2M1_MAX)
+    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape(1)
+
+
+def nvfp4_block_scales(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 scales of 16-input blocks: ``global * (amax / 6)``, ``amax / 6`` in the weight's dtype and the product
+    in float32, clamped to e4m3's range; a zero scale becomes e4m3's eps (0.125), as compressed-tensors stores it."""
+    wide = global_scale.to(torch.float32) * (amax / torch.tensor(FP4_E2M1_MAX, dtype=amax.dtype, device=amax.device))
+    scales = wide.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    zero = scales.to(torch.float32) == 0
+    return torch.where(zero, torch.tensor(0.125, dtype=torch.float8_e4m3fn, device=scales.device), scales)
+
+
+def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed [out, in/2] uint8, scales [out, in/16] e4m3)`` of ``weight`` under ``global_scale``: each code is
+    ``x / (scale / global)`` (float32) rounded to E2M1."""
+    out_features, in_features = weight.shape
+    if in_features % 16:
+        raise ValueError(f"input size {in_features} is not a multiple of the group size 16")
+    scales = torch.empty(out_features, in_features // 16, dtype=torch.float8_e4m3fn, device=weight.device)
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=weight.device)
+    global_scale = global_scale.to(device=weight.device, dtype=torch.float32)
+    rows = max(1, _band_rows(weight))
+    for first in range(0, out_features, rows):
+        band = weight[first : first + rows]
+        band_scales = nvfp4_block_scales(group_amax(band, 16), global_scale)
+        scales[first : first + rows] = band_scales
+        multiplier = (band_scales.to(torch.float32) / global_scale).repeat_interleave(16, dim=1)
+        packed[first : first + rows] = pack_nibbles(e2m1_codes(band / multiplier))
+    return packed, scales
