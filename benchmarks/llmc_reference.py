@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import time
 
+# qconvert schemes whose bytes are those of an llm-compressor preset.
+PRESETS = {"fp8-block": "FP8_BLOCK", "nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16", "mxfp8": "MXFP8A16"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("output")
-    parser.add_argument("--scheme", choices=["rtn4", "rtn8", "fp8-block"], default="rtn4")
+    parser.add_argument("--scheme", choices=["rtn4", "rtn8", "fp8-block", *PRESETS], default="rtn4")
     parser.add_argument("--ignore", action="append", default=[])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (model_free_ptq's device)")
@@ -30,8 +33,8 @@ def main() -> None:
         targets=["Linear"],
         weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=128),
     )
-    if args.scheme == "fp8-block":
-        scheme = "FP8_BLOCK"  # its preset: e4m3fn weights per 128x128 block, dynamic fp8 activations
+    if args.scheme in PRESETS:
+        scheme = PRESETS[args.scheme]
     started = time.perf_counter()
     model_free_ptq(args.model, args.output, scheme=scheme, ignore=args.ignore, max_workers=args.workers,
                    device=args.device)

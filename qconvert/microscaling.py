@@ -39,7 +39,9 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     for boundary, upper_even in zip(_BOUNDARIES, _UPPER_IS_EVEN, strict=False):
         passed = magnitude >= boundary if upper_even else magnitude > boundary
         index += passed.to(torch.uint8)
-    sign = torch.signbit(x).to(torch.uint8) << 3
+    # A negative quotient keeps its sign even when it rounds to zero (0x8); an exact -0.0 does not, as in
+    # compressed-tensors, which takes the sign from ``x < 0``.
+    sign = (x < 0).to(torch.uint8) << 3
     return index | sign
 
 
@@ -98,8 +100,10 @@ def quantize_mx(weight: torch.Tensor, number: object, group: int = 32) -> tuple[
     """``(values, exponents)`` of an MX quantization of ``weight`` ``[out, in]`` with one E8M0 scale per ``group``
     inputs: packed E2M1 nibbles ``[out, in/2]`` uint8 (MXFP4) or e4m3 values ``[out, in]`` (MXFP8).
 
-    The division by the power-of-two scale is done in the weight dtype (exact but for underflow), as
-    compressed-tensors does, then rounded to the element type."""
+    The division by the power-of-two scale is exact, so doing it in the weight's dtype (as compressed-tensors does)
+    or in float32 gives the same quotient, but for one case: in fp16 a scale below 2**-24 underflows to 0, which
+    compressed-tensors replaces by 1.0 (zeroing the group's codes). We divide fp16 weights in float32, where the
+    scale is exact, and store the true exponent."""
     from qconvert.formats.args import NumberType
 
     fp4 = number is NumberType.FP4_E2M1
@@ -115,8 +119,9 @@ def quantize_mx(weight: torch.Tensor, number: object, group: int = 32) -> tuple[
         amax = group_amax(band, group)
         band_exponents = mx_exponents(amax, 2 if fp4 else 8)
         exponents[first : first + rows] = band_exponents
-        scale = e8m0_values(band_exponents).to(weight.dtype).repeat_interleave(group, dim=1)
-        scaled = band / scale
+        work = torch.float32 if weight.dtype == torch.float16 else weight.dtype
+        scale = e8m0_values(band_exponents).to(work).repeat_interleave(group, dim=1)
+        scaled = band.to(work) / scale
         if fp4:
             values[first : first + rows] = pack_nibbles(e2m1_codes(scaled))
         else:

@@ -126,7 +126,12 @@ def weight_error_bound(original: torch.Tensor, scales_full: torch.Tensor, layer:
     w = original.to(torch.float64)
     s = scales_full.to(torch.float64)
     v = (w / s).abs()
-    if layer.args.number is NumberType.FP8_E4M3:
+    if layer.args.number is NumberType.FP4_E2M1:
+        # E2M1's spacing: 0.5 below 2, 1 in [2, 4), 2 from 4 to its largest value, 6.
+        qmax = 6.0
+        reach = v * (1 + u)
+        step = torch.where(reach < 2, 0.5, torch.where(reach < 4, 1.0, 2.0)).to(torch.float64)
+    elif layer.args.number is NumberType.FP8_E4M3:
         qmax = FP8_E4M3_MAX
         exponent = torch.floor(torch.log2((v * (1 + u)).clamp_min(2.0**-30))).clamp(min=-6)
         step = torch.pow(2.0, exponent - 3)
@@ -258,26 +263,7 @@ def _original_weight(layer: StoredLayer, checkpoint: Checkpoint, reader: TensorR
 def _compare_original(result: LayerResult, layer: StoredLayer, tensors: dict[str, torch.Tensor],
                       original_weight: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]],
                       ref_dtype: torch.dtype) -> None:
-    n, k = layer.shape
-    if not layer.format.rtn_bound:
-        # Microscaled formats: the weight's error and SNR against the original, from the weight compressed-tensors
-        # rebuilds; their scale choice (power-of-two, e4m3 of a global multiple) has no per-element RTN bound here.
-        dequantized = layer.format.rebuild(layer, tensors).to(torch.float64)
-        result.notes.append("no per-element round-to-nearest bound for this format: error and SNR only")
-        _record_errors(result, original_weight, dequantized, outputs)
-        return
-    th, tw = layer.tile
-    scales = tensors.get("weight_scale", tensors.get("weight_scale_inv"))
-    rows, cols = -(-n // th), -(-k // tw)
-    scales_full = scales.reshape(rows, cols).repeat_interleave(th, 0)[:n].repeat_interleave(tw, 1)[:, :k]
-    if "weight_packed" in tensors:
-        codes = unpack_int32(tensors["weight_packed"], layer.num_bits, k)
-    else:
-        codes = tensors["weight"]
-    if codes.dtype == torch.float8_e4m3fnuz:
-        from qconvert.kernels import e4m3fnuz_to_e4m3fn
-
-        codes, scales_full = e4m3fnuz_to_e4m3fn(codes, scales_full.to(torch.float32))
+    codes, scales_full = layer.format.codes_and_scales(layer, tensors)
     dequantized = codes.to(torch.float64) * scales_full.to(torch.float64)
     error = (original_weight.to(torch.float64) - dequantized).abs()
     allowed = weight_error_bound(original_weight, scales_full, layer)

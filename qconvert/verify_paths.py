@@ -235,8 +235,12 @@ def microscaled_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], devic
     weight_ref = rebuilt.to(ref_dtype)
     gamma = k * _U32  # float32 accumulation over K products of exact (bf16 x bf16) terms
 
+    values = tensors.get("weight_packed", tensors.get("weight"))
+    kernel_format = {16: "nvfp4"}.get(group, "mxfp4" if "weight_packed" in tensors else "mxfp8")
+
     def run(x: torch.Tensor, bias: torch.Tensor | None) -> KernelRun:
-        out = microscaled_gemm(x, layer.format.name, tensors, bias=bias)
+        out = microscaled_gemm(x, kernel_format, values, tensors["weight_scale"], tensors.get("weight_global_scale"),
+                               bias=bias, out_dtype=torch.float32)
         return KernelRun(out, x, None, k, True, weight_ref, gamma)
 
     return KernelPath(f"{layer.format.name} weight-only GEMM (Triton, unpacked in registers)", "float",

@@ -7,12 +7,14 @@ The defects (found by reading llm-compressor 0.14's model_free_ptq and running i
   scales, though vLLM and SGLang load each pair as one fused matrix with one global scale;
 * it computes the global scale ``2688 / amax`` in the weight's dtype: for fp16 weights with amax < 0.041 that
   overflows and silently falls back to 1.0, and every block scale of the layer underflows e4m3;
-* it refuses a checkpoint whose q_proj and k_proj/v_proj lie in different shards.
+* it refuses a checkpoint where a shard holds some of a fused layer's parts but not its first (k/v without q:
+  "Could not find inverse_weight_map for shard ...").
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from qconvert.formats.microscaled import NVFP4
 from qconvert.microscaling import nvfp4_global_scale
 from tests.arch_matrix import CASES
 from tests.conftest import (
+    DEVICE,
     assert_same_as_llm_compressor,
     build_tiny_llama,
     read_config,
@@ -139,8 +142,8 @@ def test_fp16_global_scale_is_computed_in_float32(tmp_path: Path, capsys: pytest
 
 
 def test_q_and_kv_in_different_shards(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """llm-compressor refuses NVFP4 when q_proj and k/v_proj lie in different shards; we read each part once for
-    the shared amax, wherever it lies, and write what a one-shard copy of the same model gives."""
+    """llm-compressor refuses NVFP4 when a shard holds k/v_proj without their q_proj; we read each part once for the
+    shared amax, wherever it lies, and write what a one-shard copy of the same model gives."""
     weight_map = json.loads((tiny_llama / "model.safetensors.index.json").read_text())["weight_map"]
     qkv = ("q_proj", "k_proj", "v_proj")
     split = [layer for layer in (0, 1)
@@ -166,3 +169,50 @@ def test_routers_stay_unquantized(scheme: str, tmp_path: Path, capsys: pytest.Ca
     assert tensors["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16
     assert "model.layers.0.mlp.gate.weight_packed" not in tensors
     assert "model.layers.0.mlp.gate" in read_config(tmp_path / "o")["quantization_config"]["ignore"]
+
+
+def _corrupt(folder: Path, name: str, change: Callable[[torch.Tensor], None]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shard = folder / "model.safetensors"
+    tensors = load_file(shard)
+    change(tensors[name])
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def _flip_nibble(t: torch.Tensor) -> None:
+    t[3, 5] ^= 0x03  # a code two or three grid steps away
+
+
+def _bigger_scale(t: torch.Tensor) -> None:
+    if t.dtype == torch.uint8:
+        t[2, 1] += 2  # E8M0: four times the scale
+    else:
+        t[2, 1] = (t[2, 1].to(torch.float32) * 4).to(t.dtype)
+
+
+def _smaller_global_scale(t: torch.Tensor) -> None:
+    t.mul_(0.5)  # every block's multiplier doubles
+
+
+@pytest.mark.parametrize(("scheme", "leaf", "change"), [
+    ("nvfp4", "weight_packed", _flip_nibble), ("nvfp4", "weight_scale", _bigger_scale),
+    ("nvfp4", "weight_global_scale", _smaller_global_scale),
+    ("mxfp4", "weight_packed", _flip_nibble), ("mxfp4", "weight_scale", _bigger_scale),
+])
+def test_verify_passes_sound_layers_and_catches_corruption(scheme: str, leaf: str, change: Callable,
+                                                           one_shard_llama: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`verify --original` runs the microscaled Triton GEMM (CPU interpreter here, GPU on the device tier) against
+    the dequantized operands, and checks each weight element against round-to-nearest's bound: a sound layer
+    passes; one corrupted nibble, block scale or global scale fails the weight check."""
+    from qconvert.verification import verify
+
+    out = tmp_path / scheme
+    assert run_inline(capsys, "quantize", one_shard_llama, "-s", scheme, "-o", out, "-q")[0] == 0
+    module = "model.layers.0.self_attn.v_proj"
+    sound = verify(str(out), original=str(one_shard_llama), device=DEVICE, tokens=[3], layers=module)
+    assert sound.ok and sound.layers[0].kernel_ok and sound.layers[0].weight_ok, sound.to_json()
+    _corrupt(out, f"{module}.{leaf}", change)
+    bad = verify(str(out), original=str(one_shard_llama), device=DEVICE, tokens=[3], layers=module)
+    assert bad.layers[0].kernel_ok and not bad.layers[0].weight_ok and bad.layers[0].weight_violations >= 1

@@ -109,7 +109,6 @@ class WeightFormat:
     layout: ClassVar[Layout] = Layout.COMPRESSED_TENSORS
     writable: ClassVar[bool] = True  # False: a format we only read (DeepSeek FP8)
     number: ClassVar[NumberType]  # what its codes are
-    rtn_bound: ClassVar[bool] = True  # verify --original checks each element against round-to-nearest's bound
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -163,6 +162,12 @@ class WeightFormat:
 
     def rebuild(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The layer's weight, dequantized as the reference reader (compressed-tensors) computes it."""
+        raise NotImplementedError
+
+    def codes_and_scales(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, scales)``, each ``[out, in]``: every element's code and the multiplier it was divided by, as
+        stored (``verify --original`` checks each element against round-to-nearest's bound with them)."""
         raise NotImplementedError
 
     def copies_as(self, other: WeightFormat) -> bool:

@@ -49,7 +49,6 @@ class _Microscaled(WeightFormat):
     scale_dtype: ClassVar[torch.dtype]
     values_leaf: ClassVar[str] = "weight_packed"
     values_dtype: ClassVar[torch.dtype] = torch.uint8
-    rtn_bound = False
 
     def _columns(self, in_features: int) -> int:
         return in_features // 2 if self.values_leaf == "weight_packed" else in_features
@@ -114,6 +113,10 @@ class _Microscaled(WeightFormat):
             return (self.codes(band) * scales).to(layer.dtype)
 
         return _banded_rebuild(layer, decode, layer.dtype)
+
+    def codes_and_scales(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codes(tensors), self.decoded_scales(tensors).repeat_interleave(self.group, dim=1)
 
     def same_codes(self, layer: StoredLayer, args: QuantArgs) -> bool:
         return args == layer.args

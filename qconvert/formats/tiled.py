@@ -86,6 +86,15 @@ def rebuild_tiled(layer: StoredLayer, values: torch.Tensor, scale: torch.Tensor)
     return weight
 
 
+def tiled_codes_and_scales(layer: StoredLayer, codes: torch.Tensor, scales: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each element's code and its tile's scale, both ``[out, in]``."""
+    (n, k), (th, tw) = layer.shape, layer.tile
+    rows, cols = -(-n // th), -(-k // tw)
+    full = scales.reshape(rows, cols).repeat_interleave(th, 0)[:n].repeat_interleave(tw, 1)[:, :k]
+    return codes, full
+
+
 class PackQuantized(WeightFormat):
     """int4/int8 codes packed into int32 words, one scale per group of inputs or per channel (W4A16/W8A16)."""
 
@@ -134,6 +143,11 @@ class PackQuantized(WeightFormat):
     def rebuild(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         values = unpack_int32(tensors["weight_packed"], layer.num_bits, layer.shape[1])
         return rebuild_tiled(layer, values, tensors["weight_scale"])
+
+    def codes_and_scales(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = unpack_int32(tensors["weight_packed"], layer.num_bits, layer.shape[1])
+        return tiled_codes_and_scales(layer, codes, tensors["weight_scale"])
 
     def kernel_path(self, layer: StoredLayer, tensors: dict[str, torch.Tensor], config: dict | None,
                     device: torch.device) -> KernelPath:
@@ -190,6 +204,15 @@ class _Unpacked(WeightFormat):
 
     def rebuild(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return rebuild_tiled(layer, tensors["weight"], tensors[self.scale_leaf])
+
+    def codes_and_scales(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, scales = tensors["weight"], tensors[self.scale_leaf]
+        if codes.dtype == torch.float8_e4m3fnuz:  # same bits, half the value: read back as e4m3fn
+            from qconvert.kernels import e4m3fnuz_to_e4m3fn
+
+            codes, scales = e4m3fnuz_to_e4m3fn(codes, scales.to(torch.float32))
+        return tiled_codes_and_scales(layer, codes, scales)
 
     def kernel_path(self, layer: StoredLayer, tensors: dict[str, torch.Tensor], config: dict | None,
                     device: torch.device) -> KernelPath:
