@@ -1,14 +1,14 @@
 """Whole-checkpoint conversion: qconvert vs llm-compressor's model_free_ptq vs `cp -r`, in one run.
 
-    python benchmarks/convert_speed.py [--work bench-work] [--repeats 3] [--llmc-python PATH]
+    python benchmarks/convert_speed.py [--work bench-work] [--repeats 3] [--llmc-python PATH] [--scheme nvfp4]
 
 Generates (once, cached in --work) a ~1.7 GB bf16 Llama-shaped checkpoint: hidden 2048, intermediate
 5632, 16 layers, 32 heads / 4 KV heads, vocab 32000, 4 shards, random weights. Then, as separate
 whole processes (imports included), each repeated and reported as the median:
 
 * `cp -r` of the checkpoint followed by `sync`;
-* `python -m qconvert quantize CKPT --scheme rtn4` (W4A16, group 128);
-* llm-compressor 0.14 `model_free_ptq` with the same scheme and ignore list (embeddings, lm_head),
+* `python -m qconvert quantize CKPT --scheme rtn4` (W4A16, group 128; or --scheme nvfp4, mxfp4, mxfp8, fp8-block);
+* llm-compressor 0.14 `model_free_ptq` with the same scheme (its preset) and ignore list (embeddings, lm_head),
   run in its own virtual environment (its pins conflict with ours; created on first use).
 
 qconvert fsyncs its shards before renaming the output into place; model_free_ptq does not sync, so
@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "bench-work")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llmc-python", type=Path, default=None)
+    parser.add_argument("--scheme", default="rtn4", choices=["rtn4", "fp8-block", "nvfp4", "mxfp4", "mxfp8"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = generate_checkpoint(args.work / "llama-1.7b-shape")
@@ -147,10 +148,10 @@ def main() -> None:
     outputs = {name: args.work / f"out-{name}" for name in ("cp", "qconvert", "llmc")}
     commands = {
         "cp": ["sh", "-c", f"cp -r '{ckpt}' '{outputs['cp']}' && sync"],
-        "qconvert": [sys.executable, "-m", "qconvert", "quantize", str(ckpt), "--scheme", "rtn4",
+        "qconvert": [sys.executable, "-m", "qconvert", "quantize", str(ckpt), "--scheme", args.scheme,
                      "-o", str(outputs["qconvert"]), "--quiet"],
         "llmc": [str(llmc), str(REPO / "benchmarks" / "llmc_reference.py"), str(ckpt), str(outputs["llmc"]),
-                 "--scheme", "rtn4", "--ignore", "lm_head", "--ignore", "model.embed_tokens"],
+                 "--scheme", args.scheme, "--ignore", "lm_head", "--ignore", "model.embed_tokens"],
     }
     # Warm the page cache so every tool reads from memory, then alternate tools in each round.
     run_measured(["sh", "-c", f"cat '{ckpt}'/*.safetensors > /dev/null"])
@@ -172,7 +173,7 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     print(f"| `cp -r` + sync | {med['cp']:.2f} | – | {med['llmc'] / med['cp']:.1f}x |")
     print(f"| llm-compressor model_free_ptq, whole process | {med['llmc']:.2f} | {rss['llmc']:.0f} | 1.0x |")
-    print(f"| qconvert quantize --scheme rtn4, whole process | {med['qconvert']:.2f} | {rss['qconvert']:.0f} "
+    print(f"| qconvert quantize --scheme {args.scheme}, whole process | {med['qconvert']:.2f} | {rss['qconvert']:.0f} "
           f"| {med['llmc'] / med['qconvert']:.2f}x |")
     print()
     print(f"outputs bit-identical to model_free_ptq: {'yes' if identical else 'NO'} ({count} tensors compared)")

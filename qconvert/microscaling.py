@@ -120,8 +120,8 @@ def quantize_mx(weight: torch.Tensor, number: object, group: int = 32) -> tuple[
         band_exponents = mx_exponents(amax, 2 if fp4 else 8)
         exponents[first : first + rows] = band_exponents
         work = torch.float32 if weight.dtype == torch.float16 else weight.dtype
-        scale = e8m0_values(band_exponents).to(work).repeat_interleave(group, dim=1)
-        scaled = band.to(work) / scale
+        scale = e8m0_values(band_exponents).to(work).unsqueeze(-1)  # broadcast over each group's inputs
+        scaled = (band.to(work).reshape(*amax.shape, group) / scale).reshape(band.shape)
         if fp4:
             values[first : first + rows] = pack_nibbles(e2m1_codes(scaled))
         else:
@@ -176,6 +176,7 @@ def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor) -> tuple[to
         band = weight[first : first + rows]
         band_scales = nvfp4_block_scales(group_amax(band, 16), global_scale)
         scales[first : first + rows] = band_scales
-        multiplier = (band_scales.to(torch.float32) / global_scale).repeat_interleave(16, dim=1)
-        packed[first : first + rows] = pack_nibbles(e2m1_codes(band / multiplier))
+        multiplier = (band_scales.to(torch.float32) / global_scale).unsqueeze(-1)  # broadcast over the 16 inputs
+        quotient = band.reshape(*band_scales.shape, 16) / multiplier
+        packed[first : first + rows] = pack_nibbles(e2m1_codes(quotient.reshape(band.shape)))
     return packed, scales

@@ -108,11 +108,23 @@ def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: Layout) ->
                   if (name := spelled(spec.name)) is not None]
                  for module, _, _, shape in layers]
 
+    # Parts cut from one stored tensor that engines fuse again (GraniteMoE's gate and up of one expert) share what
+    # the scheme shares (NVFP4's global scale): computed here, since this unit holds every part.
+    fused = fused_groups([module for module, _, _, _ in layers], DEFAULT_FUSED_PATTERNS) \
+        if split.scheme.shared_fused_scale else []
+    group_of = {module: tuple(group) for group in fused for module in group}
+
     def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         result: dict[str, torch.Tensor] = {}
-        for module, expert, part, _ in layers:
-            weight = part.cut(tensors[0][expert]).contiguous()
-            written = checked_compress(info, f"{module}.weight", weight, split.scheme, layout, None)
+        cuts = {module: part.cut(tensors[0][expert]) for module, expert, part, _ in layers}
+        shared: dict[tuple[str, ...], torch.Tensor | None] = {}
+        for group in set(group_of.values()):
+            amax = torch.stack([cuts[m].abs().amax() for m in group]).max()
+            shared[group] = split.scheme.format.shared(amax, cuts[group[0]].dtype, split.scheme.args)
+        for module, _, _, _ in layers:
+            weight = cuts[module].contiguous()
+            written = checked_compress(info, f"{module}.weight", weight, split.scheme, layout,
+                                       shared.get(group_of.get(module, ())))
             result.update({name: tensor for stored, tensor in written.items()
                            if (name := spelled(stored)) is not None})
         return result

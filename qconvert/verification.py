@@ -32,7 +32,7 @@ import torch
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
 from qconvert.errors import BadInputError
 from qconvert.formats import NumberType, StoredLayer
-from qconvert.quantizers import FP8_E4M3_MAX, dequantize_activation_groups, int_range, unpack_int32
+from qconvert.quantizers import FP8_E4M3_MAX, dequantize_activation_groups, int_range
 from qconvert.safetensors_io import TensorReader
 from qconvert.sources import stored_layers
 from qconvert.verify_paths import _U32, FP8_MMA_GAMMA, KernelPath
