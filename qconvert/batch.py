@@ -86,16 +86,11 @@ class OptionSpec:
     command: object  # the quantize command, which parses the value exactly as on the command line
 
 
-def quantize_options() -> dict[str, OptionSpec]:
-    """The options of ``qconvert quantize``, read from the command itself, so that an option added there
-    is a job-file key too (and an option removed there is refused here)."""
-    import typer
-
-    from qconvert.cli import app
-
-    command = typer.main.get_command(app).commands["quantize"]  # type: ignore[attr-defined]
+def option_specs(command: object) -> dict[str, OptionSpec]:
+    """The options of the ``qconvert quantize`` click command (``cli.quantize_option_specs`` passes it), so that an
+    option added there is a job-file key too (and an option removed there is refused here)."""
     specs = {}
-    for param in command.params:
+    for param in command.params:  # type: ignore[attr-defined]
         # Typer may vendor its own click: recognise options by what they are, not by class.
         if getattr(param, "param_type_name", None) != "option":
             continue
@@ -162,8 +157,9 @@ def _expand(template: str, name: str, scheme: str) -> str:
     return template.format(name=name, scheme=scheme)
 
 
-def load_jobs(path: Path) -> list[Job]:
-    """Read and validate the whole job file; every defect is one line naming the job and the key."""
+def load_jobs(path: Path, options: dict[str, OptionSpec]) -> list[Job]:
+    """Read and validate the whole job file; every defect is one line naming the job and the key. ``options``: the
+    quantize command's options (:func:`option_specs`)."""
     import yaml
 
     try:
@@ -189,7 +185,6 @@ def load_jobs(path: Path) -> list[Job]:
     if not isinstance(entries, list) or not entries:
         raise BadInputError(f"{path}: jobs: expected a non-empty list of jobs")
 
-    options = quantize_options()
     defaults = _normalize_keys(defaults, "defaults", path)
     for key in defaults:
         if key in JOB_ONLY_KEYS:
@@ -294,8 +289,8 @@ def _build_job(index: int, model: str, defaults: dict, job_keys: dict, options: 
 def build_request(model: str, scheme: str, target: Path, values: dict,
                   bad: Callable[[str, str], BadInputError], scheme_key: str = "scheme") -> QuantizeRequest:
     """The :class:`QuantizeRequest` that ``qconvert quantize`` would build from these options, parsed by
-    the CLI's own helpers; a failure names the key it came from."""
-    from qconvert.cli import _fuse_patterns, _parse_overrides
+    the commands' own parsers (qconvert.options); a failure names the key it came from."""
+    from qconvert.options import fuse_patterns, parse_overrides
     from qconvert.schemes import get_scheme
     from qconvert.units import DEFAULT_FUSED_PATTERNS
     from qconvert.writing import parse_size
@@ -314,9 +309,9 @@ def build_request(model: str, scheme: str, target: Path, values: dict,
                              lambda: get_scheme(scheme, group_size))
     override, overrides_file = values.pop("override", None) or [], values.pop("overrides", None)
     handled["overrides"] = step("override" if override else "overrides",
-                                lambda: _parse_overrides(list(override), overrides_file))
+                                lambda: parse_overrides(list(override), overrides_file))
     fuse = values.pop("fuse", None)
-    handled["fused_patterns"] = step("fuse", lambda: _fuse_patterns(fuse) if fuse else list(DEFAULT_FUSED_PATTERNS))
+    handled["fused_patterns"] = step("fuse", lambda: fuse_patterns(fuse) if fuse else list(DEFAULT_FUSED_PATTERNS))
     handled["max_shard_bytes"] = step("max_shard_size", lambda: parse_size(values.pop("max_shard_size", "5GB")))
     request_fields = {f.name for f in dataclasses.fields(QuantizeRequest)}
     for key, value in values.items():

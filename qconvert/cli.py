@@ -65,33 +65,6 @@ def _emit_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def _parse_overrides(items: list[str], file: Path | None) -> list[tuple[str, object]]:
-    """``PATTERN=SCHEME`` pairs, from the command line first, then the file (one per line, # comments)."""
-    from qconvert.errors import BadInputError
-    from qconvert.schemes import get_scheme
-
-    lines = list(items)
-    if file is not None:
-        from qconvert.safetensors_io import open_regular
-
-        try:
-            with os.fdopen(open_regular(file), "rb") as f:
-                text = f.read().decode("utf-8")
-        except OSError as exc:
-            raise BadInputError(f"{file}: cannot read overrides ({exc.strerror})") from exc
-        except UnicodeDecodeError as exc:
-            raise BadInputError(f"{file}: overrides file is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-        lines += [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
-    overrides = []
-    for line in filter(None, lines):
-        pattern, sep, name = line.rpartition("=")
-        if not sep or not pattern.strip() or not name.strip():
-            raise BadInputError(f"--override {line!r}: expected PATTERN=SCHEME (SCHEME may be 'none')")
-        name = name.strip()
-        overrides.append((pattern.strip(), None if name == "none" else get_scheme(name)))
-    return overrides
-
-
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="Model folder, or a Hugging Face hub id.")],
@@ -160,6 +133,7 @@ def quantize(
     workers: WorkersOpt = None,
 ) -> None:
     """Quantize a checkpoint into a new compressed-tensors checkpoint."""
+    from qconvert.options import fuse_patterns, parse_overrides
     from qconvert.pipeline import QuantizeRequest
     from qconvert.pipeline import quantize as run
     from qconvert.schemes import get_scheme
@@ -171,8 +145,8 @@ def quantize(
         output=output,
         ignore=list(ignore or []),
         targets=list(targets or []),
-        overrides=_parse_overrides(list(override or []), overrides_file),  # type: ignore[arg-type]
-        fused_patterns=_fuse_patterns(fuse) if fuse else None,
+        overrides=parse_overrides(list(override or []), overrides_file),  # type: ignore[arg-type]
+        fused_patterns=fuse_patterns(fuse) if fuse else None,
         layout=layout,
         max_shard_bytes=parse_size(max_shard_size),
         overwrite=overwrite,
@@ -209,21 +183,6 @@ def quantize(
         markup=False,
     )
     _print_coverage(summary)
-
-
-def _fuse_patterns(patterns: list[str]) -> list[str]:
-    import re
-
-    from qconvert.errors import BadInputError
-
-    for pattern in patterns:
-        try:
-            groups = re.compile(pattern).groups
-        except re.error as exc:
-            raise BadInputError(f"--fuse {pattern!r}: invalid regular expression ({exc})") from exc
-        if groups < 1:
-            raise BadInputError(f"--fuse {pattern!r}: needs a capture group naming the fused module")
-    return patterns
 
 
 def _print_plan(summary: dict) -> None:
@@ -281,6 +240,7 @@ def convert(
 ) -> None:
     """Convert a quantized checkpoint: fnuz (ROCm), shared-scale (fused FP8), pack (int8 -> int32), dequantize."""
     from qconvert.errors import BadInputError
+    from qconvert.options import fuse_patterns
     from qconvert.pipeline import ConvertRequest
     from qconvert.pipeline import convert as run
     from qconvert.writing import parse_size
@@ -293,7 +253,7 @@ def convert(
 
     request = ConvertRequest(
         model=model, op=op, output=output,
-        fused_patterns=_fuse_patterns(fuse) if fuse else None,
+        fused_patterns=fuse_patterns(fuse) if fuse else None,
         dtype=getattr(torch, dtypes[dtype]) if dtype else (torch.bfloat16 if op == "dequantize" else None),
         max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision,
         show_progress=not quiet and not as_json, resume=resume, device=device, workers=workers,
@@ -610,7 +570,7 @@ def batch(
     from qconvert.batch import exit_code as batch_exit_code
 
     started = time.perf_counter()
-    job_list = load_jobs(jobs_file)
+    job_list = load_jobs(jobs_file, quantize_option_specs())
     settings = Settings(force=force, dry_run=dry_run, fail_fast=fail_fast)
     total = sum(len(job.outputs) for job in job_list)
     terminal = sys.stderr.isatty() and not quiet
@@ -661,3 +621,10 @@ def batch(
     code = batch_exit_code(rows)
     if code:
         raise typer.Exit(code)
+
+
+def quantize_option_specs() -> dict:
+    """The options of ``qconvert quantize``, read from the command itself: a job file's keys (``batch``)."""
+    from qconvert.batch import option_specs
+
+    return option_specs(typer.main.get_command(app).commands["quantize"])  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ import torch
 from qconvert import __version__
 from qconvert.architectures import facts_from_config
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
-from qconvert.conversions import plan_conversion
+from qconvert.conversions import OPS, ConvertOp, plan_conversion
 from qconvert.engine import ExecutionSettings, execute, execution_settings, report_stage, warm_up
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
@@ -222,7 +222,7 @@ def _serving_notes(kinds: list[str], family: str, fnuz: bool, misaligned: bool =
 @dataclass
 class ConvertRequest:
     model: str
-    op: str
+    op: ConvertOp | str  # a ConvertOp; the command line's string is checked and converted by convert()
     output: Path | None = None
     fused_patterns: list[str] | None = None  # None: the architecture's fusion map
     dtype: torch.dtype | None = None
@@ -242,8 +242,11 @@ def convert(request: ConvertRequest, notice: Notice) -> dict:
 
 def _convert(request: ConvertRequest, notice: Notice) -> dict:
     started = time.perf_counter()
+    if request.op not in OPS:
+        raise BadInputError(f"--op {request.op!r}: choose from {', '.join(OPS)}")
+    request = replace(request, op=ConvertOp(request.op))
     source = resolve_source(request.model, request.revision)
-    target = (request.output or default_output(request.model, source, request.op)).expanduser()
+    target = (request.output or default_output(request.model, source, request.op.value)).expanduser()
     check_output_location(source, target, request.overwrite)
     settings = execution_settings(request.device, request.workers)
     warm_up(settings)
@@ -260,7 +263,7 @@ def _convert(request: ConvertRequest, notice: Notice) -> dict:
     shards = write_checkpoint(checkpoint, plan.units, target, plan.config, request.max_shard_bytes,
                               request.show_progress, notice, resume=request.resume, options=job_options(request),
                               settings=settings)
-    return summarize(checkpoint, plan.units, target, shards, time.perf_counter() - started, op=request.op,
+    return summarize(checkpoint, plan.units, target, shards, time.perf_counter() - started, op=request.op.value,
                      converted=plan.converted)
 
 

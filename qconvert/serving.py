@@ -92,6 +92,15 @@ FAMILIES = ("llama", "deepseek", *SPLIT_FAMILIES)
 _WITH_SPLIT: dict = {"families": ("*", *SPLIT_FAMILIES)}
 _WITH_GRANITE: dict = {"families": ("*", "granitemoe")}
 
+# NVFP4 / MX: vLLM picks its W4A4 / W8A8 classes for the A16 presets too; SGLang has no dense MX scheme.
+_VLLM_NVFP4_MOE = "CompressedTensorsW4A4Nvfp4MoEMethod"
+_SGLANG_NVFP4: dict = {"families": ("llama",),
+                       "note": "SGLang: DeepSeek MLA fused q_a/kv_a weight_global_scale [1]+[1] fails to load; "
+                               "NVFP4 MoE needs hidden % 128 == 0 and expert intermediate % 64 == 0"}
+# transformers computes NVFP4 MoE experts wrongly (llm-compressor's identical bytes too; tests/arch_matrix.py).
+_TRANSFORMERS_NVFP4 = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None,
+                              families=("llama",), note="dense models; NVFP4 MoE experts compute wrongly")
+
 SERVES: dict[str, tuple[Serving, ...]] = {
     "rtn4": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE, **_WITH_SPLIT),
              _sglang("CompressedTensorsWNA16", 80, **_SGLANG_NOT_MLA_PACKED), _TRANSFORMERS, _QCONVERT_WITH_GRANITE),
@@ -117,6 +126,14 @@ SERVES: dict[str, tuple[Serving, ...]] = {
                    _sglang("CompressedTensorsW8A8Fp8", 89, families=("llama",),
                            note="SGLang's fp8 MoE takes tensor weights only with static tensor activations"),
                    _TRANSFORMERS, _QCONVERT_WITH_GRANITE),
+    "nvfp4": (_vllm("CompressedTensorsW4A4Fp4", 75, _VLLM_NVFP4_MOE, **_WITH_GRANITE,
+                    note="vLLM: weight-only at every capability (Marlin; FlashInfer CuTe-DSL W4A16 on sm100)"),
+              _sglang("CompressedTensorsW4A16Fp4", 80, "CompressedTensorsW4A16Nvfp4MoE", **_SGLANG_NVFP4),
+              _TRANSFORMERS_NVFP4, _QCONVERT_WITH_GRANITE),
+    "mxfp4": (_vllm("CompressedTensorsW4A4Mxfp4", 80, "CompressedTensorsW4A4Mxfp4MoEMethod", **_WITH_GRANITE,
+                    note="vLLM quantizes activations to MXFP4 on sm100+ (FlashInfer / CUTLASS) whatever the "
+                         "config says; SGLang has no compressed-tensors MXFP4 linear scheme"),
+              _TRANSFORMERS, _QCONVERT_WITH_GRANITE),
     # No engine accepts int8 weights with block scales through compressed-tensors.
     "int8-block": (_TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),
     # SGLang's blockwise_int8 reaches the scales only where the model's loader keeps `weight_scale_inv`.

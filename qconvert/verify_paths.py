@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qconvert.formats.args import Strategy
+from qconvert.formats.args import Strategy, config_group
 from qconvert.quantizers import (
     FP8_E4M3_MAX,
     dequantize_tiles,
@@ -53,7 +53,6 @@ class KernelRun:
 @dataclass
 class KernelPath:
     name: str
-    kind: str  # int | float
     activation: str  # "bf16" | "int8 per token group 128" | ...
     run: Callable[[torch.Tensor, torch.Tensor | None], KernelRun]
 
@@ -73,8 +72,6 @@ def _exact_weight(values: torch.Tensor, scales: torch.Tensor, layer: StoredLayer
 def _activation_strategy(layer: StoredLayer, config: dict | None, has_static: bool) -> tuple[str, int | None]:
     """How the layer's activations are quantized in serving: ("group", g) | ("token", None) |
     ("tensor", None) | ("static", None)."""
-    from qconvert.formats.base import config_group
-
     if has_static:
         return "static", None
     group = config_group(config, layer.module) or {}
@@ -122,7 +119,7 @@ def packed_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], device: to
 
     name = f"W{bits}A16 packed GEMM (Triton)" + (" + static int8 fake-quant (wNa8o8)" if wna8o8 else "")
     activation = "int8 static fake-quant" if input_scale is not None else str(layer.dtype).removeprefix("torch.")
-    return KernelPath(name, "int", activation, run_packed)
+    return KernelPath(name, activation, run_packed)
 
 
 def scaled_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], config: dict | None,
@@ -207,7 +204,7 @@ def scaled_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], config: di
                                       group_k=layer.tile[1] if layer.strategy == "block" else (group or 128))
         return KernelRun(out, q, s, act_group if s.shape[-1] > 1 else k, exact, weight_ref, gamma)
 
-    return KernelPath(name, kind, activation, run_quantized)
+    return KernelPath(name, activation, run_quantized)
 
 
 def _static_reference(x: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
@@ -220,7 +217,7 @@ def _static_reference(x: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.
 
 
 def microscaled_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], device: torch.device,
-                     group_scales: torch.Tensor, codes: torch.Tensor) -> KernelPath:
+                     group_scales: torch.Tensor, codes: torch.Tensor, kernel_format: str) -> KernelPath:
     """NVFP4 / MXFP4 / MXFP8, weight-only: the Triton GEMM that unpacks codes and scales in registers (Hopper has
     no FP4 tensor cores: as Marlin FP4 does, each weight is rebuilt in the activation dtype before the dot)."""
     from qconvert.kernels.microscaled import microscaled_gemm
@@ -236,12 +233,11 @@ def microscaled_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], devic
     gamma = k * _U32  # float32 accumulation over K products of exact (bf16 x bf16) terms
 
     values = tensors.get("weight_packed", tensors.get("weight"))
-    kernel_format = {16: "nvfp4"}.get(group, "mxfp4" if "weight_packed" in tensors else "mxfp8")
 
     def run(x: torch.Tensor, bias: torch.Tensor | None) -> KernelRun:
         out = microscaled_gemm(x, kernel_format, values, tensors["weight_scale"], tensors.get("weight_global_scale"),
                                bias=bias, out_dtype=torch.float32)
         return KernelRun(out, x, None, k, True, weight_ref, gamma)
 
-    return KernelPath(f"{layer.format.name} weight-only GEMM (Triton, unpacked in registers)", "float",
+    return KernelPath(f"{layer.format.name} weight-only GEMM (Triton, unpacked in registers)",
                       str(layer.dtype).removeprefix("torch."), run)

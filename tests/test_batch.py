@@ -245,7 +245,7 @@ def test_defaults_take_dashes_or_underscores(models: dict[str, Path], tmp_path: 
     jobs.write_text(f"defaults:\n  max-shard-size: 2MB\n  allow_requantize: true\n  ignore: re:.*down_proj.*\n"
                     f"jobs:\n  - model: {models['llama']}\n    schemes: [rtn4, rtn8]\n"
                     f"    output: o/{{name}}/{{scheme}}\n")
-    [job] = load_jobs(jobs)
+    [job] = load_jobs(jobs, cli.quantize_option_specs())
     assert [o.target for o in job.outputs] == [(Path.cwd() / f"o/llama-a/{s}").resolve() for s in ("rtn4", "rtn8")]
     request = job.outputs[1].request
     assert request.max_shard_bytes == 2 * 10**6 and request.allow_requantize and request.ignore == ["re:.*down_proj.*"]
@@ -254,7 +254,7 @@ def test_defaults_take_dashes_or_underscores(models: dict[str, Path], tmp_path: 
     # schemes in defaults apply to every job that names none; a job's own scheme wins
     jobs.write_text(f"defaults:\n  schemes: [rtn4, fp8]\n  output: o/{{name}}-{{scheme}}\n"
                     f"jobs:\n  - model: {models['llama']}\n  - model: {models['small']}\n    scheme: rtn8\n")
-    first, second = load_jobs(jobs)
+    first, second = load_jobs(jobs, cli.quantize_option_specs())
     assert [o.scheme for o in first.outputs] == ["rtn4", "fp8"] and [o.scheme for o in second.outputs] == ["rtn8"]
 
 
@@ -314,7 +314,8 @@ def test_one_read_feeds_every_output(models: dict[str, Path], tmp_path: Path, mo
 
 def test_fingerprint_is_not_copied_by_later_runs(models: dict[str, Path], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
-    [job] = load_jobs(write_jobs(tmp_path, models, "jobs:\n  - model: {small}\n    output: {out}/first\n"))
+    jobs = write_jobs(tmp_path, models, "jobs:\n  - model: {small}\n    output: {out}/first\n")
+    [job] = load_jobs(jobs, cli.quantize_option_specs())
     [row] = run_job(job, Settings())
     assert row["status"] == "ok" and (tmp_path / "out" / "first" / FINGERPRINT_NAME).is_file()
     result = qconvert(capsys, "convert", tmp_path / "out" / "first", "--op", "dequantize", "-o", tmp_path / "deq", "-q")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qconvert.formats.args import ScaleDtype
 from qconvert.kernels.configs import TileConfig
 from qconvert.kernels.microscaled import MXFP4, MXFP8, NVFP4, MicroFormat, dequantize, microscaled_gemm
 from qconvert.kernels.microscaled_reference import (
@@ -66,7 +67,7 @@ def make_weight(fmt: MicroFormat, n: int, k: int, seed: int = 0, exponents: tupl
     if fmt.per_byte == 1:
         weight = weight.view(torch.float8_e4m3fn)
     groups = k // fmt.group
-    if fmt.scale == "e4m3":
+    if fmt.scale is ScaleDtype.E4M3:
         log2 = torch.rand((n, groups), generator=generator(seed + 1)) * 7 - 4
         scales = torch.exp2(log2).to(torch.float8_e4m3fn)
         # Not a power of two, so the division by it rounds (as amax-derived global scales do).
@@ -321,7 +322,7 @@ def sound_and_corrupted(fmt: MicroFormat, corrupt: str) -> tuple[torch.Tensor, t
             as_bytes = weight.view(torch.uint8)
             as_bytes[row, col] = 0x38 if as_bytes[row, col] != 0x38 else 0x40  # 1.0, or 2.0 where it was 1.0
     elif corrupt == "scale":
-        if fmt.scale == "e4m3":
+        if fmt.scale is ScaleDtype.E4M3:
             scales.view(torch.uint8)[row, col // fmt.group] ^= 0x08  # an exponent bit: twice or half the scale
         else:
             scales[row, col // fmt.group] += 1  # twice the scale

@@ -8,6 +8,7 @@ group exactly as ``QuantizationArgs.model_dump`` writes it (and so llm-compresso
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -138,3 +139,17 @@ class QuantArgs:
                  ScaleDtype.E4M3 if "float8" in scale_dtype else ScaleDtype.WEIGHT)
         return cls(number, bits, strategy, args.get("group_size"), block,  # type: ignore[arg-type]
                    bool(args.get("symmetric", True)), scale, strategy is Strategy.TENSOR_GROUP)
+
+
+def config_group(config: dict | None, module: str) -> dict | None:
+    """The compressed-tensors config group that targets ``module`` (by name first, then by class)."""
+    qconfig = (config or {}).get("quantization_config") or {}
+    groups = list((qconfig.get("config_groups") or {}).values())
+    for group in groups:
+        targets = group.get("targets") or []
+        if any(t == module or (t.startswith("re:") and re.match(t[3:], module)) for t in targets):
+            return group
+    for group in groups:  # class-name targets ("Linear") cover every remaining layer
+        if any(not t.startswith("re:") and "." not in t for t in group.get("targets") or []):
+            return group
+    return None

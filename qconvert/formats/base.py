@@ -10,14 +10,13 @@ rest of qconvert asks the registry instead of branching on format names.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from qconvert.formats.args import Layout, NumberType, QuantArgs, Strategy
+from qconvert.formats.args import Layout, NumberType, QuantArgs, Strategy, config_group
 from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
 
 if TYPE_CHECKING:
@@ -69,20 +68,6 @@ class StoredLayer:
     def matches(self, format: WeightFormat, args: QuantArgs) -> bool:
         """Whether writing ``args`` in ``format`` would store exactly these values: then the layer is copied."""
         return self.format.copies_as(format) and self.format.same_codes(self, args)
-
-
-def config_group(config: dict | None, module: str) -> dict | None:
-    """The compressed-tensors config group that targets ``module`` (by name first, then by class)."""
-    qconfig = (config or {}).get("quantization_config") or {}
-    groups = list((qconfig.get("config_groups") or {}).values())
-    for group in groups:
-        targets = group.get("targets") or []
-        if any(t == module or (t.startswith("re:") and re.match(t[3:], module)) for t in targets):
-            return group
-    for group in groups:  # class-name targets ("Linear") cover every remaining layer
-        if any(not t.startswith("re:") and "." not in t for t in group.get("targets") or []):
-            return group
-    return None
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class _Microscaled(WeightFormat):
 
     group: ClassVar[int]
     scale_dtype: ClassVar[torch.dtype]
+    kernel_format: ClassVar[str]  # the verify kernel's name for it (qconvert.kernels.microscaled)
     values_leaf: ClassVar[str] = "weight_packed"
     values_dtype: ClassVar[torch.dtype] = torch.uint8
 
@@ -123,7 +124,8 @@ class _Microscaled(WeightFormat):
 
     def kernel_path(self, layer: StoredLayer, tensors: dict[str, torch.Tensor], config: dict | None,
                     device: torch.device) -> KernelPath:
-        return microscaled_path(layer, tensors, device, self.decoded_scales(tensors), self.codes(tensors))
+        return microscaled_path(layer, tensors, device, self.decoded_scales(tensors), self.codes(tensors),
+                                self.kernel_format)
 
 
 def _leaves(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -135,6 +137,7 @@ class NVFP4(_Microscaled):
     """E2M1 codes, an e4m3 scale per 16 inputs, a float32 global scale per tensor (shared by fused layers)."""
 
     name = "nvfp4-pack-quantized"
+    kernel_format = "nvfp4"
     number = NumberType.FP4_E2M1
     group = 16
     scale_dtype = torch.float8_e4m3fn
@@ -164,6 +167,7 @@ class MXFP4(_Microscaled):
     """E2M1 codes, a power-of-two (E8M0) scale per 32 inputs."""
 
     name = "mxfp4-pack-quantized"
+    kernel_format = "mxfp4"
     number = NumberType.FP4_E2M1
     group = 32
     scale_dtype = torch.uint8

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qconvert.formats.args import NumberType, ScaleDtype
 from qconvert.kernels.configs import TileConfig, gemm_config, interpreting
 from qconvert.kernels.microscaled_reference import (
     FORMATS,
@@ -183,11 +184,11 @@ def _check_operands(fmt: MicroFormat, x: torch.Tensor, weight: torch.Tensor, sca
     if k <= 0 or k % fmt.group:
         raise ValueError(f"{fmt.name}: K = {k} inputs is not a positive multiple of the scale group ({fmt.group})")
     n = weight.shape[0] if weight.dim() == 2 else -1
-    weight_dtypes = (torch.uint8,) if fmt.element == "e2m1" else (torch.float8_e4m3fn, torch.uint8)
+    weight_dtypes = (torch.uint8,) if fmt.element is NumberType.FP4_E2M1 else (torch.float8_e4m3fn, torch.uint8)
     if weight.dim() != 2 or weight.dtype not in weight_dtypes or weight.shape[1] * fmt.per_byte != k:
         raise ValueError(f"{fmt.name}: weight {weight.dtype} {list(weight.shape)} does not fit activations "
                          f"[..., {k}] (expected {weight_dtypes[0]} [N, {k // fmt.per_byte}])")
-    scale_dtype = torch.float8_e4m3fn if fmt.scale == "e4m3" else torch.uint8
+    scale_dtype = torch.float8_e4m3fn if fmt.scale is ScaleDtype.E4M3 else torch.uint8
     if scales.dtype != scale_dtype or tuple(scales.shape) != (n, k // fmt.group):
         raise ValueError(f"{fmt.name}: scales {scales.dtype} {list(scales.shape)}, expected {scale_dtype} "
                          f"[{n}, {k // fmt.group}]")
@@ -232,7 +233,7 @@ def microscaled_gemm(x: torch.Tensor, fmt: MicroFormat | str, weight: torch.Tens
     _microscaled_gemm_kernel[grid](
         rows, w, s, gs, bias if bias is not None else s, target, m, n, k, per_split,
         rows.stride(0), w.stride(0), s.stride(0), target.stride(-2), target.stride(0) if splits > 1 else 0,
-        PER_BYTE=fmt.per_byte, SCALE_E8M0=fmt.scale == "e8m0", HAS_GLOBAL=fmt.global_scale, GROUP=fmt.group,
+        PER_BYTE=fmt.per_byte, SCALE_E8M0=fmt.scale is ScaleDtype.E8M0, HAS_GLOBAL=fmt.global_scale, GROUP=fmt.group,
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, DOT_FP32=interpreting(), SPLIT_K=splits,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

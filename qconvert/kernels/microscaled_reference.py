@@ -19,26 +19,28 @@ from dataclasses import dataclass
 
 import torch
 
+from qconvert.formats.args import NumberType, ScaleDtype
+
 
 @dataclass(frozen=True)
 class MicroFormat:
     """One microscaled weight format: how its elements and block scales are encoded."""
 
     name: str
-    element: str  # "e2m1": FP4 codes two to a uint8 byte; "e4m3": float8_e4m3fn values
-    scale: str  # "e4m3": float8_e4m3fn block scales; "e8m0": uint8 biased power-of-two exponents
+    element: NumberType  # FP4_E2M1: codes two to a uint8 byte; FP8_E4M3: float8_e4m3fn values
+    scale: ScaleDtype  # E4M3: float8_e4m3fn block scales; E8M0: uint8 biased power-of-two exponents
     group: int  # inputs (along K) per block scale
     global_scale: bool  # a float32 [1] tensor divides every block scale (NVFP4)
 
     @property
     def per_byte(self) -> int:
         """Weight elements stored per byte of the weight tensor."""
-        return 2 if self.element == "e2m1" else 1
+        return 2 if self.element is NumberType.FP4_E2M1 else 1
 
 
-NVFP4 = MicroFormat("nvfp4", "e2m1", "e4m3", 16, True)
-MXFP4 = MicroFormat("mxfp4", "e2m1", "e8m0", 32, False)
-MXFP8 = MicroFormat("mxfp8", "e4m3", "e8m0", 32, False)
+NVFP4 = MicroFormat("nvfp4", NumberType.FP4_E2M1, ScaleDtype.E4M3, 16, True)
+MXFP4 = MicroFormat("mxfp4", NumberType.FP4_E2M1, ScaleDtype.E8M0, 32, False)
+MXFP8 = MicroFormat("mxfp8", NumberType.FP8_E4M3, ScaleDtype.E8M0, 32, False)
 FORMATS = {f.name: f for f in (NVFP4, MXFP4, MXFP8)}
 
 # The magnitudes of the 3-bit E2M1 index (bit 3 of a nibble is the sign): 2 exponent bits with bias 1, 1 mantissa bit.

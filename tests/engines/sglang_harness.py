@@ -24,7 +24,11 @@ Loaded parameters are compared with the tensors on disk as the loader wrote them
 dequantization of the checkpoint (``convert --op dequantize``, in the model's dtype), SGLang's
 ``process_weights_after_loading`` runs per layer where it runs on a CPU (fp8 and block-int8 methods, dense and
 MoE; not Marlin repacking, which needs CUDA: reported as such) and the weights as SGLang will compute with them,
-dequantized (code x scale), must equal qconvert's dequantization exactly.
+dequantized (code x scale), must equal qconvert's dequantization exactly. NVFP4 layers (weight-only linear and
+MoE schemes) are processed by ``check_microscaled`` instead, whatever the reference: up to the FP4 Marlin
+repacking (the helper is replaced by a stop), so that SGLang's own checks run (fused projections and each
+expert's gate/up must share one global scale) and what it hands the kernel is compared with the checkpoint
+decoded on its own (``microscaled.py``).
 """
 
 from __future__ import annotations
@@ -401,10 +405,13 @@ def check_postload(model: torch.nn.Module, reference: dict[str, torch.Tensor], b
     from sglang.srt.model_loader.loader import _modules_with_quant_method
 
     names = {id(m): n for n, m in model.named_modules()}
-    compared, skipped, problems = 0, {}, []
+    compared, skipped, problems, elsewhere = 0, {}, [], 0
     for module, method in _modules_with_quant_method(model):
         name = names.get(id(module), "?")
         kind = type(getattr(module, "scheme", None) or method).__name__
+        if kind in MICROSCALED:  # (check_microscaled has processed and compared those)
+            elsewhere += 1
+            continue
         if kind.startswith("Unquantized"):
             continue
         try:
@@ -433,6 +440,8 @@ def check_postload(model: torch.nn.Module, reference: dict[str, torch.Tensor], b
                 problems.append(f"{name}{'.' + prefix.rstrip('_') if prefix else ''}: after SGLang's "
                                 f"{kind}.process_weights_after_loading, dequantized weights differ from qconvert's "
                                 f"({bad} of {expected.numel()} values)")
+    if elsewhere and not compared and not skipped:
+        return "", problems
     summary = f"{compared} layers compared after post-load processing"
     if skipped:
         summary += "; not run on a CPU: " + "; ".join(f"{k} ({v})" for k, v in sorted(skipped.items()))
@@ -448,6 +457,96 @@ def _expected_after(module: torch.nn.Module, name: str, reference: dict[str, tor
             yield prefix, torch.stack([torch.cat(group, 0) for group in tensors]) if ok else None
     else:
         yield "", _reference(name, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Microscaled (NVFP4) layers after SGLang's post-load processing, against the checkpoint decoded on its own.
+# ---------------------------------------------------------------------------------------------------------
+
+# SGLang's NVFP4 linear scheme and MoE scheme -> the helper (module, name) its processing ends with: the GPU
+# repacking for FP4 Marlin, which needs CUDA. Everything before it (renames, the global-scale checks and
+# inversion) is SGLang's and runs here. SGLang 0.5.23 has no compressed-tensors MXFP4 / MXFP8 linear scheme.
+MICROSCALED = {
+    "CompressedTensorsW4A16Fp4": (
+        "sglang.srt.layers.quantization.compressed_tensors.schemes.compressed_tensors_w4a16_nvfp4",
+        "prepare_nvfp4_layer_for_marlin"),
+    "CompressedTensorsW4A16Nvfp4MoE": ("sglang.srt.layers.quantization.marlin_utils_fp4",
+                                       "prepare_moe_nvfp4_layer_for_marlin"),
+}
+
+
+class _Repacking(Exception):
+    """Raised by the stand-in of the GPU repacking helper: SGLang's own processing reached it."""
+
+
+def _process_until_repacking(module: torch.nn.Module, method, kind: str) -> str | None:
+    """Run the layer's process_weights_after_loading until the repacking; None when it got there, else SGLang's
+    refusal (its own checks run first: fused NVFP4 projections must share one global scale)."""
+    import importlib
+
+    owner_name, helper = MICROSCALED[kind]
+    owner = importlib.import_module(owner_name)
+    real = getattr(owner, helper)
+
+    def stop(*args, **kwargs):
+        raise _Repacking
+
+    setattr(owner, helper, stop)
+    try:
+        method.process_weights_after_loading(module)
+    except _Repacking:
+        return None
+    except Exception as exc:
+        return _one_line(exc)
+    finally:
+        setattr(owner, helper, real)
+    return "the repacking was not reached"
+
+
+def check_microscaled(model: torch.nn.Module, disk: dict[str, torch.Tensor]) -> tuple[str, list[str]]:
+    """For NVFP4 layers: SGLang's process_weights_after_loading up to the FP4 Marlin repacking, then the weights
+    it hands the kernel (codes x e4m3 scale x its one global scale per layer / per expert) against each
+    checkpoint part decoded on its own (``microscaled.decode``). (summary, problems)"""
+    from sglang.srt.model_loader.loader import _modules_with_quant_method
+
+    from tests.engines import microscaled
+
+    names = {id(m): n for n, m in model.named_modules()}
+    compared, problems = 0, []
+    for module, method in list(_modules_with_quant_method(model)):
+        kind = type(getattr(module, "scheme", None) or method).__name__
+        if kind not in MICROSCALED:
+            continue
+        name = names[id(module)]
+        refusal = _process_until_repacking(module, method, kind)
+        if refusal is not None:
+            problems.append(f"{name}: SGLang's {kind}.process_weights_after_loading refuses it: {refusal}")
+            continue
+        compared += 1
+        if hasattr(module, "w13_weight"):  # experts: [E, rows, in/2] codes, one global scale per expert
+            shards = [("w13_", module.w13_weight_scale_2), ("w2_", module.w2_weight_scale_2)]
+        else:
+            shards = [("", module.weight_global_scale.reshape(1))]
+        for prefix, global_scale in shards:
+            codes, scale = getattr(module, f"{prefix}weight").data, getattr(module, f"{prefix}weight_scale").data
+            groups, _ = _sources(f"{name}.{prefix}weight_packed", disk)
+            if codes.dim() == 2:
+                codes, scale = codes[None], scale[None]
+            for index, parts in enumerate(groups):
+                values = microscaled.fp4_codes(codes[index])
+                rows, cols = values.shape
+                factor = scale[index].float() * global_scale[index].float()
+                got = (values.reshape(rows, factor.shape[-1], -1) * factor.unsqueeze(-1)).reshape(rows, cols)
+                want = torch.cat([microscaled.decode("nvfp4", disk, part) for part in parts], 0)
+                error = microscaled.relative_error(got, want)
+                if error > microscaled.TOLERANCE:
+                    where = f" expert {index}" if len(groups) > 1 else ""
+                    problems.append(f"{name}{'.' + prefix.rstrip('_') if prefix else ''}{where}: after SGLang's "
+                                    f"{kind}.process_weights_after_loading, the weights it hands the kernel differ "
+                                    f"from the checkpoint's {microscaled.part_label(parts)} by up to {error:.2%}")
+                    break
+    return (f"{compared} NVFP4 layers compared after post-load processing (up to the FP4 Marlin repacking)"
+            if compared or problems else ""), problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -489,10 +588,14 @@ def run_case(checkpoint: Path, family: str, kind: str, capability: int, referenc
                 return result
         result.problems.extend(check_loaded(model, _disk_tensors(checkpoint), sentinel))
         result.problems.extend(f"SGLang warned: {line}" for line in warnings.lines if "not found" in line)
+        if not result.problems:
+            with gpu_capability(capability):
+                result.postload, microscaled_problems = check_microscaled(model, _disk_tensors(checkpoint))
+            result.problems.extend(microscaled_problems)
         if not result.problems and reference is not None:
             with gpu_capability(capability):
-                result.postload, postload_problems = check_postload(model, _disk_tensors(reference),
-                                                                    _block_of(checkpoint))
+                summary, postload_problems = check_postload(model, _disk_tensors(reference), _block_of(checkpoint))
+            result.postload = "; ".join(part for part in (result.postload, summary) if part)
             result.problems.extend(postload_problems)
         result.loaded = not result.problems
         return result

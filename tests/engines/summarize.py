@@ -22,6 +22,12 @@ def load(results: Path) -> list[dict]:
     return records
 
 
+def _not_written(record: dict) -> bool:
+    """The case's output was refused by qconvert itself (both harnesses record that as the only problem)."""
+    problems = record.get("problems") or []
+    return not record["loaded"] and len(problems) == 1 and problems[0].startswith("qconvert refuse")
+
+
 def table(records: list[dict]) -> str:
     rows: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for record in records:
@@ -31,6 +37,9 @@ def table(records: list[dict]) -> str:
     for (engine, kind, family), cases in sorted(rows.items()):
         loaded = sorted({c["capability"] for c in cases if c["loaded"]})
         refused = sorted({c["capability"] for c in cases if not c["loaded"]})
+        if all(_not_written(c) for c in cases):  # no engine ran: qconvert refuses to write this output
+            lines.append(f"| {engine} | `{kind}` | {family} | – | not written by qconvert | – |")
+            continue
         best = max(cases, key=lambda c: (c["loaded"], c["capability"]))
         # The distinct methods picked (linear layers, then MoE experts), short names: the full per-layer picks
         # are in the JSON.

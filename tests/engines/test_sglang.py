@@ -8,7 +8,9 @@ Per case and GPU capability (75, 80, 89, 90): the scheme SGLang picks per layer 
 real model's ``load_weights``, each parameter the picked methods created compared with the files on disk
 (nothing left at its initial fill, nothing on disk dropped, no shape/dtype error); and the outcome against
 ``qconvert.serving`` (loaded at c  <=>  the table lists SGLang for the kind and family with min_capability <= c;
-the picks equal the table's ``method`` / ``moe_method``).
+the picks equal the table's ``method`` / ``moe_method``). NVFP4 cases also run SGLang's post-load processing up to
+the GPU repacking and compare the weights it keeps with the checkpoint (``sglang_harness.check_microscaled``), on
+a Qwen3-MoE as well (family "llama" in the table).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ except Exception as exc:
 
 from qconvert import serving
 from qconvert.cli import main as qconvert_main
+from tests.engines.sources import build_qwen3_moe_source, build_sglang_source
 
 CAPABILITIES = (75, 80, 89, 90)
 # Layer kinds whose pick is the table's linear `method` (lm_head stays unquantized; experts: `moe_method`).
@@ -44,6 +47,7 @@ class Case:
     quantize: tuple[str, ...]  # qconvert quantize arguments
     convert: str | None = None  # then qconvert convert --op
     plain_mlp: bool = False  # the MLP layers (dense, shared experts, experts) are left unquantized
+    families: tuple[str, ...] = ("llama", "deepseek")  # the source models it runs on (FAMILIES)
 
 
 CASES = [
@@ -70,13 +74,21 @@ CASES = [
     Case("mixed", ("--scheme", "fp8-block", "--override", "re:.*mlp.*=rtn4")),
     # An override to `none` leaves one quantized scheme: its kind is that scheme's.
     Case("fp8-block", ("--scheme", "fp8-block", "--override", "re:.*mlp.*=none"), plain_mlp=True),
+    # Microscaled, weight-only. NVFP4 also on a Qwen3-MoE: SGLang's NVFP4 weight-only MoE scheme refuses experts
+    # whose gate and up global scales differ (sglang_harness.check_microscaled runs its post-load checks), and
+    # DeepSeek is the tier's only other MoE model.
+    Case("nvfp4", ("--scheme", "nvfp4"), families=("llama", "deepseek", "qwen3_moe")),
+    Case("mxfp4", ("--scheme", "mxfp4")),
+    Case("mxfp8", ("--scheme", "mxfp8")),
 ]
 CASE_IDS = [c.kind + ("-mlp-none" if "re:.*mlp.*=none" in c.quantize else "")
             + ("-forced" if "--force-layout" in c.quantize else "")
             + ("-unshared" if "--fuse" in c.quantize and not c.convert else "") for c in CASES]
 # Kinds a checkpoint holds layers of (a mixed-precision output is served where every one of them is).
 MIXED_KINDS = {"mixed": ["fp8-block", "rtn4"]}
-FAMILIES = ("llama", "deepseek")
+FAMILIES = ("llama", "deepseek", "qwen3_moe")
+# The table's family for each source model (qconvert.serving.family_of: every non-DeepSeek decoder is "llama").
+TABLE_FAMILY = {"qwen3_moe": "llama"}
 
 # Cases where SGLang and the table disagree because qconvert's output is wrong (being fixed on main):
 # strict xfail with the engine's exact message. Keyed by (case id, family).
@@ -90,35 +102,6 @@ RESULTS: list[harness.Result] = []
 
 class KnownQconvertDefect(AssertionError):
     """Raised (and expected by a strict xfail) only when SGLang fails with exactly the recorded message."""
-
-
-def _tiny_llama(root: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "llama")
-    return root / "llama"
-
-
-def _tiny_deepseek(root: Path) -> Path:
-    """DeepSeek-V3-shaped: MLA with q/kv LoRA ranks, MoE with shared experts, one dense layer first; the
-    router and rope fields real DeepSeek-V3 configs carry (SGLang's model class reads them)."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    torch.manual_seed(0)
-    config = DeepseekV3Config(
-        hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, vocab_size=512, q_lora_rank=128, kv_lora_rank=128,
-        qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=128, n_routed_experts=4, num_experts_per_tok=2,
-        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, moe_layer_freq=1,
-        topk_method="noaux_tc", scoring_func="sigmoid", ep_size=1, max_position_embeddings=10240,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
-                         "original_max_position_embeddings": 256, "beta_fast": 32.0, "beta_slow": 1.0,
-                         "mscale": 1.0, "mscale_all_dim": 1.0})
-    DeepseekV3ForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "deepseek")
-    return root / "deepseek"
 
 
 def _qconvert(*args: str | Path) -> tuple[int, str]:
@@ -136,7 +119,9 @@ def _qconvert(*args: str | Path) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bases")
-    return {"llama": _tiny_llama(root), "deepseek": _tiny_deepseek(root)}
+    return {"llama": build_sglang_source("llama", root / "llama"),
+            "deepseek": build_sglang_source("deepseek", root / "deepseek"),
+            "qwen3_moe": build_qwen3_moe_source(root / "qwen3_moe")}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -186,7 +171,7 @@ MLP_KINDS = {"gate_up", "down", "shared_gate_up", "shared_down", "experts"}
 
 
 def _disagreements(result: harness.Result, case: Case) -> list[str]:
-    expected = _expected(result.kind, result.family, result.capability)
+    expected = _expected(result.kind, TABLE_FAMILY.get(result.family, result.family), result.capability)
     lines = []
     if result.loaded != (expected is not None):
         lines.append(f"sm{result.capability}: SGLang {'loaded' if result.loaded else 'did not load'} it, the "
@@ -215,7 +200,7 @@ PARAMS = [pytest.param(case, family, id=f"{family}-{cid}",
                        marks=[pytest.mark.xfail(strict=True, raises=KnownQconvertDefect,
                                                 reason=KNOWN_QCONVERT_DEFECTS[(cid, family)])]
                        if (cid, family) in KNOWN_QCONVERT_DEFECTS else [])
-          for family in FAMILIES for case, cid in zip(CASES, CASE_IDS, strict=True)]
+          for family in FAMILIES for case, cid in zip(CASES, CASE_IDS, strict=True) if family in case.families]
 
 
 @pytest.mark.parametrize(("case", "family"), PARAMS)
@@ -304,3 +289,25 @@ def test_packed_dynamic_int8_is_what_sglang_cannot_load(bases: dict[str, Path], 
                for p in result.problems), result.problems
     assert any(p.startswith("model.layers.0.self_attn.q_proj.weight_packed: on disk but no SGLang parameter")
                for p in result.problems), result.problems
+
+
+def test_sglang_refuses_unshared_nvfp4_global_scales(bases: dict[str, Path], tmp_path: Path) -> None:
+    """What qconvert's shared NVFP4 global scales are for: with one k_proj's global scale halved, SGLang's weight-only
+    NVFP4 linear scheme refuses the fused q/k/v layer in its post-load processing (run up to the FP4 Marlin
+    repacking by sglang_harness.check_microscaled)."""
+    from safetensors.torch import load_file, save_file
+
+    checkpoint, refusal = _build(Case("nvfp4", ("--scheme", "nvfp4")), bases["llama"], tmp_path)
+    if checkpoint is None:
+        pytest.skip(f"qconvert does not write nvfp4 here: {refusal}")
+    name = "model.layers.1.self_attn.k_proj.weight_global_scale"
+    shard = next(s for s in checkpoint.glob("*.safetensors") if name in load_file(s))
+    tensors = load_file(shard)
+    tensors[name] = tensors[name] / 2
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = harness.run_case(checkpoint, "llama", "nvfp4", 90)
+    assert not result.loaded
+    assert len(result.problems) == 1 and result.problems[0].startswith(
+        "model.layers.1.self_attn.qkv_proj: SGLang's CompressedTensorsW4A16Fp4.process_weights_after_loading "
+        "refuses it: ValueError: NVFP4 weight-only linear requires all fused projections to share one "
+        "weight_global_scale"), result.problems

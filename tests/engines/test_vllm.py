@@ -10,8 +10,9 @@ loads the case at a capability exactly when ``qconvert.serving`` says so, and pi
 
 Stubbed (see ``vllm_harness`` for the details): vLLM runs on its CPU platform with the capability query patched,
 and kernel selection falls back to the platform's kernels that can implement the layer (ignoring this CPU's lack
-of AMX), to Marlin / Triton for WNA16 / int8 MoE experts, or to a never-run stand-in, because no kernel runs here. No
-post-load processing runs (it repacks for GPU kernels).
+of AMX), to Marlin / Triton for WNA16 / int8 / NVFP4 / MXFP8 MoE experts, or to a never-run stand-in, because no kernel
+runs here. Post-load processing runs only for NVFP4 / MXFP4 / MXFP8 layers, up to the GPU kernel's repacking (the
+weights vLLM then computes with must equal the checkpoint's; ``vllm_harness.check_postload``).
 
 Run in the vLLM venv: ``make engines`` (``tests/engines/setup_vllm.sh``); skipped elsewhere.
 """
@@ -37,10 +38,9 @@ if _REASON:
 # cache beside the venv, so a warm CI reuses it.
 os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(sys.prefix) / "vllm-cache"))
 
-import torch  # noqa: E402
-
 from qconvert import serving  # noqa: E402
 from qconvert.cli import main as qconvert_main  # noqa: E402
+from tests.engines.sources import build_vllm_source  # noqa: E402
 
 FAMILIES = ("llama", "deepseek")
 
@@ -65,6 +65,10 @@ class Case:
 MLP_KINDS = "gate_up_proj|down_proj|experts"
 CASES = [
     *(Case(s, s) for s in ("rtn4", "rtn8", "int8-block", "w8a8-int8", "fp8", "fp8-block", "fp8-tensor")),
+    # Microscaled, weight-only (llm-compressor's NVFP4A16 / MXFP4A16 / MXFP8A16): besides the loading checks, the
+    # weights vLLM computes with after its own post-load processing (NVFP4: one global scale per fused layer and
+    # per expert's gate/up) must equal the checkpoint's (vllm_harness.check_postload).
+    *(Case(s, s) for s in ("nvfp4", "mxfp4", "mxfp8")),
     Case("int8-block@sglang", "int8-block", ("--layout", "sglang", "--force-layout")),
     Case("w8a8-int8+pack", "w8a8-int8", op="pack"),
     Case("int8-block+pack", "int8-block", op="pack"),
@@ -92,26 +96,6 @@ def _qconvert(*args: str | Path) -> tuple[int, str]:
     return code, err.getvalue().strip()
 
 
-def _build_source(family: str, folder: Path) -> Path:
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if family == "llama":
-        config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
-        model = LlamaForCausalLM(config)
-    else:  # DeepSeek-V3: MLA with a q LoRA rank, 4 routed experts + 1 shared, the first layer dense
-        config = DeepseekV3Config(
-            hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
-            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=128,
-            kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, vocab_size=512,
-            max_position_embeddings=256, topk_method="noaux_tc", scoring_func="sigmoid")
-        model = DeepseekV3ForCausalLM(config)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    return folder
-
-
 class Checkpoints:
     """Each source model and each case's checkpoint built once per module (and vLLM's ModelConfig for it)."""
 
@@ -122,7 +106,7 @@ class Checkpoints:
 
     def source(self, family: str) -> Path:
         folder = self.root / f"src-{family}"
-        return folder if folder.exists() else _build_source(family, folder)
+        return folder if folder.exists() else build_vllm_source(family, folder)
 
     def get(self, case: Case, family: str) -> tuple[Path | None, str]:
         """The checkpoint folder, or None and qconvert's refusal."""
@@ -236,3 +220,27 @@ def test_the_harness_sees_a_damaged_checkpoint(checkpoints: Checkpoints, tmp_pat
     result = harness.run_case(broken, "llama", "rtn4", 90, harness.model_config(broken))
     assert not result.loaded
     assert any("o_proj" in problem for problem in result.problems), result.problems
+
+
+def test_the_postload_check_sees_unshared_nvfp4_global_scales(checkpoints: Checkpoints, tmp_path: Path) -> None:
+    """What qconvert's shared NVFP4 global scales are for: with one k_proj's global scale halved (its codes and e4m3
+    scales kept, so the checkpoint still decodes to a valid weight), vLLM loads it without a word, but computes
+    that k_proj with the largest of q/k/v's global scales: the post-load comparison reports the fused layer."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, refusal = checkpoints.get(next(c for c in CASES if c.name == "nvfp4"), "llama")
+    if folder is None:
+        pytest.skip(f"qconvert does not write nvfp4 here: {refusal}")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    name = "model.layers.1.self_attn.k_proj.weight_global_scale"
+    shard = next(s for s in broken.glob("*.safetensors") if name in load_file(s))
+    tensors = load_file(shard)
+    tensors[name] = tensors[name] / 2
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = harness.run_case(broken, "llama", "nvfp4", 90, harness.model_config(broken))
+    assert not result.loaded
+    assert [p for p in result.problems if p.startswith("model.layers.1.self_attn.qkv_proj: after vLLM's")] \
+        == result.problems, result.problems

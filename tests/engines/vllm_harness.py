@@ -21,11 +21,17 @@ What is patched, and why (nothing else):
   layer (its CPU FP8 kernels refuse only because this CPU lacks AMX), else a stand-in class
   (``KernelNotRunHere``; below sm89 vLLM's W8A16-FP8 kernels exist for CUDA only: Marlin FP8, sm75+). The MoE
   backend selectors for WNA16 and int8 experts, whose CPU backends cannot run here, fall back to Marlin and
-  Triton (the first backends vLLM's CUDA priority lists offer for NVIDIA sm80-sm90). The kernel only matters
-  after loading (repacking and matmuls), and no kernel runs in this tier: vLLM's post-load processing
-  (``process_weights_after_loading``) is not run, so what is compared with the checkpoint is each parameter
-  exactly as the weight loaders filled it. The kernel chosen for each layer kind is recorded in
-  ``Result.kernels``.
+  Triton (the first backends vLLM's CUDA priority lists offer for NVIDIA sm80-sm90); those for NVFP4 and MXFP8
+  experts to Marlin. NVFP4 / MXFP4 / MXFP8 linear layers ask ``init_{nvfp4,mxfp4,mxfp8}_linear_kernel``, which
+  finds nothing on this platform (its lists are CUDA / ROCm / XPU only), and get the stand-in. The kernel only
+  matters after loading (repacking and matmuls), and no kernel runs in this tier: what is compared with the
+  checkpoint is each parameter exactly as the weight loaders filled it. The kernel chosen for each layer kind is
+  recorded in ``Result.kernels``.
+- Post-load processing (``process_weights_after_loading``) runs only for the microscaled layers (NVFP4, MXFP4,
+  MXFP8), whose scheme-level steps before the GPU repacking decide the weights computed with (NVFP4's global
+  scales folded to one per fused layer / per expert): ``check_postload`` runs them (the stand-in kernel's own
+  step does nothing; the NVFP4 MoE method's conversion to a kernel format is replaced by a capture of its
+  arguments) and compares the result, dequantized, with the checkpoint decoded on its own.
 - Distributed state: one process, world size 1 over gloo; the model-parallel groups are re-made when a MoE
   model follows a dense one (vLLM makes its expert-parallel group only for MoE models).
 """
@@ -61,6 +67,9 @@ class Result:
     loaded: bool = False
     problems: list[str] = field(default_factory=list)
     kernels: dict[str, str] = field(default_factory=dict)  # layer kind → kernel vLLM chose on this CPU platform
+    # After vLLM's own process_weights_after_loading, where it runs on a CPU (NVFP4, MXFP4, MXFP8 layers): the
+    # weights vLLM computes with, dequantized, against the checkpoint's tensors decoded here ("" when not run).
+    postload: str = ""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -108,6 +117,13 @@ class KernelNotRunHere:
     @classmethod
     def get_min_capability(cls) -> int:
         return 0
+
+    def input_quant_key(self) -> None:  # (NVFP4 linear layers ask their kernel; none is pre-quantized here)
+        return None
+
+    def process_weights_after_loading(self, layer: Any) -> None:
+        """The GPU kernel's own repacking (Marlin, FlashInfer, ...): not run here; the scheme's steps before it
+        (renames, NVFP4 global scales folded across fused shards) are (``check_postload``)."""
 
 
 def _patch_kernel_choosers() -> None:
@@ -162,6 +178,49 @@ def _patch_kernel_choosers() -> None:
 
     wna16_moe.select_wna16_moe_backend = moe_fallback(wna16_moe.select_wna16_moe_backend, WNA16MoEBackend.MARLIN)
     int8_moe.select_int8_moe_backend = moe_fallback(int8_moe.select_int8_moe_backend, Int8MoeBackend.TRITON)
+    # NVFP4 and MXFP8 experts: Marlin, the first backend of vLLM's lists that serves NVIDIA sm80-sm90 (the
+    # FlashInfer / CUTLASS / DeepGEMM ones before it are sm100+). MXFP4 experts need no fallback: vLLM's method
+    # picks CUTLASS only where the device supports it, else Marlin, without a selector that can fail.
+    from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend
+    from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w4a4_nvfp4 as nvfp4_moe,
+    )
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w8a8_mxfp8 as mxfp8_moe,
+    )
+
+    nvfp4_moe.select_nvfp4_moe_backend = moe_fallback(nvfp4_moe.select_nvfp4_moe_backend, NvFp4MoeBackend.MARLIN)
+    mxfp8_moe.select_mxfp8_moe_backend = moe_fallback(mxfp8_moe.select_mxfp8_moe_backend, Fp8MoeBackend.MARLIN)
+
+    # NVFP4 / MXFP4 / MXFP8 linear layers: the scheme's constructor (NVFP4, MXFP4) or create_weights (MXFP8) asks
+    # init_{nvfp4,mxfp4,mxfp8}_linear_kernel, which on this platform finds no kernel (vLLM's lists for them are
+    # CUDA / ROCm / XPU only; the NVFP4 weight-only path forces Marlin, which checks for CUDA). Where it raises,
+    # the stand-in is returned; it keeps what the scheme asked for (MXFP4: ``activation_quant_key``).
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+        compressed_tensors_w4a4_mxfp4 as mxfp4_scheme,
+    )
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+        compressed_tensors_w4a4_nvfp4 as nvfp4_scheme,
+    )
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+        compressed_tensors_w8a8_mxfp8 as mxfp8_scheme,
+    )
+
+    def linear_fallback(real: Any) -> Any:
+        def init(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return real(*args, **kwargs)
+            except ValueError as error:
+                if "kernel" not in str(error).lower():
+                    raise
+                _state.setdefault("kernel_failures", []).append(" ".join(str(error).split())[:300])
+                return KernelNotRunHere(*args, **kwargs)
+        return init
+
+    for module, name in ((nvfp4_scheme, "init_nvfp4_linear_kernel"), (mxfp4_scheme, "init_mxfp4_linear_kernel"),
+                         (mxfp8_scheme, "init_mxfp8_linear_kernel")):
+        setattr(module, name, linear_fallback(getattr(module, name)))
 
 
 def set_capability(capability: int) -> None:
@@ -256,22 +315,35 @@ def _streamed_experts(model: Any) -> tuple[str, Any] | None:
 
 
 def _never_read(model: Any) -> set[str]:
-    """Parameters a checkpoint cannot fill and vLLM never reads: the ``w13_weight_shape`` / ``w2_weight_shape``
-    that vLLM's WNA16 MoE method registers (``create_weights``; nothing in vLLM 0.33.0 reads them) in a model
-    whose streamed-expert loader has no checkpoint name for them (gpt-oss: ``_GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_
-    SHARD`` maps weights, scales and biases only). Elsewhere (Mixtral-style loaders) they must be filled."""
+    """Parameters a checkpoint cannot fill and vLLM never reads:
+
+    - the ``w13_weight_shape`` / ``w2_weight_shape`` that vLLM's WNA16 MoE method registers (``create_weights``;
+      nothing in vLLM 0.33.0 reads them) in a model whose streamed-expert loader has no checkpoint name for them
+      (gpt-oss: ``_GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_SHARD`` maps weights, scales and biases only). Elsewhere
+      (Mixtral-style loaders) they must be filled.
+    - the ``w13_input_global_scale`` / ``w2_input_global_scale`` that vLLM's NVFP4 MoE method registers whatever
+      the activations (``CompressedTensorsW4A4Nvfp4MoEMethod.create_weights``): a weight-only (NVFP4A16)
+      checkpoint has none, and the weight-only backends drop them (``convert_to_nvfp4_moe_kernel_format``, Marlin:
+      ``a13_scale = a2_scale = None``; ``make_nvfp4_moe_quant_config``: ``nvfp4_w4a16_moe_quant_config`` takes no
+      activation scale). vLLM's loader does not check a quantized model's parameters by default, so it loads.
+    """
+    never: set[str] = set()
+    for prefix, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if type(method).__name__ == "CompressedTensorsW4A4Nvfp4MoEMethod" and getattr(method, "use_a16", False):
+            never |= {f"{prefix}.{leaf}" for leaf in ("w13_input_global_scale", "w2_input_global_scale")}
     streamed = _streamed_experts(model)
     if streamed is None:
-        return set()
+        return never
     import importlib
 
     module = importlib.import_module(type(streamed[1]).__module__)
     suffixes = getattr(module, "_GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_SHARD", None)
     if suffixes is None:
-        return set()
-    return {name for name, _ in model.named_parameters()
-            if name.rpartition(".")[2] in ("w13_weight_shape", "w2_weight_shape")
-            and name.rpartition(".")[2] not in suffixes}
+        return never
+    return never | {name for name, _ in model.named_parameters()
+                    if name.rpartition(".")[2] in ("w13_weight_shape", "w2_weight_shape")
+                    and name.rpartition(".")[2] not in suffixes}
 
 
 def _streamed_sources(model: Any, disk: dict[str, Any]) -> dict[str, list[str]]:
@@ -470,6 +542,10 @@ def run_case(folder: Path, family: str, kind: str, capability: int, mc: Any | No
             or getattr(scheme, "fp8_linear", None) or getattr(method, "kernel", None)
         if kernel is not None:
             result.kernels[layer] = type(kernel).__name__
+            asked = getattr(kernel, "kwargs", {}).get("activation_quant_key") if isinstance(
+                kernel, KernelNotRunHere) else None
+            if asked is not None:  # e.g. the MXFP4 scheme asks for dynamic MXFP4 activations, whatever the config
+                result.kernels[layer] += f" (activation_quant_key={asked})"
 
     loader = DefaultModelLoader(vc.load_config)
     snapshots = []
@@ -505,8 +581,144 @@ def run_case(folder: Path, family: str, kind: str, capability: int, mc: Any | No
             result.problems.append(problem)
     for name in sorted(set(disk) - used):
         result.problems.append(f"{name}: on disk, but no parameter of vLLM's model holds it")
+    if not result.problems:
+        with set_current_vllm_config(vc):
+            result.postload, problems = check_postload(model, disk)
+        result.problems.extend(problems)
     result.loaded = not result.problems
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# After vLLM's post-load processing: what it computes with, against the checkpoint (microscaled formats).
+# ---------------------------------------------------------------------------------------------------------------
+
+# Linear schemes and MoE methods whose layers check_postload follows; the rest keep their existing checks only.
+_MICROSCALED_SCHEMES = {"CompressedTensorsW4A4Fp4": "nvfp4", "CompressedTensorsW4A4Mxfp4": "mxfp4",
+                        "CompressedTensorsW8A8Mxfp8": "mxfp8"}
+_MICROSCALED_MOE = {"CompressedTensorsW4A4Nvfp4MoEMethod": "nvfp4", "CompressedTensorsW4A4Mxfp4MoEMethod": "mxfp4",
+                    "CompressedTensorsW8A8Mxfp8MoEMethod": "mxfp8"}
+
+
+def _vllm_weight(fmt: str, codes: Any, scale: Any, global_scale: Any = None) -> Any:
+    """What vLLM computes with, dequantized by vLLM's own helpers (its emulation paths' functions)."""
+    import torch
+    from vllm.model_executor.layers.quantization.utils.mxfp8_utils import dequant_mxfp8_to_bf16
+    from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import (
+        break_fp4_bytes,
+        dequantize_to_dtype,
+    )
+
+    if fmt == "nvfp4":
+        return dequantize_to_dtype(codes, scale, global_scale, torch.float32, block_size=16, swizzle=False)
+    if fmt == "mxfp8":
+        return dequant_mxfp8_to_bf16(codes, scale).float()
+    weight = break_fp4_bytes(codes, torch.float32)  # (vLLM's MXFP4 dequantizer needs amd-quark: same E2M1 codes)
+    rows, cols = weight.shape
+    factor = torch.exp2(scale.float() - 127)
+    return (weight.reshape(rows, -1, 32) * factor.unsqueeze(-1)).reshape(rows, cols)
+
+
+class _Captured(Exception):
+    """Raised by the stand-in of a MoE method's GPU-format conversion, with the arguments vLLM passed it."""
+
+    def __init__(self, arguments: dict) -> None:
+        super().__init__("captured")
+        self.arguments = arguments
+
+
+def _moe_inputs(method: Any, layer: Any) -> dict[str, Any] | str:
+    """Run a microscaled MoE method's process_weights_after_loading up to its conversion into the GPU kernel's
+    format, and return what it hands that conversion (NVFP4: the scales vLLM folded), or why it cannot."""
+    import importlib
+
+    module = importlib.import_module(type(method).__module__)
+    name = "convert_to_nvfp4_moe_kernel_format"
+    real = getattr(module, name, None)
+    if real is None:
+        return "no conversion to capture"
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        raise _Captured(kwargs)
+
+    setattr(module, name, capture)
+    try:
+        method.process_weights_after_loading(layer)
+    except _Captured as captured:
+        return captured.arguments
+    except Exception as error:
+        return _one_line(error)
+    finally:
+        setattr(module, name, real)
+    return "the conversion was not called"
+
+
+def check_postload(model: Any, disk: dict[str, Any]) -> tuple[str, list[str]]:
+    """For NVFP4 / MXFP4 / MXFP8 layers: run vLLM's own process_weights_after_loading (the scheme's steps; the GPU
+    kernel's repacking is the stand-in's no-op) and compare the weights vLLM then computes with, dequantized by
+    vLLM's helpers, with each checkpoint part decoded on its own (``microscaled.decode``). This is where a
+    per-part NVFP4 global scale that vLLM folds into one per fused layer shows: CompressedTensorsW4A4Fp4 keeps
+    the largest of the parts' global scales (q/k/v, gate/up, DeepSeek's q_a + kv_a: only a warning), and
+    CompressedTensorsW4A4Nvfp4MoEMethod keeps gate's for gate and up (``w13_weight_global_scale[:, 0]``).
+    MoE experts: NVFP4 only (MXFP4 / MXFP8 experts go from the loaded tensors, compared byte for byte already,
+    straight to the GPU kernel's repacking). Returns (summary, problems)."""
+    import torch
+
+    from tests.engines import microscaled
+
+    expected = {name: groups for name, groups, _ in _expected(model, disk)}
+    compared, skipped, problems = 0, {}, []
+    for prefix, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        scheme = getattr(module, "scheme", None)
+        fmt = _MICROSCALED_SCHEMES.get(type(scheme).__name__) or _MICROSCALED_MOE.get(type(method).__name__)
+        if fmt is None:
+            continue
+        kind = type(scheme if scheme is not None else method).__name__
+        if scheme is not None:  # a linear layer: its scheme's processing, then the stand-in kernel's (nothing)
+            parts = expected[f"{prefix}.{microscaled.VALUES[fmt]}"][0]
+            try:
+                method.process_weights_after_loading(module)
+            except Exception as error:
+                skipped.setdefault(kind, _one_line(error))
+                continue
+            got = _vllm_weight(fmt, module.weight.data, module.weight_scale.data,
+                               getattr(module, "weight_global_scale", None))
+            want = torch.cat([microscaled.decode(fmt, disk, part) for part in parts], 0)
+            compared += 1
+            error = microscaled.relative_error(got, want)
+            if error > microscaled.TOLERANCE:
+                problems.append(f"{prefix}: after vLLM's {kind}.process_weights_after_loading, the weights it "
+                                f"computes with differ from the checkpoint's {microscaled.part_label(parts)} by up "
+                                f"to {error:.2%} of the largest weight")
+            continue
+        if fmt != "nvfp4":
+            skipped.setdefault(kind, "loaded tensors go to the GPU kernel's repacking unchanged")
+            continue
+        inputs = _moe_inputs(method, module)
+        if isinstance(inputs, str):
+            skipped.setdefault(kind, inputs)
+            continue
+        compared += 1
+        for shard in ("w13", "w2"):
+            groups = expected[f"{prefix}.{shard}_weight_packed"]
+            codes, scale, scale_2 = inputs[shard], inputs[f"{shard}_scale"], inputs[f"{shard}_scale_2"]
+            for expert, parts in enumerate(groups):
+                got = _vllm_weight("nvfp4", codes[expert], scale[expert], scale_2[expert])
+                want = torch.cat([microscaled.decode("nvfp4", disk, part) for part in parts], 0)
+                error = microscaled.relative_error(got, want)
+                if error > microscaled.TOLERANCE:
+                    problems.append(f"{prefix}.{shard}: after vLLM's {kind}.process_weights_after_loading, expert "
+                                    f"{expert}'s weights it computes with differ from the checkpoint's "
+                                    f"{microscaled.part_label(parts)} by up to {error:.2%} of the largest weight "
+                                    "(vLLM keeps one global scale per expert and shard)")
+                    break
+    if not compared and not skipped:
+        return "", []
+    summary = f"{compared} layers compared after post-load processing"
+    if skipped:
+        summary += "; not run on a CPU: " + "; ".join(f"{k} ({v})" for k, v in sorted(skipped.items()))
+    return summary, problems
 
 
 def loaded_parameters(folder: Path, capability: int = 90) -> dict[str, Any]:
