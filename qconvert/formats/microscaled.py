@@ -67,7 +67,7 @@ class _Microscaled(WeightFormat):
         values, scale = parts.get(self.values_leaf), parts.get("weight_scale")
         if values is None or scale is None or values.dtype != self.values_dtype or scale.dtype != self.scale_dtype:
             return None
-        if ("weight_global_scale" in parts) != (self.name == "nvfp4-pack-quantized"):
+        if ("weight_global_scale" in parts) != self.default_args().global_scale:
             return None
         if len(values.shape) != 2 or len(scale.shape) != 2:
             raise BadInputError(f"{values.file.name}: {module} ({self.name}) has {len(values.shape)}-D values and "
