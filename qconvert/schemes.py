@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from qconvert.errors import BadInputError
 from qconvert.formats import NumberType, QuantArgs, ScaleDtype, Strategy, WeightFormat
 from qconvert.formats.base import describe_grouping, describe_number
-from qconvert.formats.microscaled import MXFP4, NVFP4
+from qconvert.formats.microscaled import MXFP4, MXFP8, NVFP4
 from qconvert.formats.tiled import FloatQuantized, IntQuantized, PackQuantized
 
 BLOCK = (128, 128)
@@ -122,6 +122,9 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("mxfp4", QuantArgs(NumberType.FP4_E2M1, 4, Strategy.GROUP, 32, scale_dtype=ScaleDtype.E8M0),
                MXFP4.instance(), "fp4 e2m1 weights, a power-of-two (E8M0) scale per 32 inputs (MXFP4, weight-only)",
                "MXFP4A16"),
+        Scheme("mxfp8", QuantArgs(NumberType.FP8_E4M3, 8, Strategy.GROUP, 32, scale_dtype=ScaleDtype.E8M0),
+               MXFP8.instance(), "fp8 e4m3 weights, a power-of-two (E8M0) scale per 32 inputs (MXFP8, weight-only)",
+               "MXFP8A16"),
     )
 }
 

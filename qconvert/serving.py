@@ -134,6 +134,10 @@ SERVES: dict[str, tuple[Serving, ...]] = {
                     note="vLLM quantizes activations to MXFP4 on sm100+ (FlashInfer / CUTLASS) whatever the "
                          "config says; SGLang has no compressed-tensors MXFP4 linear scheme"),
               _TRANSFORMERS, _QCONVERT_WITH_GRANITE),
+    "mxfp8": (_vllm("CompressedTensorsW8A8Mxfp8", 75, "CompressedTensorsW8A8Mxfp8MoEMethod", **_WITH_GRANITE,
+                    note="vLLM quantizes activations to MXFP8 on sm100+ (FlashInfer) whatever the config says; "
+                         "SGLang has no compressed-tensors MXFP8 linear scheme"),
+              _TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),
     # No engine accepts int8 weights with block scales through compressed-tensors.
     "int8-block": (_TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),
     # SGLang's blockwise_int8 reaches the scales only where the model's loader keeps `weight_scale_inv`.

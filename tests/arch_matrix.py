@@ -15,10 +15,11 @@ LAYERS = 2
 EXPERTS = 4
 HIDDEN = 128
 
-ALL_SCHEMES = ("rtn4", "rtn8", "int8-block", "w8a8-int8", "fp8", "fp8-block", "fp8-tensor", "nvfp4", "mxfp4")
+ALL_SCHEMES = ("rtn4", "rtn8", "int8-block", "w8a8-int8", "fp8", "fp8-block", "fp8-tensor", "nvfp4", "mxfp4", "mxfp8")
 # transformers 5.23 dequantizes per-expert MoE weights at load (both paths) only when they are packed
 # (pack-quantized) or fp8 with a scale that broadcasts over the weight (per channel or per tensor):
-# int-quantized experts (int8-block, w8a8-int8) fail its weight conversion, and so do fp8 block
+# int-quantized experts (int8-block, w8a8-int8) and MXFP8 experts (fp8 with uint8 scales) fail its weight
+# conversion, and so do fp8 block
 # scales of experts larger than one block. Those schemes are not loadable for MoE in transformers.
 MOE_SCHEMES = ("rtn4", "rtn8", "fp8", "fp8-tensor", "nvfp4", "mxfp4")
 # Packed schemes (rtn4, rtn8) leave no `.weight` on the module in the compressed path; Falcon's

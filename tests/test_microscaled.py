@@ -34,7 +34,7 @@ from tests.conftest import (
 from tests.test_architectures import build_checkpoint
 from tests.test_serving import run_inline
 
-PRESETS = {"nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16"}
+PRESETS = {"nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16", "mxfp8": "MXFP8A16"}
 ARCH = {case.name: case for case in CASES}
 
 
@@ -184,6 +184,10 @@ def _flip_nibble(t: torch.Tensor) -> None:
     t[3, 5] ^= 0x03  # a code two or three grid steps away
 
 
+def _flip_code(t: torch.Tensor) -> None:
+    t.view(torch.uint8)[3, 5] ^= 0x20  # an e4m3 exponent bit: four times or a quarter of the value
+
+
 def _bigger_scale(t: torch.Tensor) -> None:
     if t.dtype == torch.uint8:
         t[2, 1] += 2  # E8M0: four times the scale
@@ -199,6 +203,7 @@ def _smaller_global_scale(t: torch.Tensor) -> None:
     ("nvfp4", "weight_packed", _flip_nibble), ("nvfp4", "weight_scale", _bigger_scale),
     ("nvfp4", "weight_global_scale", _smaller_global_scale),
     ("mxfp4", "weight_packed", _flip_nibble), ("mxfp4", "weight_scale", _bigger_scale),
+    ("mxfp8", "weight", _flip_code), ("mxfp8", "weight_scale", _bigger_scale),
 ])
 def test_verify_passes_sound_layers_and_catches_corruption(scheme: str, leaf: str, change: Callable,
                                                            one_shard_llama: Path, tmp_path: Path,

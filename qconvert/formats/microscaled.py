@@ -19,6 +19,7 @@ from qconvert.formats.args import NumberType, QuantArgs, ScaleDtype, Strategy
 from qconvert.formats.base import ReadContext, StoredLayer, WeightFormat
 from qconvert.microscaling import (
     FP4_E2M1_MAX,
+    FP8_E4M3_MAX,
     e2m1_values,
     e8m0_values,
     nvfp4_global_scale,
@@ -182,6 +183,32 @@ class MXFP4(_Microscaled):
 
     def largest_code(self, args: QuantArgs) -> float:
         return FP4_E2M1_MAX
+
+    def decoded_scales(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return e8m0_values(tensors["weight_scale"])
+
+
+class MXFP8(_Microscaled):
+    """e4m3 codes, a power-of-two (E8M0) scale per 32 inputs."""
+
+    name = "mxfp8-quantized"
+    kernel_format = "mxfp8"
+    number = NumberType.FP8_E4M3
+    group = 32
+    scale_dtype = torch.uint8
+    values_leaf = "weight"
+    values_dtype = torch.float8_e4m3fn
+
+    def default_args(self) -> QuantArgs:
+        return QuantArgs(NumberType.FP8_E4M3, 8, Strategy.GROUP, 32, scale_dtype=ScaleDtype.E8M0)
+
+    def compress(self, prefix: str, weight: torch.Tensor, args: QuantArgs,
+                 shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        values, exponents = quantize_mx(weight, NumberType.FP8_E4M3)
+        return {f"{prefix}.weight": values, f"{prefix}.weight_scale": exponents}
+
+    def largest_code(self, args: QuantArgs) -> float:
+        return FP8_E4M3_MAX
 
     def decoded_scales(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return e8m0_values(tensors["weight_scale"])
