@@ -8,8 +8,10 @@ its list of units; executing it is the same for every command.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -151,26 +153,34 @@ WeightLoader = Callable[[str], torch.Tensor]
 
 
 def shared_tensor_scales(plan: Plan, load_weight: WeightLoader, patterns: list[str]) -> dict[str, torch.Tensor]:
-    """One per-tensor scale per fused group, for the layers whose scheme shares them.
+    """What each fused group shares (``format.shared``: fp8-tensor's scale, NVFP4's global scale), for the layers
+    whose scheme shares it.
 
-    A pre-pass reads each part once for its amax (memory: one tensor at a time), so parts may sit in
-    different shards. The shared scale is what per-tensor quantization of the fused matrix would
-    give: ``max(amax) / 448``, as vLLM's ``requantize_with_max_scale`` would otherwise compute at load.
+    A pre-pass reads each part once for its amax, so parts may sit in different shards. The shared value is what
+    per-tensor quantization of the fused matrix would give (for fp8-tensor ``max(amax) / 448``, as vLLM's
+    ``requantize_with_max_scale`` would otherwise compute at load). The parts are read on a few threads at once
+    (reads and torch's reductions release the GIL; memory: one tensor per thread): NVFP4 shares a global scale
+    in every attention and MLP, so this pass reads most of the model.
     """
     shared = {name: s for name, s in plan.quantize.items() if s.shared_fused_scale}
+    groups = [[f"{m}.weight" for m in group] for group in fused_groups([module_of(n) for n in shared], patterns)]
+
+    def amax_of(name: str) -> tuple[torch.Tensor, torch.dtype]:
+        weight = load_weight(name)
+        low, high = torch.aminmax(weight)  # |x| max without a copy of |x|
+        amax = torch.maximum(-low, high).to(torch.float32)
+        if not torch.isfinite(amax):
+            require_finite_part(name, weight)  # else the shared NaN scale would blame another part
+        return amax, weight.dtype
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        found = dict(zip((n for g in groups for n in g), pool.map(amax_of, [n for g in groups for n in g]),
+                         strict=True))
     scales: dict[str, torch.Tensor] = {}
-    for group in fused_groups([module_of(name) for name in shared], patterns):
-        names = [f"{m}.weight" for m in group]
-        amaxes = []
-        for name in names:
-            weight = load_weight(name)
-            amaxes.append(weight.abs().amax().to(torch.float32))
-            if not torch.isfinite(amaxes[-1]):
-                require_finite_part(name, weight)  # else the shared NaN scale would blame another part
-            dtype = weight.dtype
-            del weight
+    for names in groups:
         scheme = shared[names[0]]
-        value = scheme.format.shared(torch.stack(amaxes).max(), dtype, scheme.args)
+        amax = torch.stack([found[name][0] for name in names]).max()
+        value = scheme.format.shared(amax, found[names[0]][1], scheme.args)
         if value is not None:
             scales.update(dict.fromkeys(names, value))
     return scales

@@ -213,6 +213,8 @@ def verify_layer(layer: StoredLayer, checkpoint: Checkpoint, reader: TensorReade
         diff = (run.output.to(ref_dtype) - ref).abs()
         finite = bool(torch.isfinite(run.output).all())
         ratio = (diff / bound).max().item() if finite and diff.numel() else (math.inf if not finite else 0.0)
+        if math.isnan(ratio):  # a NaN in the reference (a NaN scale read from the checkpoint) is a failure too
+            ratio = math.inf
         result.kernel_ratio = max(result.kernel_ratio, ratio)
         result.kernel_rel_error = max(result.kernel_rel_error, _rel(run.output, ref))
         if original is not None:
@@ -268,8 +270,8 @@ def _compare_original(result: LayerResult, layer: StoredLayer, tensors: dict[str
     error = (original_weight.to(torch.float64) - dequantized).abs()
     allowed = weight_error_bound(original_weight, scales_full, layer)
     ratio = error / allowed
-    result.weight_bound_ratio = ratio.max().item()
-    result.weight_violations = int((ratio > 1).sum().item())
+    result.weight_bound_ratio = ratio.nan_to_num(nan=math.inf).max().item()
+    result.weight_violations = int((~(ratio <= 1)).sum().item())  # NaN (a NaN scale or code) counts
     result.weight_ok = result.weight_violations == 0
     _record_errors(result, original_weight, dequantized, outputs)
     if not result.weight_ok:

@@ -270,8 +270,8 @@ def test_large_weights_byte_identical_on_cuda(scheme: str) -> None:
         if s.strategy == "group" and shape[1] % (s.group_size or 1):
             continue
         scale = torch.tensor(0.0371, dtype=torch.bfloat16).reshape(1, 1) if scheme == "fp8-tensor" else None
-        on_cpu = compress_weight("w.weight", weight, s, scale=scale)
-        on_gpu = compress_weight("w.weight", weight.cuda(), s, scale=scale)
+        on_cpu = compress_weight("w.weight", weight, s, shared=scale)
+        on_gpu = compress_weight("w.weight", weight.cuda(), s, shared=scale)
         for key, tensor in on_cpu.items():
             other = on_gpu[key].cpu()
             assert other.dtype == tensor.dtype and torch.equal(_bytes(other), _bytes(tensor)), (key, shape)

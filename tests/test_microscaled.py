@@ -188,11 +188,15 @@ def _flip_code(t: torch.Tensor) -> None:
     t.view(torch.uint8)[3, 5] ^= 0x20  # an e4m3 exponent bit: four times or a quarter of the value
 
 
-def _bigger_scale(t: torch.Tensor) -> None:
+def _smaller_scale(t: torch.Tensor) -> None:
     if t.dtype == torch.uint8:
-        t[2, 1] += 2  # E8M0: four times the scale
+        t[2, 1] -= 2  # E8M0: a quarter of the scale
     else:
-        t[2, 1] = (t[2, 1].to(torch.float32) * 4).to(t.dtype)
+        t[2, 1] = (t[2, 1].to(torch.float32) / 4).to(t.dtype)  # stays finite (x4 could pass e4m3's 448)
+
+
+def _nan_scale(t: torch.Tensor) -> None:
+    t.view(torch.uint8)[2, 1] = 0x7F if t.dtype == torch.float8_e4m3fn else 0xFF  # e4m3's NaN, E8M0's NaN
 
 
 def _smaller_global_scale(t: torch.Tensor) -> None:
@@ -200,10 +204,11 @@ def _smaller_global_scale(t: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize(("scheme", "leaf", "change"), [
-    ("nvfp4", "weight_packed", _flip_nibble), ("nvfp4", "weight_scale", _bigger_scale),
+    ("nvfp4", "weight_packed", _flip_nibble), ("nvfp4", "weight_scale", _smaller_scale),
+    ("nvfp4", "weight_scale", _nan_scale), ("mxfp4", "weight_scale", _nan_scale),
     ("nvfp4", "weight_global_scale", _smaller_global_scale),
-    ("mxfp4", "weight_packed", _flip_nibble), ("mxfp4", "weight_scale", _bigger_scale),
-    ("mxfp8", "weight", _flip_code), ("mxfp8", "weight_scale", _bigger_scale),
+    ("mxfp4", "weight_packed", _flip_nibble), ("mxfp4", "weight_scale", _smaller_scale),
+    ("mxfp8", "weight", _flip_code), ("mxfp8", "weight_scale", _smaller_scale),
 ])
 def test_verify_passes_sound_layers_and_catches_corruption(scheme: str, leaf: str, change: Callable,
                                                            one_shard_llama: Path, tmp_path: Path,
@@ -220,4 +225,6 @@ def test_verify_passes_sound_layers_and_catches_corruption(scheme: str, leaf: st
     assert sound.ok and sound.layers[0].kernel_ok and sound.layers[0].weight_ok, sound.to_json()
     _corrupt(out, f"{module}.{leaf}", change)
     bad = verify(str(out), original=str(one_shard_llama), device=DEVICE, tokens=[3], layers=module)
-    assert bad.layers[0].kernel_ok and not bad.layers[0].weight_ok and bad.layers[0].weight_violations >= 1
+    assert not bad.ok and not bad.layers[0].weight_ok and bad.layers[0].weight_violations >= 1
+    # A finite corruption: the kernel still computes what the stored operands say; a NaN one fails it too.
+    assert bad.layers[0].kernel_ok == (change is not _nan_scale)
