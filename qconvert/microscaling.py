@@ -84,7 +84,10 @@ def _power_of_two_at_or_below(amax: torch.Tensor) -> torch.Tensor:
     mantissa, exponent = torch.frexp(wide)  # wide = mantissa * 2**exponent, mantissa in [0.5, 1)
     # bf16/fp16/fp32 amax values are exact in float32, so the significand test is exact too.
     exponent = exponent.to(torch.float32) - 1 + (mantissa >= 0.875).to(torch.float32)
-    return exponent.masked_fill_(wide == 0, float("-inf"))
+    exponent = exponent.masked_fill_(wide == 0, float("-inf"))
+    # frexp gives NaN and Inf a finite exponent: keep them NaN, so that the scale is E8M0's NaN (255) and the
+    # caller's finite check refuses the tensor instead of writing its NaN as a code of 0.
+    return exponent.masked_fill_(~torch.isfinite(wide), float("nan"))
 
 
 def mx_exponents(amax: torch.Tensor, element_max_exponent: int) -> torch.Tensor:

@@ -181,7 +181,8 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
         for note in notes:
             notice(note)
         if not request.dry_run:
-            shared = shared_tensor_scales(plan, partial(load_weight, view, stored, reader), fused_patterns)
+            shared = shared_tensor_scales(plan, partial(load_weight, view, stored, reader), fused_patterns,
+                                          partial(_already_shared, plan, stored, reader))
             units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize)
     if request.fnuz:
         units = apply_fnuz(units)
@@ -274,6 +275,18 @@ def load_weight(view: dict[str, TensorInfo], stored: dict[str, StoredLayer], rea
     if layer is None:
         return reader.read(view[name])
     return rebuild_weight(layer, {leaf: reader.read(info) for leaf, info in layer.parts.items()})
+
+
+def _already_shared(plan: Plan, stored: dict[str, StoredLayer], reader: TensorReader, names: list[str]) -> bool:
+    """Whether every part of a fused group is a stored layer that its scheme would copy and that holds the same
+    shared value as the others (an NVFP4 input's global scale, an fp8-tensor input's scale): then it is copied."""
+    values = []
+    for name in names:
+        layer, scheme = stored.get(module_of(name)), plan.quantize[name]
+        if layer is None or not layer.matches(scheme.format, scheme.args):
+            return False
+        values.append(layer.format.stored_shared(layer, reader))
+    return all(v is not None and torch.equal(v, values[0]) for v in values)
 
 
 def describe_stored(stored: dict[str, StoredLayer]) -> str:

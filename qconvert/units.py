@@ -152,7 +152,8 @@ def fused_groups(modules: list[str], patterns: list[str]) -> list[list[str]]:
 WeightLoader = Callable[[str], torch.Tensor]
 
 
-def shared_tensor_scales(plan: Plan, load_weight: WeightLoader, patterns: list[str]) -> dict[str, torch.Tensor]:
+def shared_tensor_scales(plan: Plan, load_weight: WeightLoader, patterns: list[str],
+                         already_shared: Callable[[list[str]], bool] | None = None) -> dict[str, torch.Tensor]:
     """What each fused group shares (``format.shared``: fp8-tensor's scale, NVFP4's global scale), for the layers
     whose scheme shares it.
 
@@ -160,10 +161,12 @@ def shared_tensor_scales(plan: Plan, load_weight: WeightLoader, patterns: list[s
     per-tensor quantization of the fused matrix would give (for fp8-tensor ``max(amax) / 448``, as vLLM's
     ``requantize_with_max_scale`` would otherwise compute at load). The parts are read on a few threads at once
     (reads and torch's reductions release the GIL; memory: one tensor per thread): NVFP4 shares a global scale
-    in every attention and MLP, so this pass reads most of the model.
+    in every attention and MLP, so this pass reads most of the model. ``already_shared``: groups whose parts are
+    quantized inputs that already share it (they are copied as they are).
     """
     shared = {name: s for name, s in plan.quantize.items() if s.shared_fused_scale}
     groups = [[f"{m}.weight" for m in group] for group in fused_groups([module_of(n) for n in shared], patterns)]
+    groups = [g for g in groups if already_shared is None or not already_shared(g)]
 
     def amax_of(name: str) -> tuple[torch.Tensor, torch.dtype]:
         weight = load_weight(name)
@@ -260,7 +263,8 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: Layout,
         elif layer.args.number is not NumberType.FP8_E4M3 and not allow_requantize:
             raise BadInputError(
                 f"{layer.values.file.name}: {module} is already quantized ({layer.label}, {layer.layout}); "
-                f"requantizing integer weights into {scheme.name} loses quality: pass --allow-requantize"
+                f"requantizing {'integer' if layer.args.number is NumberType.INT else 'fp4'} weights into "
+                f"{scheme.name} loses quality: pass --allow-requantize"
             )
         else:
             units.append(requantize_unit(layer, scheme, layout, shared_scales.get(info.name)))

@@ -781,6 +781,20 @@ NUMERIC_CASES = [
     Case("numerics: fp16 weights at -max under fp8-block", _fp16_near_max("fp8-block", 1.0), needles=(DOWN, "Inf")),
     Case("numerics: fp16 weights at -0.99 x max under fp8-block stay finite", _fp16_near_max("fp8-block", 0.99),
          code=0),
+    Case("numerics: NaN in q_proj under nvfp4 blames q_proj (the shared global scale's pre-pass)",
+         _with_scheme(_rewrite_tensor(Q_PROJ, _poke(float("nan"))), "--scheme", "nvfp4"), needles=(Q_PROJ, "1 NaN")),
+    Case("numerics: Inf in k_proj under nvfp4 blames k_proj",
+         _with_scheme(_rewrite_tensor(K_PROJ, _poke(float("inf"))), "--scheme", "nvfp4"), needles=(K_PROJ, "1 Inf")),
+    *(Case(f"numerics: NaN in down_proj under {scheme}",
+           _with_scheme(_rewrite_tensor(DOWN, _poke(float("nan"))), "--scheme", scheme), needles=(DOWN, "1 NaN"))
+      for scheme in ("nvfp4", "mxfp4", "mxfp8")),
+    # MX scales are powers of two: a group whose amax is near the dtype's maximum rounds its scale up, and
+    # 6 (or 448) times it passes the maximum. NVFP4's block scale is at most amax / 6: its codes stay finite.
+    *(Case(f"numerics: bf16 weights at -max under {scheme} would dequantize to Inf",
+           _with_scheme(_rewrite_tensor(DOWN, _scaled_to(-BF16_MAX)), "--scheme", scheme), needles=(DOWN, "Inf"))
+      for scheme in ("mxfp4", "mxfp8")),
+    Case("numerics: bf16 weights at -0.99 x max under nvfp4 stay finite",
+         _with_scheme(_rewrite_tensor(DOWN, _scaled_to(-0.99 * BF16_MAX)), "--scheme", "nvfp4"), code=0),
     Case("numerics: large but safe weights (1e30) work", _rewrite_tensor(DOWN, _scaled_to(-1e30)), code=0),
     Case("numerics: an all-zero weight works", _rewrite_tensor(DOWN, lambda t: torch.zeros_like(t)), code=0),
     Case("numerics: a [256, 0] weight", _rewrite_tensor(DOWN, lambda t: None, add={

@@ -228,3 +228,106 @@ def test_verify_passes_sound_layers_and_catches_corruption(scheme: str, leaf: st
     assert not bad.ok and not bad.layers[0].weight_ok and bad.layers[0].weight_violations >= 1
     # A finite corruption: the kernel still computes what the stored operands say; a NaN one fails it too.
     assert bad.layers[0].kernel_ok == (change is not _nan_scale)
+
+
+@pytest.fixture(scope="module")
+def written(one_shard_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from qconvert.cli import main
+
+    root = tmp_path_factory.mktemp("written")
+    for scheme in PRESETS:
+        with pytest.raises(SystemExit) as done:
+            main(["quantize", str(one_shard_llama), "-s", scheme, "-o", str(root / scheme), "-q"])
+        assert done.value.code == 0
+    return {scheme: root / scheme for scheme in PRESETS}
+
+
+def test_dequantize_is_compressed_tensors_decompression(written: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`convert --op dequantize` writes, for every layer, the weight compressed-tensors' own decompressor rebuilds."""
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.compressors.mxfp8.base import MXFP8QuantizationCompressor
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    compressors = {"nvfp4": NVFP4PackedCompressor, "mxfp4": MXFP4PackedCompressor,
+                   "mxfp8": MXFP8QuantizationCompressor}
+    for scheme, folder in written.items():
+        out = tmp_path / scheme
+        assert run_inline(capsys, "convert", folder, "--op", "dequantize", "-o", out, "-q")[0] == 0
+        stored, plain = read_tensors(folder), read_tensors(out)
+        modules = {name.rpartition(".")[0] for name in stored if name.endswith(".weight_scale")}
+        assert len(modules) == 14
+        preset = preset_name_to_scheme(PRESETS[scheme], ["Linear"])
+        for module in modules:
+            leaves = {name.rpartition(".")[2]: t for name, t in stored.items() if name.rpartition(".")[0] == module}
+            reference = compressors[scheme].decompress(leaves, preset)["weight"]
+            ours = plain[f"{module}.weight"]
+            assert ours.dtype == torch.bfloat16 and torch.equal(ours, reference.to(torch.bfloat16)), (scheme, module)
+
+
+def test_inspect_names_each_format(written: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    bits = {"nvfp4": 4 + 8 / 16, "mxfp4": 4 + 8 / 32, "mxfp8": 8 + 8 / 32}
+    for scheme, folder in written.items():
+        code, out, err = run_inline(capsys, "inspect", folder, "--json")
+        assert code == 0, err
+        report = json.loads(out)
+        layer = next(x for x in report["layers"] if x["module"] == "model.layers.0.self_attn.q_proj")
+        fmt = read_config(folder)["quantization_config"]["format"]
+        assert layer["format"] == fmt and report["format"] == f"compressed-tensors {fmt}"
+        assert layer["scheme"] == {"nvfp4": "fp4 g16", "mxfp4": "fp4 g32", "mxfp8": "fp8 g32"}[scheme]
+        assert abs(report["totals"]["bits_per_weight"] - bits[scheme]) < 0.01, report["totals"]
+
+
+def test_quantized_input_is_copied_or_requantized_only_when_allowed(written: dict[str, Path], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """An FP4 checkpoint as input: the same scheme copies every byte; another scheme needs --allow-requantize
+    (one line naming the layer otherwise); MXFP8 (fp8 codes) is requantized like fp8 inputs are."""
+    code, _, err = run_inline(capsys, "quantize", written["nvfp4"], "-s", "nvfp4", "-o", tmp_path / "same", "-q")
+    assert code == 0, err
+    again, before = read_tensors(tmp_path / "same"), read_tensors(written["nvfp4"])
+    assert again.keys() == before.keys() and all(torch.equal(again[n].view(torch.uint8), before[n].view(torch.uint8))
+                                                  for n in again)
+    code, _, err = run_inline(capsys, "quantize", written["mxfp4"], "-s", "fp8-block", "-o", tmp_path / "r")
+    assert code == 2 and "--allow-requantize" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_inline(capsys, "quantize", written["mxfp4"], "-s", "fp8-block", "-o", tmp_path / "r", "-q",
+                              "--allow-requantize")
+    assert code == 0, err
+    code, _, err = run_inline(capsys, "quantize", written["mxfp8"], "-s", "rtn4", "-o", tmp_path / "m", "-q")
+    assert code == 0, err
+
+
+def test_batch_writes_what_quantize_writes(written: dict[str, Path], one_shard_llama: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"jobs:\n  - model: {one_shard_llama}\n    schemes: [nvfp4, mxfp4, mxfp8]\n"
+                    f"    output: {tmp_path}/b-{{scheme}}\n")
+    code, _, err = run_inline(capsys, "batch", jobs, "--quiet")
+    assert code == 0, err
+    for scheme, folder in written.items():
+        ours, theirs = read_tensors(tmp_path / f"b-{scheme}"), read_tensors(folder)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[n].view(torch.uint8), theirs[n].view(torch.uint8)) for n in ours), scheme
+
+
+def test_inputs_that_are_not_whole_groups_stay_unquantized_with_a_reason(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """down_proj's 48 inputs are 3 groups of 16 (NVFP4 quantizes it) but not whole groups of 32 (MX leaves it
+    unquantized, and says why)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    down = "model.layers.0.mlp.down_proj"
+    for scheme, quantized in (("nvfp4", True), ("mxfp4", False), ("mxfp8", False)):
+        code, out, err = run_inline(capsys, "quantize", tmp_path / "m", "-s", scheme, "-o", tmp_path / scheme, "--json")
+        assert code == 0, err
+        summary = json.loads(out)
+        skipped = {s["module"]: s["reason"] for s in summary["skipped"]}
+        assert (down in skipped) is not quantized, skipped
+        if not quantized:
+            assert skipped[down] == "input size 48 is not a multiple of the group size 32"
+            assert down in read_config(tmp_path / scheme)["quantization_config"]["ignore"]
+            assert read_tensors(tmp_path / scheme)[f"{down}.weight"].dtype == torch.bfloat16

@@ -125,6 +125,10 @@ class WeightFormat:
         engines load the fused matrix with one per-tensor value (fp8-tensor's scale, NVFP4's global scale)."""
         return None
 
+    def stored_shared(self, layer: StoredLayer, reader: TensorReader) -> torch.Tensor | None:
+        """The value a stored layer holds of what fused layers share (see :meth:`shared`), or None."""
+        return None
+
     def scales_of(self, tensors: dict[str, torch.Tensor], weight_dtype: torch.dtype
                   ) -> tuple[torch.Tensor, torch.dtype]:
         """The compressed tensors' scales as the values a code is multiplied by, and the dtype the product is

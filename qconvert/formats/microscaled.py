@@ -28,7 +28,7 @@ from qconvert.microscaling import (
     unpack_nibbles,
 )
 from qconvert.quantizers import band_elements
-from qconvert.safetensors_io import TensorInfo, TensorSpec
+from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
 from qconvert.verify_paths import KernelPath, microscaled_path
 
 
@@ -149,6 +149,9 @@ class NVFP4(_Microscaled):
 
     def shared(self, amax: torch.Tensor, dtype: torch.dtype, args: QuantArgs) -> torch.Tensor | None:
         return nvfp4_global_scale(amax, dtype)
+
+    def stored_shared(self, layer: StoredLayer, reader: TensorReader) -> torch.Tensor | None:
+        return reader.read(layer.parts["weight_global_scale"])
 
     def compress(self, prefix: str, weight: torch.Tensor, args: QuantArgs,
                  shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from qconvert.quantizers import (
     scales_from_amax,
     unpack_int32,
 )
-from qconvert.safetensors_io import TensorInfo, TensorSpec
+from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
 from qconvert.verify_paths import KernelPath, packed_path, scaled_path
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -184,6 +184,9 @@ class _Unpacked(WeightFormat):
             return None
         kind = "float" if self.number is NumberType.FP8_E4M3 else "int"
         return scales_from_amax(amax, scale_divisor(kind, args.num_bits), dtype).reshape(1, 1)
+
+    def stored_shared(self, layer: StoredLayer, reader: TensorReader) -> torch.Tensor | None:
+        return reader.read(layer.parts[self.scale_leaf]) if layer.strategy is Strategy.TENSOR else None
 
     def largest_code(self, args: QuantArgs) -> float:
         return FP8_E4M3_MAX if self.number is NumberType.FP8_E4M3 else float(1 << (args.num_bits - 1))
