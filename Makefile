@@ -13,8 +13,8 @@ setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[test,ray]'
 	@# llm-compressor, the reference tool whose configs and tensors tests compare with: its data-free path
-	@# needs none of its heavy dependencies (a stand-in for `datasets` lives in ../shared/device/stubs).
-	$(PYTHON) -c "import llmcompressor" 2>/dev/null || $(PYTHON) -m pip install -q --no-deps llmcompressor==0.14.0.1 loguru nvidia-ml-py
+	@# needs none of its heavy dependencies (tests/llmc_stubs holds a stand-in for `datasets`, which it imports).
+	PYTHONPATH=tests/llmc_stubs $(PYTHON) -c "import llmcompressor" 2>/dev/null || $(PYTHON) -m pip install -q --no-deps llmcompressor==0.14.0.1 loguru nvidia-ml-py
 	$(PYTHON) -c "import accelerate" 2>/dev/null || $(PYTHON) -m pip install -q accelerate
 
 demo: setup

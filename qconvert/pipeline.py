@@ -24,6 +24,7 @@ from qconvert.engine import ExecutionSettings, execute, execution_settings, repo
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.formats import Layout, NumberType
+from qconvert.numerics import require_finite_part
 from qconvert.planning import Plan, check_coverage, make_plan, module_of
 from qconvert.preflight import (
     check_plan,
@@ -181,7 +182,7 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
         for note in notes:
             notice(note)
         if not request.dry_run:
-            shared = shared_tensor_scales(plan, partial(load_weight, view, stored, reader), fused_patterns,
+            shared = shared_tensor_scales(plan, partial(weight_amax, view, stored, reader), fused_patterns,
                                           partial(_already_shared, plan, stored, reader))
             units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize)
     if request.fnuz:
@@ -275,6 +276,33 @@ def load_weight(view: dict[str, TensorInfo], stored: dict[str, StoredLayer], rea
     if layer is None:
         return reader.read(view[name])
     return rebuild_weight(layer, {leaf: reader.read(info) for leaf, info in layer.parts.items()})
+
+
+AMAX_CHUNK_BYTES = 8 << 20
+
+
+def weight_amax(view: dict[str, TensorInfo], stored: dict[str, StoredLayer], reader: TensorReader,
+                name: str) -> tuple[torch.Tensor, torch.dtype]:
+    """``(|x| max as float32, dtype)`` of a weight as the planner sees it. A stored weight is read in chunks of
+    8 MiB into one buffer (max is exact in any order), so the fused-scale pre-pass holds no whole tensor; a
+    quantized input is rebuilt. A NaN or Inf is blamed on the tensor that holds it."""
+    info = view[name]
+    if name.removesuffix(".weight") in stored:
+        weight = load_weight(view, stored, reader, name)
+        low, high = torch.aminmax(weight)
+    else:
+        step = max(1, AMAX_CHUNK_BYTES // info.dtype.itemsize) * info.dtype.itemsize
+        buffer = torch.empty(min(step, info.nbytes), dtype=torch.uint8)
+        low = high = torch.zeros((), dtype=info.dtype)
+        for start in range(0, info.nbytes, step):
+            length = min(step, info.nbytes - start)
+            reader.read_into(info, memoryview(buffer.numpy())[:length], start, length)
+            chunk_low, chunk_high = torch.aminmax(buffer[:length].view(info.dtype))  # no copy of |x|
+            low, high = torch.minimum(low, chunk_low), torch.maximum(high, chunk_high)
+    amax = torch.maximum(-low, high).to(torch.float32)
+    if not torch.isfinite(amax):
+        require_finite_part(name, load_weight(view, stored, reader, name))  # else another part would be blamed
+    return amax, info.dtype
 
 
 def _already_shared(plan: Plan, stored: dict[str, StoredLayer], reader: TensorReader, names: list[str]) -> bool:

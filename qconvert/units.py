@@ -20,7 +20,7 @@ from qconvert.architectures import COMMON_FUSIONS
 from qconvert.errors import BadInputError
 from qconvert.format import base_name, output_specs, streamed_expert_name, written_format
 from qconvert.formats import Layout, NumberType
-from qconvert.numerics import require_finite_part, require_representable
+from qconvert.numerics import require_representable
 from qconvert.planning import Plan, SplitExperts, module_of
 from qconvert.quantizers import e4m3fn_to_e4m3fnuz
 from qconvert.safetensors_io import TensorInfo, TensorSpec
@@ -149,32 +149,25 @@ def fused_groups(modules: list[str], patterns: list[str]) -> list[list[str]]:
     return [members for members in groups.values() if len(members) > 1]
 
 
-WeightLoader = Callable[[str], torch.Tensor]
+AmaxReader = Callable[[str], tuple[torch.Tensor, torch.dtype]]  # weight name → (float32 |x| max, its dtype)
 
 
-def shared_tensor_scales(plan: Plan, load_weight: WeightLoader, patterns: list[str],
+def shared_tensor_scales(plan: Plan, amax_of: AmaxReader, patterns: list[str],
                          already_shared: Callable[[list[str]], bool] | None = None) -> dict[str, torch.Tensor]:
     """What each fused group shares (``format.shared``: fp8-tensor's scale, NVFP4's global scale), for the layers
     whose scheme shares it.
 
-    A pre-pass reads each part once for its amax, so parts may sit in different shards. The shared value is what
+    A pre-pass reads each part once for its amax (``amax_of``, which blames a NaN or Inf on its tensor), so parts
+    may sit in different shards. The shared value is what
     per-tensor quantization of the fused matrix would give (for fp8-tensor ``max(amax) / 448``, as vLLM's
     ``requantize_with_max_scale`` would otherwise compute at load). The parts are read on a few threads at once
-    (reads and torch's reductions release the GIL; memory: one tensor per thread): NVFP4 shares a global scale
+    (reads and torch's reductions release the GIL): NVFP4 shares a global scale
     in every attention and MLP, so this pass reads most of the model. ``already_shared``: groups whose parts are
     quantized inputs that already share it (they are copied as they are).
     """
     shared = {name: s for name, s in plan.quantize.items() if s.shared_fused_scale}
     groups = [[f"{m}.weight" for m in group] for group in fused_groups([module_of(n) for n in shared], patterns)]
     groups = [g for g in groups if already_shared is None or not already_shared(g)]
-
-    def amax_of(name: str) -> tuple[torch.Tensor, torch.dtype]:
-        weight = load_weight(name)
-        low, high = torch.aminmax(weight)  # |x| max without a copy of |x|
-        amax = torch.maximum(-low, high).to(torch.float32)
-        if not torch.isfinite(amax):
-            require_finite_part(name, weight)  # else the shared NaN scale would blame another part
-        return amax, weight.dtype
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         found = dict(zip((n for g in groups for n in g), pool.map(amax_of, [n for g in groups for n in g]),

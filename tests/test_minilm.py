@@ -11,9 +11,13 @@ import pytest
 from qconvert.fidelity import SENTENCES, embedding_fidelity
 from tests.conftest import read_config, run_cli, tree_digest
 
-# Thresholds from ../shared/ANCHORS.md (llm-compressor's model_free_ptq on the same model).
+# Thresholds: llm-compressor's model_free_ptq on the same model (its measured embedding fidelity).
 THRESHOLDS = {"rtn4": 0.949, "rtn8": 0.9997, "fp8": 0.998, "fp8-block": 0.998, "w8a8-int8": 0.9995,
-              "int8-block": 0.9975}
+              "int8-block": 0.9975,
+              # llm-compressor 0.14's NVFP4A16 / MXFP4A16 / MXFP8A16 on the same model score 0.9764 / 0.9643 / 0.9984
+              # (measured; MX bytes identical to ours, NVFP4 equal but for BERT's query/key/value, whose global
+              # scale we share and it does not: ours 0.97638)
+              "nvfp4": 0.976, "mxfp4": 0.964, "mxfp8": 0.998}
 
 
 # rtn4 and fp8 in make test (as the architecture matrix's fast cases); the other schemes in make slow.

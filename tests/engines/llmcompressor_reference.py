@@ -3,7 +3,7 @@ are measured against, and a check of the harnesses on outputs qconvert did not w
 
 Two steps, in two environments (llm-compressor runs in the main one, the engines in their venvs):
 
-    PYTHONPATH=.:../shared/device/stubs python3 tests/engines/llmcompressor_reference.py build DIR
+    PYTHONPATH=.:tests/llmc_stubs python3 tests/engines/llmcompressor_reference.py build DIR
     PYTHONPATH=. $(bash tests/engines/setup_vllm.sh | tail -1) tests/engines/llmcompressor_reference.py vllm DIR
     PYTHONPATH=. $(bash tests/engines/setup_sglang.sh | tail -1) tests/engines/llmcompressor_reference.py sglang DIR
 
