@@ -14,7 +14,6 @@ from qconvert.formats.base import (
     StoredLayer,
     WeightFormat,
     config_group,
-    get_format,
     recognise,
 )
 
@@ -31,6 +30,5 @@ __all__ = [
     "Strategy",
     "WeightFormat",
     "config_group",
-    "get_format",
     "recognise",
 ]

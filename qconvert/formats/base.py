@@ -10,13 +10,13 @@ rest of qconvert asks the registry instead of branching on format names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from qconvert.formats.args import Layout, NumberType, QuantArgs, Strategy, config_group
+from qconvert.errors import BadInputError
+from qconvert.formats.args import NumberType, QuantArgs, Strategy, config_group
 from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
 
 if TYPE_CHECKING:
@@ -91,8 +91,6 @@ class WeightFormat:
     """One on-disk weight format. Subclasses set ``name`` and implement what they support."""
 
     name: ClassVar[str]  # the config group's ``format`` (or the reader's name for formats we only read)
-    layout: ClassVar[Layout] = Layout.COMPRESSED_TENSORS
-    writable: ClassVar[bool] = True  # False: a format we only read (DeepSeek FP8)
     number: ClassVar[NumberType]  # what its codes are
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -196,17 +194,15 @@ def describe_grouping(args: QuantArgs, tile: tuple[int, int] | None = None) -> s
     return f"block {block[0]}x{block[1]}" if block else "block"
 
 
-def get_format(name: str) -> WeightFormat:
-    return FORMATS[name]
-
-
 def recognise(module: str, parts: dict[str, TensorInfo], context: ReadContext) -> StoredLayer | None:
     """The first registered format that recognises this layer's tensors (None: not a quantized layer)."""
+    quantized = "weight_scale" in parts and ("weight" in parts or "weight_packed" in parts)
+    if quantized and "weight_zero_point" in parts:  # no format reads zero points yet: never rebuild as symmetric
+        first = next(iter(parts.values()))
+        raise BadInputError(f"{first.file.name}: {module} is asymmetric (weight_zero_point); not supported")
     for fmt in FORMATS.values():
         layer = fmt.recognise(module, parts, context)
         if layer is not None:
             return layer
     return None
 
-
-Rebuilder = Callable[[StoredLayer, dict[str, torch.Tensor]], torch.Tensor]

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from qconvert.errors import BadInputError
-from qconvert.formats.args import Layout, NumberType, QuantArgs, ScaleDtype, Strategy
+from qconvert.formats.args import NumberType, QuantArgs, ScaleDtype, Strategy
 from qconvert.formats.base import ReadContext, StoredLayer, WeightFormat
 from qconvert.quantizers import (
     FP8_E4M3_MAX,
@@ -126,8 +126,6 @@ class PackQuantized(WeightFormat):
         values, scale = parts.get("weight_packed"), parts.get("weight_scale")
         if values is None or scale is None or values.dtype != torch.int32 or len(values.shape) != 2:
             return None
-        if "weight_zero_point" in parts:
-            raise BadInputError(f"{values.file.name}: {module} is asymmetric (weight_zero_point); not supported")
         if "weight_shape" not in parts:
             raise BadInputError(f"{values.file.name}: {module}.weight_packed has no weight_shape")
         out_features, in_features = (int(v) for v in context.reader.read(parts["weight_shape"]).tolist())
@@ -251,8 +249,7 @@ class FloatQuantized(_Unpacked):
 class BlockwiseInt8(_Unpacked):
     """SGLang's ``blockwise_int8``: int8 codes, float32 ``weight_scale_inv`` per block (``--layout sglang``)."""
 
-    name = "blockwise-int8"
-    layout = Layout.SGLANG
+    name = "blockwise-int8"  # written under --layout sglang (format.written_format)
     number = NumberType.INT
     stored_dtype = torch.int8
     scale_leaf = "weight_scale_inv"
@@ -264,8 +261,7 @@ class BlockwiseInt8(_Unpacked):
 class DeepSeekFp8(_Unpacked):
     """DeepSeek-V3's FP8 release: e4m3fn codes, float32 ``weight_scale_inv`` per 128x128 block (read only)."""
 
-    name = "deepseek-fp8"
-    writable = False
+    name = "deepseek-fp8"  # read only: no scheme writes it
     number = NumberType.FP8_E4M3
     stored_dtype = torch.float8_e4m3fn
     scale_leaf = "weight_scale_inv"
