@@ -158,12 +158,11 @@ def shared_tensor_scales(plan: Plan, amax_of: AmaxReader, patterns: list[str],
     whose scheme shares it.
 
     A pre-pass reads each part once for its amax (``amax_of``, which blames a NaN or Inf on its tensor), so parts
-    may sit in different shards. The shared value is what
-    per-tensor quantization of the fused matrix would give (for fp8-tensor ``max(amax) / 448``, as vLLM's
-    ``requantize_with_max_scale`` would otherwise compute at load). The parts are read on a few threads at once
-    (reads and torch's reductions release the GIL): NVFP4 shares a global scale
-    in every attention and MLP, so this pass reads most of the model. ``already_shared``: groups whose parts are
-    quantized inputs that already share it (they are copied as they are).
+    may sit in different shards. The shared value is what per-tensor quantization of the fused matrix would give
+    (for fp8-tensor ``max(amax) / 448``, as vLLM's ``requantize_with_max_scale`` would otherwise compute at load).
+    NVFP4 shares a global scale in every attention and MLP, so this pass reads most of the model: the parts are
+    read on a few threads at once (reads and torch's reductions release the GIL). ``already_shared``: groups whose
+    parts are quantized inputs that already share it (they are copied as they are).
     """
     shared = {name: s for name, s in plan.quantize.items() if s.shared_fused_scale}
     groups = [[f"{m}.weight" for m in group] for group in fused_groups([module_of(n) for n in shared], patterns)]
