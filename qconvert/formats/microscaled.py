@@ -167,51 +167,41 @@ class NVFP4(_Microscaled):
         return tensors["weight_scale"].to(torch.float32) / tensors["weight_global_scale"].to(torch.float32)
 
 
-class MXFP4(_Microscaled):
+class _MX(_Microscaled):
+    """Codes with a power-of-two (E8M0, one uint8 exponent) scale per 32 inputs: MXFP4 and MXFP8."""
+
+    group = 32
+    scale_dtype = torch.uint8
+
+    def default_args(self) -> QuantArgs:
+        bits = 4 if self.number is NumberType.FP4_E2M1 else 8
+        return QuantArgs(self.number, bits, Strategy.GROUP, 32, scale_dtype=ScaleDtype.E8M0)
+
+    def compress(self, prefix: str, weight: torch.Tensor, args: QuantArgs,
+                 shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        values, exponents = quantize_mx(weight, self.number)
+        return {f"{prefix}.{self.values_leaf}": values, f"{prefix}.weight_scale": exponents}
+
+    def largest_code(self, args: QuantArgs) -> float:
+        return FP4_E2M1_MAX if self.number is NumberType.FP4_E2M1 else FP8_E4M3_MAX
+
+    def decoded_scales(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return e8m0_values(tensors["weight_scale"])
+
+
+class MXFP4(_MX):
     """E2M1 codes, a power-of-two (E8M0) scale per 32 inputs."""
 
     name = "mxfp4-pack-quantized"
     kernel_format = "mxfp4"
     number = NumberType.FP4_E2M1
-    group = 32
-    scale_dtype = torch.uint8
-
-    def default_args(self) -> QuantArgs:
-        return QuantArgs(NumberType.FP4_E2M1, 4, Strategy.GROUP, 32, scale_dtype=ScaleDtype.E8M0)
-
-    def compress(self, prefix: str, weight: torch.Tensor, args: QuantArgs,
-                 shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        packed, exponents = quantize_mx(weight, NumberType.FP4_E2M1)
-        return {f"{prefix}.weight_packed": packed, f"{prefix}.weight_scale": exponents}
-
-    def largest_code(self, args: QuantArgs) -> float:
-        return FP4_E2M1_MAX
-
-    def decoded_scales(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return e8m0_values(tensors["weight_scale"])
 
 
-class MXFP8(_Microscaled):
+class MXFP8(_MX):
     """e4m3 codes, a power-of-two (E8M0) scale per 32 inputs."""
 
     name = "mxfp8-quantized"
     kernel_format = "mxfp8"
     number = NumberType.FP8_E4M3
-    group = 32
-    scale_dtype = torch.uint8
     values_leaf = "weight"
     values_dtype = torch.float8_e4m3fn
-
-    def default_args(self) -> QuantArgs:
-        return QuantArgs(NumberType.FP8_E4M3, 8, Strategy.GROUP, 32, scale_dtype=ScaleDtype.E8M0)
-
-    def compress(self, prefix: str, weight: torch.Tensor, args: QuantArgs,
-                 shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        values, exponents = quantize_mx(weight, NumberType.FP8_E4M3)
-        return {f"{prefix}.weight": values, f"{prefix}.weight_scale": exponents}
-
-    def largest_code(self, args: QuantArgs) -> float:
-        return FP8_E4M3_MAX
-
-    def decoded_scales(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return e8m0_values(tensors["weight_scale"])

@@ -37,6 +37,7 @@ from qconvert.kernels.microscaled_reference import (
 )
 from qconvert.kernels.rounding import cast_rne, program_tile
 from qconvert.kernels.split_k import k_ranges, reduce_partials
+from qconvert.kernels.weight_only import _dot  # the interpreter-safe dot, shared
 
 __all__ = [
     "FORMATS",
@@ -50,16 +51,6 @@ __all__ = [
     "dequantize_nvfp4",
     "microscaled_gemm",
 ]
-
-
-@triton.jit
-def _dot(w, x, acc, DOT_FP32: tl.constexpr):
-    if DOT_FP32:
-        # Triton's CPU interpreter multiplies bf16 operands as their raw uint16 bits; the values are exact in
-        # float32, so widening changes nothing but the interpreter's answer (as in weight_only.py).
-        return tl.dot(w.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(w, x, acc)
 
 
 @triton.jit
