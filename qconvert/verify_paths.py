@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,21 +70,29 @@ def _exact_weight(values: torch.Tensor, scales: torch.Tensor, layer: StoredLayer
     return dequantize_tiles(values.to(dtype), scales.to(dtype).reshape(rows, cols), layer.tile)
 
 
-def _activation_strategy(layer: StoredLayer, config: dict | None, has_static: bool) -> tuple[str, int | None]:
-    """How the layer's activations are quantized in serving: ("group", g) | ("token", None) |
-    ("tensor", None) | ("static", None)."""
+class Activations(str, Enum):
+    """How a layer's activations are quantized in serving."""
+
+    GROUP = "group"  # dynamic, per token per group of channels
+    TOKEN = "token"  # dynamic, per token
+    TENSOR = "tensor"  # dynamic, per tensor
+    STATIC = "static"  # a calibrated per-tensor input_scale
+
+
+def _activation_strategy(layer: StoredLayer, config: dict | None, has_static: bool) -> tuple[Activations, int | None]:
+    """How the layer's activations are quantized in serving, and the group size where they are grouped."""
     if has_static:
-        return "static", None
+        return Activations.STATIC, None
     group = config_group(config, layer.module) or {}
     args = group.get("input_activations") or {}
     strategy = args.get("strategy")
-    if strategy == "group":
-        return "group", int(args.get("group_size") or layer.tile[1])
-    if strategy in ("token", "tensor"):
-        return strategy, None
+    if strategy == Activations.GROUP.value:
+        return Activations.GROUP, int(args.get("group_size") or layer.tile[1])
+    if strategy in (Activations.TOKEN.value, Activations.TENSOR.value):
+        return Activations(strategy), None
     # No activation config (DeepSeek FP8, SGLang blockwise_int8): their runtimes quantize per token
     # per 128 channels for block weights, per token otherwise.
-    return ("group", layer.tile[1]) if layer.strategy is Strategy.BLOCK else ("token", None)
+    return (Activations.GROUP, layer.tile[1]) if layer.strategy is Strategy.BLOCK else (Activations.TOKEN, None)
 
 
 def packed_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], device: torch.device) -> KernelPath:
@@ -143,21 +152,21 @@ def scaled_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], config: di
     weight_ref = _exact_weight(values, scales, layer, ref_dtype)
     strategy, group = _activation_strategy(layer, config, input_scale is not None)
     stored_name = "fp8" if fp8 else "int8"
-    act_group = group if strategy == "group" else k
-    if strategy == "static":
+    act_group = group if strategy is Activations.GROUP else k
+    if strategy is Activations.STATIC:
         activation = f"{stored_name} static per-tensor"
-    elif strategy == "group":
+    elif strategy is Activations.GROUP:
         activation = f"{stored_name} per token per {group} channels"
     else:
-        activation = f"{stored_name} per {strategy} (dynamic)"
+        activation = f"{stored_name} per {strategy.value} (dynamic)"
 
     def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        if strategy == "static":
+        if strategy is Activations.STATIC:
             static = input_scale.to(torch.float32).reshape(1)
             q, s = kernels.quantize_activations(x, kind=kind, static_scale=static)
             ref_q = _static_reference(x.cpu(), static.cpu(), kind)
             return q, s, torch.equal(q.view(torch.uint8).cpu(), ref_q.view(torch.uint8))
-        if strategy == "tensor":
+        if strategy is Activations.TENSOR:
             amax = x.abs().amax().to(torch.float32)
             static = (amax / (FP8_E4M3_MAX if fp8 else 127.0)).clamp_min(torch.finfo(torch.float32).eps)
             q, s = kernels.quantize_activations(x, kind=kind, static_scale=static.reshape(1))
@@ -169,7 +178,7 @@ def scaled_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], config: di
         ref_q, ref_s = quantize_activation_groups(x.cpu(), act_group, kind)
         return q, s, torch.equal(q.view(torch.uint8).cpu(), ref_q.view(torch.uint8)) and torch.equal(s.cpu(), ref_s)
 
-    grouped = layer.strategy == "block" or strategy == "group"
+    grouped = layer.strategy is Strategy.BLOCK or strategy is Activations.GROUP
     use_scaled_mm = fp8 and not grouped
     if use_scaled_mm:
         name = "FP8 torch._scaled_mm dispatch"
@@ -201,7 +210,7 @@ def scaled_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], config: di
                                      bias=bias, out_dtype=torch.bfloat16)
         else:
             out = kernels.scaled_gemm(q, s, values, scales, bias=bias, out_dtype=torch.float32,
-                                      group_k=layer.tile[1] if layer.strategy == "block" else (group or 128))
+                                      group_k=layer.tile[1] if layer.strategy is Strategy.BLOCK else (group or 128))
         return KernelRun(out, q, s, act_group if s.shape[-1] > 1 else k, exact, weight_ref, gamma)
 
     return KernelPath(name, activation, run_quantized)
