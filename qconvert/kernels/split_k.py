@@ -19,6 +19,21 @@ def k_ranges(k: int, block_k: int, splits: int) -> tuple[int, int]:
 
 
 @triton.jit
+def store_transposed_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, stride_cm, stride_cs,
+                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The epilogue of the weight-only GEMMs, which accumulate ``C^T`` tiles ``[BLOCK_N, BLOCK_M]``: a float32
+    partial per K split (:func:`reduce_partials` adds the bias and rounds), or bias and one rounding here."""
+    c_mask = n_ok[:, None] & m_ok[None, :]
+    c_ptrs = c_ptr + offs_m[None, :] * stride_cm + offs_n[:, None]
+    if SPLIT_K > 1:
+        tl.store(c_ptrs + tl.program_id(1) * stride_cs, acc, mask=c_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
 def _reduce_kernel(ws_ptr, bias_ptr, c_ptr, cs_ptr, M, N, stride_cm, stride_csm, SPLITS: tl.constexpr,
                    HAS_BIAS: tl.constexpr, QUANT_OUT: tl.constexpr, OUT_FP8: tl.constexpr, OUT_GROUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

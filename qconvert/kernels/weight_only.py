@@ -15,7 +15,7 @@ import triton.language as tl
 
 from qconvert.kernels.configs import TileConfig, gemm_config, interpreting
 from qconvert.kernels.rounding import cast_rne, program_tile
-from qconvert.kernels.split_k import k_ranges, reduce_partials
+from qconvert.kernels.split_k import k_ranges, reduce_partials, store_transposed_tile
 from qconvert.quantizers import packed_columns
 
 
@@ -105,14 +105,7 @@ def _packed_gemm_kernel(
             x_ptrs_k += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += WORDS
-    c_mask = n_ok[:, None] & m_ok[None, :]
-    c_ptrs = c_ptr + offs_m[None, :] * stride_cm + offs_n[:, None]
-    if SPLIT_K > 1:  # a float32 partial; split_k.reduce_partials adds the bias and rounds
-        tl.store(c_ptrs + tl.program_id(1) * stride_cs, acc, mask=c_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(c_ptrs, cast_rne(acc, c_ptr.dtype.element_ty), mask=c_mask)
+    store_transposed_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, stride_cm, stride_cs, HAS_BIAS, SPLIT_K)
 
 
 def packed_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, num_bits: int, in_features: int,
