@@ -18,6 +18,7 @@ import torch
 
 from qconvert.errors import BadInputError
 from qconvert.fingerprint import FINGERPRINT_NAME
+from qconvert.quant_methods import StoredMethod, packed_tensor, refusal, stored_method, unreadable
 from qconvert.safetensors_io import TensorInfo, open_regular, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -49,6 +50,8 @@ class Checkpoint:
 
     unlisted: list[str] = field(default_factory=list)  # tensors a shard holds that its index omits
     skipped_files: list[str] = field(default_factory=list)  # notices: extra files not copied, and why
+    method: StoredMethod | None = None  # the quantization method its files state (qconvert.quant_methods)
+    unreadable: str | None = None  # why qconvert cannot read its weights (only open_checkpoint(describe=True))
 
     @cached_property
     def other_files(self) -> list[Path]:
@@ -103,6 +106,15 @@ def _copy_problem(path: Path, allowed: Path) -> str | None:
     return None
 
 
+def require_utf8_name(path: Path, what: str) -> None:
+    """Refuse a path that is not valid UTF-8 (legal on Linux, e.g. ``b"out\\xff"``): it cannot be written into
+    the summaries, reports and JSON that name it, nor compared with the file system's name limits."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInputError(f"{what} {os.fsencode(path)!r:.200} is not valid UTF-8; give it a UTF-8 name") from None
+
+
 def resolve_source(model: str, revision: str | None = None) -> Path:
     """A local folder as given, or the snapshot folder of a hub id (downloaded or from the cache)."""
     path = Path(model).expanduser()
@@ -135,17 +147,43 @@ def _download(repo_id: str, revision: str | None) -> Path:
     return Path(folder).resolve()
 
 
-def open_checkpoint(root: Path) -> Checkpoint:
-    """Read the layout of ``root``; every defect becomes a one-line :class:`BadInputError`."""
+def open_checkpoint(root: Path, describe: bool = False) -> Checkpoint:
+    """Read the layout of ``root``; every defect becomes a one-line :class:`BadInputError`.
+
+    A checkpoint stored in a quantization method qconvert does not read is refused here, before anything
+    else (see :mod:`qconvert.quant_methods`), so that no command copies its packed tensors as if they were
+    full precision; with ``describe`` (``inspect``) it is opened and the reason kept in ``unreadable``."""
+    config = _read_config(root)
+    method = stored_method(root, config)
+    why = unreadable(method, config)  # before the headers: a method's own dtypes (F8_E8M0, F4) would fail there
+    if why is not None and not describe:
+        raise BadInputError(refusal(method, why))  # type: ignore[arg-type]
+    checkpoint = _open(root, config)
+    if why is None and (found := packed_tensor(list(checkpoint.tensors))) is not None:
+        kind, name = found
+        info = checkpoint.tensors[name]
+        why = (f"tensor {name} ({info.file.name}) is stored {kind}-style, a packed layout qconvert does not read, "
+               f"and {'config.json states no quantization' if method is None else f'not {method.name}'}")
+        if not describe:
+            raise BadInputError(f"{root}: {why}; start from the unquantized (bf16/fp16) release of this model")
+    checkpoint.method, checkpoint.unreadable = method, why
+    return checkpoint
+
+
+def _read_config(root: Path) -> dict | None:
     config_path = root / CONFIG_NAME
     if os.path.lexists(config_path) and _copy_problem(config_path, allowed_root(root)) and \
             config_path.is_symlink():
         # Its contents go into the output's config.json: a link elsewhere (~/.docker/config.json) would leak.
         raise BadInputError(f"{config_path}: is a link to {os.path.realpath(config_path)}, outside the model "
                             "folder; its contents would be written into the output")
-    config = _read_json(config_path) if os.path.lexists(config_path) else None
+    config = read_json(config_path) if os.path.lexists(config_path) else None
     if config is not None:
         validate_config(config_path, config)
+    return config  # type: ignore[return-value]
+
+
+def _open(root: Path, config: dict | None) -> Checkpoint:
     index_path = root / INDEX_NAME
     top_level = sorted(root.glob("*.safetensors"))
     if os.path.lexists(index_path):
@@ -166,7 +204,7 @@ def open_checkpoint(root: Path) -> Checkpoint:
 
 
 def _open_indexed(root: Path, index_path: Path) -> tuple[list[Path], dict[str, TensorInfo], list[str]]:
-    index = _read_json(index_path)
+    index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise BadInputError(f"{index_path}: no weight_map")
@@ -202,10 +240,11 @@ def _open_indexed(root: Path, index_path: Path) -> tuple[list[Path], dict[str, T
     return weight_files, tensors, unlisted
 
 
+_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_CONFIG_DEPTH = 64  # far beyond any real config; deeper nesting would break json.dumps at the end
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
     fd = open_regular(path)
     try:
         with os.fdopen(fd, "rb") as f:
@@ -248,6 +287,10 @@ def validate_config(path: Path, config: object) -> None:
         dtype = getattr(torch, value, None) if isinstance(value, str) else None
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise BadInputError(f"{path}: {key} {value!r:.60} is not a floating-point dtype name (e.g. bfloat16)")
+        if dtype not in _MODEL_DTYPES:
+            # An fp8 model dtype would have quantized layers rebuilt into fp8 (and written back, unscaled).
+            raise BadInputError(f"{path}: {key} {value!r:.60} is not a dtype a model computes in (float16, bfloat16, "
+                                "float32); a quantized checkpoint states its full-precision dtype here")
     architectures = config.get("architectures")
     if architectures is not None and not isinstance(architectures, list):
         raise BadInputError(f"{path}: architectures must be a list of names")

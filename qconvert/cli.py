@@ -290,10 +290,11 @@ def inspect_cmd(
     out.print(table)
     t = report["totals"]
     bits = f"{t['bits_per_weight']:.2f} bits per quantized weight" if t["bits_per_weight"] else "no quantized layers"
+    ratio = "-" if t["compression_ratio"] is None else f"{t['compression_ratio']:.2f}"  # None: no tensor bytes
     out.print(
         f"{t['layers']} layers ({t['quantized_layers']} quantized), {t['other_tensors']} other tensors; "
         f"{_human_bytes(t['bytes'])} stored, {_human_bytes(t['unquantized_bytes'])} unquantized "
-        f"({t['compression_ratio']:.2f}x); {bits}",
+        f"({ratio}x); {bits}",
         markup=False,
     )
 

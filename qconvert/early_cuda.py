@@ -16,9 +16,21 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 
 GPU_COMMANDS = ("quantize", "convert", "batch")
+# cpu, cuda or cuda:N with ASCII digits only (int() also takes "٣"; torch does not), at most 9 of them so that
+# N fits every integer it meets (a C int here; torch wraps indices above 127, so callers compare N with the count).
+_DEVICE = re.compile(r"(cpu|cuda)(?::([0-9]{1,9}))?")
+
+
+def parse_device(text: str) -> tuple[str, int | None] | None:
+    """``(kind, index)`` of a ``--device`` value (``auto`` aside), or None when it is not one."""
+    match = _DEVICE.fullmatch(text.strip().lower())
+    if match is None or (match[1] == "cpu" and match[2] is not None):
+        return None
+    return match[1], (int(match[2]) if match[2] is not None else None)
 
 
 def gpu_ordinal(args: list[str]) -> int | None:
@@ -36,15 +48,22 @@ def gpu_ordinal(args: list[str]) -> int | None:
             device = args[index + 1]
         elif arg.startswith("--device="):
             device = arg.split("=", 1)[1]
-    device = device.strip().lower()
-    if device in ("auto", "cuda"):
+    if device.strip().lower() == "auto":
         return 0
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
-    return None
+    parsed = parse_device(device)
+    if parsed is None or parsed[0] != "cuda":
+        return None  # cpu, or a value the command itself refuses with one line
+    return parsed[1] or 0
 
 
 def _retain_primary_context(ordinal: int) -> None:
+    try:
+        _retain(ordinal)
+    except Exception:
+        return
+
+
+def _retain(ordinal: int) -> None:
     try:
         driver = ctypes.CDLL("libcuda.so.1")
     except OSError:

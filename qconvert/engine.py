@@ -40,6 +40,7 @@ from functools import partial
 import torch
 
 from qconvert import malloc_policy
+from qconvert.early_cuda import parse_device
 from qconvert.errors import BadInputError
 from qconvert.progress import Progress
 from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
@@ -59,19 +60,26 @@ def resolve_device(name: str | None) -> torch.device:
     name = (name or "auto").strip().lower()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise BadInputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BadInputError(f"--device {name}: no CUDA GPU is visible to torch")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BadInputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-        if device.index is None:
-            # current_device() would create the CUDA context here, on the main thread; warm_up creates it
-            # on another while the caller plans. A process that has not chosen a device yet is on GPU 0.
-            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
-    return device
+    parsed = parse_device(name)
+    if parsed is None:
+        raise BadInputError(f"--device {name!r:.60}: expected auto, cpu, cuda or cuda:N")
+    if parsed[0] == "cpu":
+        return torch.device("cpu")
+    return cuda_device(name, parsed[1])
+
+
+def cuda_device(name: str, index: int | None) -> torch.device:
+    """GPU ``index`` (None: the current one) once torch is known to see it; checked before ``torch.device``,
+    which wraps indices above 127 around (``cuda:999`` would be ``cuda:-25``)."""
+    if not torch.cuda.is_available():
+        raise BadInputError(f"--device {name}: no CUDA GPU is visible to torch")
+    if index is not None and index >= torch.cuda.device_count():
+        raise BadInputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if index is None:
+        # current_device() would create the CUDA context here, on the main thread; warm_up creates it
+        # on another while the caller plans. A process that has not chosen a device yet is on GPU 0.
+        index = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+    return torch.device("cuda", index)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
+from qconvert.quant_methods import describe
 from qconvert.safetensors_io import TensorInfo, TensorReader, read_header
 from qconvert.sources import ACTIVATION_LEAVES, WEIGHT_LEAVES, StoredLayer, stored_layers
 
@@ -69,6 +70,8 @@ def _describe(module: str, parts: dict[str, TensorInfo], stored: StoredLayer | N
 
 
 def checkpoint_format(checkpoint: Checkpoint, layers: list[LayerReport]) -> str:
+    if checkpoint.unreadable is not None:
+        return checkpoint.unreadable
     qconfig = (checkpoint.config or {}).get("quantization_config")
     fnuz = " (e4m3fnuz)" if any("e4m3fnuz" in layer.format for layer in layers) else ""
     if isinstance(qconfig, dict):
@@ -93,8 +96,10 @@ def inspect_path(path: str) -> dict:
     if target.is_file() and target.suffix == ".safetensors":
         header = read_header(target)
         checkpoint = Checkpoint(target.parent, [target], header.tensors, None)
+        checkpoint.unreadable = describe(None, None, list(header.tensors))
     else:
-        checkpoint = open_checkpoint(resolve_source(path))
+        # A checkpoint qconvert cannot read is described, not refused: saying what it is helps.
+        checkpoint = open_checkpoint(resolve_source(path), describe=True)
     return inspect_checkpoint(checkpoint)
 
 
@@ -105,8 +110,10 @@ def inspect_checkpoint(checkpoint: Checkpoint) -> dict:
         if leaf in _LAYER_LEAVES:
             modules.setdefault(module, {})[leaf] = info
     layers: list[LayerReport] = []
-    with TensorReader() as reader:
-        stored_by_module = stored_layers(checkpoint, reader)
+    stored_by_module: dict[str, StoredLayer] = {}
+    if checkpoint.unreadable is None:  # else its tensors mean something our readers would misread
+        with TensorReader() as reader:
+            stored_by_module = stored_layers(checkpoint, reader)
     for module, parts in modules.items():
         report = _describe(module, parts, stored_by_module.get(module))
         if report is not None:
@@ -122,6 +129,7 @@ def inspect_checkpoint(checkpoint: Checkpoint) -> dict:
     return {
         "path": str(checkpoint.root),
         "format": checkpoint_format(checkpoint, layers),
+        "readable": checkpoint.unreadable is None,  # False: quantize/convert/verify refuse it
         "files": [p.name for p in checkpoint.weight_files],
         "layers": [asdict(layer) for layer in layers],
         "totals": {

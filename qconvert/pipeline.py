@@ -18,7 +18,7 @@ import torch
 
 from qconvert import __version__
 from qconvert.architectures import facts_from_config
-from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
+from qconvert.checkpoint import Checkpoint, open_checkpoint, require_utf8_name, resolve_source
 from qconvert.conversions import OPS, ConvertOp, plan_conversion
 from qconvert.engine import ExecutionSettings, execute, execution_settings, report_stage, warm_up
 from qconvert.errors import BadInputError
@@ -137,6 +137,7 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
     request = replace(request, layout=Layout(request.layout))
     source = resolve_source(request.model, request.revision)
     target = (request.output or default_output(request.model, source, request.scheme.name)).expanduser()
+    require_utf8_name(target, "the output folder")
     settings = execution_settings(request.device, request.workers)
     if not request.dry_run:
         check_output_location(source, target, request.overwrite)
@@ -249,6 +250,7 @@ def _convert(request: ConvertRequest, notice: Notice) -> dict:
     request = replace(request, op=ConvertOp(request.op))
     source = resolve_source(request.model, request.revision)
     target = (request.output or default_output(request.model, source, request.op.value)).expanduser()
+    require_utf8_name(target, "the output folder")
     check_output_location(source, target, request.overwrite)
     settings = execution_settings(request.device, request.workers)
     warm_up(settings)

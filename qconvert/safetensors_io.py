@@ -169,6 +169,9 @@ def read_header(path: Path) -> Header:
         if len(prefix) < 8:
             raise BadInputError(f"{path}: not a safetensors file ({size} bytes, too short)")
         (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES and 8 + header_len <= size:  # whole, but more than any reader takes
+            raise BadInputError(f"{path}: header is {header_len} bytes, over the {MAX_HEADER_BYTES}-byte limit of "
+                                "safetensors readers")
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
             raise BadInputError(
                 f"{path}: corrupt or truncated safetensors file "

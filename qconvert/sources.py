@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from qconvert.checkpoint import Checkpoint
+from qconvert.errors import BadInputError
 from qconvert.formats import ACTIVATION_LEAVES, WEIGHT_LEAVES, ReadContext, StoredLayer, config_group, recognise
 from qconvert.safetensors_io import TensorInfo, TensorReader
 
@@ -38,7 +39,29 @@ def stored_layers(checkpoint: Checkpoint, reader: TensorReader) -> dict[str, Sto
         layer = recognise(module, parts, context)
         if layer is not None:
             layers[module] = layer
+        elif (problem := _unread_quantized(parts)) is not None:
+            raise BadInputError(problem)
     return layers
+
+
+_QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.int32, torch.float8_e4m3fn, torch.float8_e4m3fnuz,
+                     torch.float8_e5m2, torch.float8_e5m2fnuz)
+
+
+def _unread_quantized(parts: dict[str, TensorInfo]) -> str | None:
+    """Why a layer that holds quantized tensors no format recognised cannot be read: it must never pass through
+    as other tensors (a float32 ``weight_packed`` copied as is, and the layer missing from the coverage)."""
+    packed, weight = parts.get("weight_packed"), parts.get("weight")
+    scale = parts.get("weight_scale") or parts.get("weight_scale_inv")
+    if packed is not None:
+        return (f"{packed.file.name}: tensor {packed.name} is {packed.dtype_code} {list(packed.shape)}, which no "
+                "format qconvert reads stores (packed weights are 2-D I32, or U8 for nvfp4/mxfp4, with a "
+                "weight_scale)")
+    if weight is not None and scale is not None and weight.dtype in _QUANTIZED_DTYPES:
+        return (f"{weight.file.name}: tensor {weight.name} is {weight.dtype_code} {list(weight.shape)} with a "
+                f"{scale.dtype_code} {list(scale.shape)} {scale.name.rpartition('.')[2]}, a layout no format qconvert "
+                "reads")
+    return None
 
 
 def rebuild_weight(layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

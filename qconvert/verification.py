@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from qconvert.checkpoint import Checkpoint, open_checkpoint, resolve_source
+from qconvert.early_cuda import parse_device
+from qconvert.engine import cuda_device
 from qconvert.errors import BadInputError
 from qconvert.formats import NumberType, StoredLayer
 from qconvert.quantizers import FP8_E4M3_MAX, dequantize_activation_groups, int_range
@@ -308,23 +310,27 @@ def interpreter_problem() -> str | None:
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise BadInputError(f"--device {name!r}: expected cpu or cuda[:N]")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda: no CUDA GPU is visible to torch")
-    if device.type == "cpu" and (problem := interpreter_problem()):
+    parsed = parse_device(name)
+    if parsed is None:
+        raise BadInputError(f"--device {name!r:.60}: expected cpu or cuda[:N]")
+    if parsed[0] == "cuda":
+        return cuda_device(name, parsed[1])
+    if problem := interpreter_problem():
         raise BadInputError(problem)
-    return device
+    return torch.device("cpu")
+
+
+MAX_TOKENS = 65536  # GEMM M: the activations are [M, in_features], made whole on the device
 
 
 def parse_tokens(text: str) -> list[int]:
-    try:
-        tokens = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        tokens = []
-    if not tokens or any(t <= 0 for t in tokens):
-        raise BadInputError(f"--tokens {text!r}: expected positive token counts, e.g. 1,16,128")
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    # ASCII digits, at most 9 (int() also takes "١٦" and "1_000" and any length)
+    if not parts or not all(re.fullmatch(r"[0-9]{1,9}", t) for t in parts):
+        raise BadInputError(f"--tokens {text!r:.60}: expected positive token counts, e.g. 1,16,128")
+    tokens = [int(t) for t in parts]
+    if any(t <= 0 or t > MAX_TOKENS for t in tokens):
+        raise BadInputError(f"--tokens {text!r:.60}: each count must be from 1 to {MAX_TOKENS}")
     return tokens
 
 

@@ -58,9 +58,16 @@ def stated_or_inferred(shape: tuple[int, int], scale: TensorInfo, stated: QuantA
     elif strategy is Strategy.CHANNEL:
         tile = (1, in_features)
     elif strategy in (Strategy.GROUP, Strategy.TENSOR_GROUP):
-        tile = (1, in_features // max(1, scale.shape[-1]))
+        # The config's group size when it states one: a scale of another shape is then refused, not obeyed.
+        size = stated.group_size if stated is not None and stated.group_size else \
+            in_features // max(1, scale.shape[-1] if scale.shape else 0)
+        tile = (1, max(1, size))
     else:
         tile = tuple(block or (128, 128))  # type: ignore[assignment]
+    rows, cols = -(-out_features // tile[0]), -(-in_features // tile[1])
+    if math.prod(scale.shape) != rows * cols or (len(scale.shape) == 2 and tuple(scale.shape) != (rows, cols)):
+        raise BadInputError(f"{scale.file.name}: tensor {scale.name} is {list(scale.shape)}, but a {strategy.value} "
+                            f"scale of a {list(shape)} weight with tiles of {tile[0]}x{tile[1]} is {[rows, cols]}")
     group = tile[1] if strategy in (Strategy.GROUP, Strategy.TENSOR_GROUP) else None
     args = QuantArgs(number, bits, strategy, group, tile if strategy is Strategy.BLOCK else None,  # type: ignore[arg-type]
                      scale_dtype=scale_dtype)

@@ -1,0 +1,225 @@
+"""Which stored quantization methods qconvert reads, and a one-line refusal for every other one.
+
+A checkpoint says how it is quantized in config.json's ``quantization_config.quant_method`` (every method
+transformers knows: its ``QuantizationMethod`` enum), or in ModelOpt's ``hf_quant_config.json`` beside it. A
+method we cannot read must never pass through as if the checkpoint were full precision: its packed tensors
+(``*_blocks`` of MXFP4, GPTQ's ``qweight``, bitsandbytes' ``weight.absmax``) would be copied untouched under a
+compressed-tensors config that does not describe them. So opening a checkpoint refuses it, naming the method.
+
+:data:`READERS` is the methods we read, each with a check of the variants we do not; :data:`NOT_READABLE`
+names every other known method. A new reader claims its method by moving it from the second to the first.
+When the config says nothing, the tensor names still betray the common packed layouts (:data:`SIGNATURES`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qconvert.errors import BadInputError
+
+MODELOPT_CONFIG = "hf_quant_config.json"
+
+# compressed-tensors ``format`` values we read (the writers' own names, see qconvert.formats), plus the two
+# that only say "see each group" or "not compressed".
+_CT_FORMATS = {"dense", "mixed-precision", "pack-quantized", "int-quantized", "float-quantized",
+               "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized"}
+
+
+def _compressed_tensors_problem(qconfig: dict) -> str | None:
+    formats = [("format", qconfig.get("format"))]
+    groups = qconfig.get("config_groups")
+    if isinstance(groups, dict):
+        formats += [(f"config_groups.{name}.format", group.get("format"))
+                    for name, group in groups.items() if isinstance(group, dict)]
+    for where, value in formats:
+        if value is not None and value not in _CT_FORMATS:
+            return f"compressed-tensors {where} {value!r:.60}"
+    sparsity = qconfig.get("sparsity_config")
+    if isinstance(sparsity, dict) and sparsity.get("format") not in (None, "dense"):
+        return f"compressed-tensors sparsity_config.format {sparsity.get('format')!r:.60} (sparse weights)"
+    return None
+
+
+def _fp8_problem(qconfig: dict) -> str | None:
+    # transformers' FineGrainedFP8Config: DeepSeek-V3 is fp32 scales and fp8 experts; V4 differs in both.
+    if qconfig.get("scale_fmt", "float") != "float":
+        return f"fp8 with scale_fmt {qconfig.get('scale_fmt')!r:.40} (DeepSeek-V4-style E8M0 block scales)"
+    if qconfig.get("expert_dtype", "fp8") != "fp8":
+        return f"fp8 with expert_dtype {qconfig.get('expert_dtype')!r:.40} (DeepSeek-V4-style FP4 experts)"
+    return None
+
+
+# quant_method -> what of its variants we cannot read (None: all of it is read by qconvert.formats).
+READERS: dict[str, Callable[[dict], str | None]] = {
+    "compressed-tensors": _compressed_tensors_problem,
+    "compressed_tensors": _compressed_tensors_problem,  # vLLM's spelling, accepted by it
+    "fp8": _fp8_problem,  # DeepSeek-V3-style block FP8 (weight_scale_inv)
+    "blockwise_int8": lambda _: None,  # SGLang's, as --layout sglang writes it
+}
+
+# Every other method transformers knows (utils/quantization_config.py QuantizationMethod), and ModelOpt's:
+# how it stores weights, for the refusal.
+NOT_READABLE: dict[str, str] = {
+    "bitsandbytes": "bitsandbytes (uint8-packed 4-bit or int8 weights with absmax/quant_state)",
+    "gptq": "GPTQ (int32-packed qweight/qzeros, scales, g_idx)",
+    "awq": "AWQ (int32-packed qweight/qzeros, scales)",
+    "aqlm": "AQLM (additive codebooks)",
+    "vptq": "VPTQ (vector codebooks)",
+    "quanto": "optimum-quanto",
+    "eetq": "EETQ (int8 weights)",
+    "higgs": "HIGGS (Hadamard-rotated codebooks)",
+    "hqq": "HQQ (packed W_q with scale/zero)",
+    "fbgemm_fp8": "FBGEMM FP8 (per-channel fp8 with input_scale_ub)",
+    "torchao": "torchao (tensor subclasses)",
+    "gguf": "GGUF",
+    "bitnet": "BitNet (packed ternary weights)",
+    "spqr": "SpQR (sparse outliers and 3-bit codes)",
+    "quark": "AMD Quark",
+    "fp_quant": "FP-Quant (Hadamard-rotated MXFP4/NVFP4)",
+    "auto-round": "AutoRound (packed qweight)",
+    "mxfp4": "MXFP4 (gpt-oss: *_blocks uint8 with E8M0 *_scales)",
+    "nvfp4": "transformers NVFP4",
+    "mxfp8": "transformers MXFP8 (fp8 with E8M0 block scales)",
+    "metal": "Metal (packed low-bit)",
+    "fouroversix": "Four Over Six (FP4)",
+    "sinq": "SINQ",
+    "gemma": "Gemma pre-quantized (packed low-bit)",
+    "modelopt": "NVIDIA ModelOpt",
+}
+_ALIASES = {"bitsandbytes_4bit": "bitsandbytes", "bitsandbytes_8bit": "bitsandbytes", "autoround": "auto-round",
+            "auto_round": "auto-round", "modelopt_fp4": "modelopt"}
+
+
+@dataclass(frozen=True)
+class StoredMethod:
+    """How a checkpoint says it is quantized: the method and where it says so."""
+
+    method: str
+    source: Path  # config.json or hf_quant_config.json
+    detail: str = ""  # e.g. ModelOpt's quant_algo, bitsandbytes' 4-bit/8-bit
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.detail}".strip()
+
+
+def stored_method(root: Path, config: dict | None) -> StoredMethod | None:
+    """The quantization method ``root``'s files state (None: unquantized as far as they say)."""
+    modelopt = root / MODELOPT_CONFIG
+    if os.path.lexists(modelopt):
+        return _modelopt(modelopt)
+    if not config:
+        return None
+    found = [(config.get("quantization_config"), "quantization_config")]
+    # A multimodal model may state its language model's quantization in its sub-config only.
+    found += [(sub.get("quantization_config"), f"{key}.quantization_config") for key, sub in config.items()
+              if key.endswith("_config") and isinstance(sub, dict)]
+    for qconfig, where in found:
+        if qconfig is not None:
+            return _method_of(root / "config.json", where, qconfig)
+    return None
+
+
+def _modelopt(path: Path) -> StoredMethod:
+    from qconvert.checkpoint import read_json  # the same safe reader as config.json
+
+    data = read_json(path)
+    quantization = data.get("quantization") if isinstance(data, dict) else None
+    algo = quantization.get("quant_algo") if isinstance(quantization, dict) else None
+    return StoredMethod("modelopt", path, f"quant_algo {algo}" if isinstance(algo, str) else "")
+
+
+def _method_of(path: Path, where: str, qconfig: object) -> StoredMethod:
+    if not isinstance(qconfig, dict):
+        raise BadInputError(f"{path}: {where} must be a JSON object, not {type(qconfig).__name__}")
+    method = qconfig.get("quant_method")
+    if qconfig.get("load_in_4bit") is True or qconfig.get("load_in_8bit") is True:
+        # transformers' own test: older bitsandbytes configs carry these flags and no quant_method.
+        quant_type = qconfig.get("bnb_4bit_quant_type")
+        bits = "8-bit" if qconfig.get("load_in_4bit") is not True else \
+            f"4-bit {quant_type}" if isinstance(quant_type, str) else "4-bit"
+        return StoredMethod("bitsandbytes", path, bits)
+    if method is None:
+        raise BadInputError(f"{path}: {where} names no quant_method, so how its weights are stored is unknown")
+    if not isinstance(method, str):
+        raise BadInputError(f"{path}: {where}.quant_method {method!r:.40} is not a string")
+    method = _ALIASES.get(method.lower(), method.lower())
+    algo = qconfig.get("quant_algo")
+    if method == "modelopt" and isinstance(algo, str):
+        return StoredMethod(method, path, f"quant_algo {algo}")
+    return StoredMethod(method, path)
+
+
+def unreadable(method: StoredMethod | None, config: dict | None) -> str | None:
+    """Why qconvert cannot read a checkpoint stored with ``method`` (None: it can)."""
+    if method is None:
+        return None
+    check = READERS.get(method.method)
+    if check is not None:
+        qconfig = (config or {}).get("quantization_config")
+        return check(qconfig) if isinstance(qconfig, dict) else None
+    what = NOT_READABLE.get(method.method)
+    if what is None:
+        return f"quant_method {method.method!r:.60}, which qconvert does not know"
+    return f"{method.name} = {what}"
+
+
+def refusal(method: StoredMethod, why: str) -> str:
+    where = "quantization_config" if method.source.name == "config.json" else method.source.name
+    return (f"{method.source}: {why} ({where}): not readable by qconvert; start from the unquantized "
+            "(bf16/fp16) release of this model")
+
+
+def refuse_unreadable(root: Path, config: dict | None) -> StoredMethod | None:
+    """The checkpoint's stated method, if qconvert reads it; else one line naming it (BadInputError)."""
+    method = stored_method(root, config)
+    why = unreadable(method, config)
+    if why is not None:
+        raise BadInputError(refusal(method, why))  # type: ignore[arg-type]
+    return method
+
+
+# ---------------------------------------------------------------- what the tensor names say
+
+@dataclass(frozen=True)
+class Signature:
+    method: str
+    matches: Callable[[str, str, set[str]], bool]  # (module, leaf, leaves of that module)
+
+
+SIGNATURES = [
+    Signature("gptq/awq/auto-round", lambda _m, leaf, leaves: leaf == "qweight"),
+    Signature("bitsandbytes", lambda m, leaf, _l: (m.endswith(".weight") and leaf in ("absmax", "quant_map"))
+              or ".weight.quant_state." in f"{m}.{leaf}" or leaf == "SCB"),
+    Signature("mxfp4 (gpt-oss)", lambda _m, leaf, leaves: leaf.endswith("_blocks")
+              and f"{leaf.removesuffix('_blocks')}_scales" in leaves),
+    Signature("hqq", lambda _m, leaf, leaves: leaf == "W_q"),
+]
+
+
+def packed_tensor(names: list[str]) -> tuple[str, str] | None:
+    """``(method, tensor)`` for the first tensor stored in a packed layout we do not read, by its name."""
+    leaves: dict[str, set[str]] = {}
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        leaves.setdefault(module, set()).add(leaf)
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        for signature in SIGNATURES:
+            if signature.matches(module, leaf, leaves[module]):
+                return signature.method, name
+    return None
+
+
+def describe(method: StoredMethod | None, config: dict | None, names: list[str]) -> str | None:
+    """``inspect``'s account of a checkpoint qconvert cannot read (None: it can)."""
+    why = unreadable(method, config)
+    if why is not None:
+        return f"{why}; not readable by qconvert"
+    if method is None and (found := packed_tensor(names)) is not None:
+        return f"{found[0]}-style packed tensors (e.g. {found[1]}) and no quantization_config; not readable by qconvert"
+    return None
+
