@@ -166,7 +166,7 @@ def open_checkpoint(root: Path, describe: bool = False) -> Checkpoint:
                f"and {'config.json states no quantization' if method is None else f'not {method.name}'}")
         if not describe:
             raise BadInputError(f"{root}: {why}; start from the unquantized (bf16/fp16) release of this model")
-    checkpoint.method, checkpoint.unreadable = method, why
+    checkpoint.method, checkpoint.unreadable = method, (f"{why}; not readable by qconvert" if why else None)
     return checkpoint
 
 

@@ -280,7 +280,10 @@ def inspect_cmd(
     if as_json:
         _emit_json(report)
         return
-    table = Table(title=f"{report['path']}  [{report['format']}]", title_justify="left")
+    from rich.markup import escape
+
+    # escaped: "[...]" in a path or a format's description would otherwise be read as rich markup and vanish
+    table = Table(title=escape(f"{report['path']}  [{report['format']}]"), title_justify="left")
     for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"),
                             ("stored as", "left"), ("bytes", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
