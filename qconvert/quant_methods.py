@@ -63,30 +63,30 @@ READERS: dict[str, Callable[[dict], str | None]] = {
 # Every other method transformers knows (utils/quantization_config.py QuantizationMethod), and ModelOpt's:
 # how it stores weights, for the refusal.
 NOT_READABLE: dict[str, str] = {
-    "bitsandbytes": "bitsandbytes (uint8-packed 4-bit or int8 weights with absmax/quant_state)",
-    "gptq": "GPTQ (int32-packed qweight/qzeros, scales, g_idx)",
-    "awq": "AWQ (int32-packed qweight/qzeros, scales)",
-    "aqlm": "AQLM (additive codebooks)",
-    "vptq": "VPTQ (vector codebooks)",
+    "bitsandbytes": "bitsandbytes: uint8-packed 4-bit or int8 weights with absmax/quant_state",
+    "gptq": "GPTQ: int32-packed qweight/qzeros, scales, g_idx",
+    "awq": "AWQ: int32-packed qweight/qzeros, scales",
+    "aqlm": "AQLM: additive codebooks",
+    "vptq": "VPTQ: vector codebooks",
     "quanto": "optimum-quanto",
-    "eetq": "EETQ (int8 weights)",
-    "higgs": "HIGGS (Hadamard-rotated codebooks)",
-    "hqq": "HQQ (packed W_q with scale/zero)",
-    "fbgemm_fp8": "FBGEMM FP8 (per-channel fp8 with input_scale_ub)",
-    "torchao": "torchao (tensor subclasses)",
+    "eetq": "EETQ: int8 weights",
+    "higgs": "HIGGS: Hadamard-rotated codebooks",
+    "hqq": "HQQ: packed W_q with scale/zero",
+    "fbgemm_fp8": "FBGEMM FP8: per-channel fp8 with input_scale_ub",
+    "torchao": "torchao: tensor subclasses",
     "gguf": "GGUF",
-    "bitnet": "BitNet (packed ternary weights)",
-    "spqr": "SpQR (sparse outliers and 3-bit codes)",
+    "bitnet": "BitNet: packed ternary weights",
+    "spqr": "SpQR: sparse outliers and 3-bit codes",
     "quark": "AMD Quark",
-    "fp_quant": "FP-Quant (Hadamard-rotated MXFP4/NVFP4)",
-    "auto-round": "AutoRound (packed qweight)",
-    "mxfp4": "MXFP4 (gpt-oss: *_blocks uint8 with E8M0 *_scales)",
+    "fp_quant": "FP-Quant: Hadamard-rotated MXFP4/NVFP4",
+    "auto-round": "AutoRound: packed qweight",
+    "mxfp4": "MXFP4, gpt-oss's: *_blocks uint8 with E8M0 *_scales",
     "nvfp4": "transformers NVFP4",
-    "mxfp8": "transformers MXFP8 (fp8 with E8M0 block scales)",
-    "metal": "Metal (packed low-bit)",
-    "fouroversix": "Four Over Six (FP4)",
+    "mxfp8": "transformers MXFP8: fp8 with E8M0 block scales",
+    "metal": "Metal: packed low-bit",
+    "fouroversix": "Four Over Six: FP4",
     "sinq": "SINQ",
-    "gemma": "Gemma pre-quantized (packed low-bit)",
+    "gemma": "Gemma pre-quantized: packed low-bit",
     "modelopt": "NVIDIA ModelOpt",
 }
 _ALIASES = {"bitsandbytes_4bit": "bitsandbytes", "bitsandbytes_8bit": "bitsandbytes", "autoround": "auto-round",
@@ -161,16 +161,14 @@ def unreadable(method: StoredMethod | None, config: dict | None) -> str | None:
     if check is not None:
         qconfig = (config or {}).get("quantization_config")
         return check(qconfig) if isinstance(qconfig, dict) else None
-    what = NOT_READABLE.get(method.method)
-    if what is None:
-        return f"quant_method {method.method!r:.60}, which qconvert does not know"
-    return f"{method.name} = {what}"
+    what = NOT_READABLE.get(method.method, "a method qconvert does not know")
+    return f"{method.name[:60]} ({what})"
 
 
 def refusal(method: StoredMethod, why: str) -> str:
-    where = "quantization_config" if method.source.name == "config.json" else method.source.name
-    return (f"{method.source}: {why} ({where}): not readable by qconvert; start from the unquantized "
-            "(bf16/fp16) release of this model")
+    where = "quantization_config" if method.source.name == "config.json" else "it"
+    return (f"{method.source}: {where} states {why}, which qconvert does not read yet; start from the "
+            "unquantized (bf16/fp16) release of this model")
 
 
 def refuse_unreadable(root: Path, config: dict | None) -> StoredMethod | None:
