@@ -147,23 +147,24 @@ def _download(repo_id: str, revision: str | None) -> Path:
     return Path(folder).resolve()
 
 
-def open_checkpoint(root: Path, describe: bool = False) -> Checkpoint:
+def open_checkpoint(root: Path, describe: bool = False, ours_ok: bool = False) -> Checkpoint:
     """Read the layout of ``root``; every defect becomes a one-line :class:`BadInputError`.
 
     A checkpoint stored in a quantization method qconvert does not read is refused here, before anything
     else (see :mod:`qconvert.quant_methods`), so that no command copies its packed tensors as if they were
-    full precision; with ``describe`` (``inspect``) it is opened and the reason kept in ``unreadable``."""
+    full precision; with ``describe`` (``inspect``) it is opened and the reason kept in ``unreadable``.
+    ``ours_ok``: the per-expert tensors qconvert writes for vLLM are fine (verify and inspect skip them)."""
     config = _read_config(root)
     method = stored_method(root, config)
     why = unreadable(method, config)  # before the headers: a method's own dtypes (F8_E8M0, F4) would fail there
     if why is not None and not describe:
         raise BadInputError(refusal(method, why))  # type: ignore[arg-type]
     checkpoint = _open(root, config)
-    if why is None and (found := packed_tensor(list(checkpoint.tensors))) is not None:
-        kind, name = found
+    if why is None and (found := packed_tensor(list(checkpoint.tensors), ours_ok)) is not None:
+        layout, name = found
         info = checkpoint.tensors[name]
-        why = (f"tensor {name} ({info.file.name}) is stored {kind}-style, a packed layout qconvert does not read, "
-               f"and {'config.json states no quantization' if method is None else f'not {method.name}'}")
+        why = (f"tensor {name} ({info.file.name}) is in {layout}, "
+               f"{'and config.json states no quantization' if method is None else f'not {method.name}'}")
         if not describe:
             raise BadInputError(f"{root}: {why}; start from the unquantized (bf16/fp16) release of this model")
     checkpoint.method, checkpoint.unreadable = method, (f"{why}; not readable by qconvert" if why else None)

@@ -99,7 +99,7 @@ def inspect_path(path: str) -> dict:
         checkpoint.unreadable = describe(None, None, list(header.tensors))
     else:
         # A checkpoint qconvert cannot read is described, not refused: saying what it is helps.
-        checkpoint = open_checkpoint(resolve_source(path), describe=True)
+        checkpoint = open_checkpoint(resolve_source(path), describe=True, ours_ok=True)
     return inspect_checkpoint(checkpoint)
 
 

@@ -184,22 +184,30 @@ def refuse_unreadable(root: Path, config: dict | None) -> StoredMethod | None:
 
 @dataclass(frozen=True)
 class Signature:
-    method: str
+    layout: str  # for the refusal: "is in {layout}"
     matches: Callable[[str, str, set[str]], bool]  # (module, leaf, leaves of that module)
+    ours: bool = False  # written by qconvert (verify and inspect know it; quantize and convert cannot read it)
 
 
 SIGNATURES = [
-    Signature("gptq/awq/auto-round", lambda _m, leaf, leaves: leaf == "qweight"),
-    Signature("bitsandbytes", lambda m, leaf, _l: (m.endswith(".weight") and leaf in ("absmax", "quant_map"))
+    Signature("the gptq/awq/auto-round layout (qweight)", lambda _m, leaf, leaves: leaf == "qweight"),
+    Signature("the bitsandbytes layout (absmax, quant_state)",
+              lambda m, leaf, _l: (m.endswith(".weight") and leaf in ("absmax", "quant_map"))
               or ".weight.quant_state." in f"{m}.{leaf}" or leaf == "SCB"),
-    Signature("mxfp4 (gpt-oss)", lambda _m, leaf, leaves: leaf.endswith("_blocks")
+    Signature("the mxfp4 layout of gpt-oss (*_blocks with *_scales)", lambda _m, leaf, leaves: leaf.endswith("_blocks")
               and f"{leaf.removesuffix('_blocks')}_scales" in leaves),
-    Signature("hqq", lambda _m, leaf, leaves: leaf == "W_q"),
+    Signature("the hqq layout (W_q)", lambda _m, leaf, leaves: leaf == "W_q"),
+    # gpt-oss experts as qconvert writes them for vLLM (experts.3.w13_weight_packed): without weight_shape and
+    # outside the config's targets, so they cannot be read back; copied as they are, they would keep their old
+    # scheme under the new config and drop out of the coverage.
+    Signature("vLLM's per-expert layout, which qconvert writes for gpt-oss but cannot read back",
+              lambda _m, leaf, _l: leaf.endswith("_weight_packed") and leaf != "weight_packed", ours=True),
 ]
 
 
-def packed_tensor(names: list[str]) -> tuple[str, str] | None:
-    """``(method, tensor)`` for the first tensor stored in a packed layout we do not read, by its name."""
+def packed_tensor(names: list[str], ours_ok: bool = False) -> tuple[str, str] | None:
+    """``(layout, tensor)`` for the first tensor stored in a packed layout we do not read, by its name
+    (``ours_ok``: except the ones qconvert writes, for commands that only look at them)."""
     leaves: dict[str, set[str]] = {}
     for name in names:
         module, _, leaf = name.rpartition(".")
@@ -207,8 +215,8 @@ def packed_tensor(names: list[str]) -> tuple[str, str] | None:
     for name in names:
         module, _, leaf = name.rpartition(".")
         for signature in SIGNATURES:
-            if signature.matches(module, leaf, leaves[module]):
-                return signature.method, name
+            if not (ours_ok and signature.ours) and signature.matches(module, leaf, leaves[module]):
+                return signature.layout, name
     return None
 
 
@@ -217,7 +225,7 @@ def describe(method: StoredMethod | None, config: dict | None, names: list[str])
     why = unreadable(method, config)
     if why is not None:
         return f"{why}; not readable by qconvert"
-    if method is None and (found := packed_tensor(names)) is not None:
-        return f"{found[0]}-style packed tensors (e.g. {found[1]}) and no quantization_config; not readable by qconvert"
+    if method is None and (found := packed_tensor(names, ours_ok=True)) is not None:
+        return f"tensor {found[1]} is in {found[0]}, and no quantization_config; not readable by qconvert"
     return None
 

@@ -340,7 +340,7 @@ def verify(path: str, original: str | None = None, device: torch.device | None =
     """Check every quantized layer of ``path`` (see the module docstring)."""
     device = device or resolve_device(None)
     tokens = tokens or list(DEFAULT_TOKENS)
-    checkpoint = open_checkpoint(resolve_source(path))
+    checkpoint = open_checkpoint(resolve_source(path), ours_ok=True)  # its per-expert tensors: noted
     original_checkpoint = open_checkpoint(resolve_source(original)) if original else None
     with TensorReader() as reader, TensorReader() as original_reader:
         found = stored_layers(checkpoint, reader)

@@ -185,7 +185,7 @@ def run(command: str, model: Path, scratch: Path) -> tuple[int, list[str], dict]
 
 
 def check_refused(command: str, model: Path, tmp_path: Path, needles: tuple[str, ...]) -> None:
-    (tmp_path / "outs").mkdir()
+    (tmp_path / "outs").mkdir(exist_ok=True)
     before = tree_digest(model)
     code, lines, report = run(command, model, tmp_path)
     assert tree_digest(model) == before, "the input changed"
@@ -285,3 +285,18 @@ def test_fp8_without_weight_block_size_is_per_tensor(tmp_path: Path) -> None:
     assert result.code == 0, result.stderr
     (row,) = [r for r in json.loads(result.stdout)["layers"] if r["module"] == L]
     assert row["scheme"] == "fp8 per-tensor", row
+
+
+def test_our_own_per_expert_output_is_not_requantized_silently(tmp_path: Path) -> None:
+    """gpt-oss experts as qconvert writes them for vLLM (experts.N.w13_weight_packed) cannot be read back: a second
+    quantize would copy them under the new scheme's config and leave them out of the coverage. Refused, naming
+    one; inspect and verify still look at the checkpoint (verify names them as not verified)."""
+    from tests.test_architectures import _case, build_checkpoint
+
+    source = build_checkpoint(_case("gpt_oss"), tmp_path)
+    first = tmp_path / "rtn4"
+    assert run_cli("quantize", source, "-s", "rtn4", "-o", first, "-q").code == 0
+    for command in ("quantize", "convert", "batch"):
+        check_refused(command, first, tmp_path, ("_weight_packed", "vLLM's per-expert layout"))
+    report = json.loads(run_cli("inspect", first, "--json").stdout)
+    assert report["readable"] is True
