@@ -163,8 +163,8 @@ def open_checkpoint(root: Path, describe: bool = False, ours_ok: bool = False) -
     if why is None and (found := packed_tensor(list(checkpoint.tensors), ours_ok)) is not None:
         layout, name = found
         info = checkpoint.tensors[name]
-        why = (f"tensor {name} ({info.file.name}) is in {layout}, "
-               f"{'and config.json states no quantization' if method is None else f'not {method.name}'}")
+        why = f"tensor {name} ({info.file.name}) is in {layout}"
+        why += ", and config.json states no quantization" if method is None else ""
         if not describe:
             raise BadInputError(f"{root}: {why}; start from the unquantized (bf16/fp16) release of this model")
     checkpoint.method, checkpoint.unreadable = method, (f"{why}; not readable by qconvert" if why else None)
