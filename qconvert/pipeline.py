@@ -47,7 +47,7 @@ from qconvert.serving import (
     servers_missing,
     serves_in,
 )
-from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_layers
+from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_experts, stored_layers
 from qconvert.units import Unit, apply_fnuz, quantize_units, shared_tensor_scales
 from qconvert.writing import (
     OutputFolder,
@@ -144,7 +144,8 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
     checkpoint = open_checkpoint(source)
     with TensorReader() as reader:
         stored = stored_layers(checkpoint, reader)
-        view = logical_view(checkpoint, stored)
+        experts = stored_experts(checkpoint, reader)
+        view = logical_view(checkpoint, stored, experts)
         plan = make_plan(replace(checkpoint, tensors=view), request.scheme, request.ignore, request.targets,
                          request.overrides, request.include_vision, request.keep_fused_experts)
         check_coverage(plan, request.min_coverage)
@@ -169,8 +170,10 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
         # before the pre-pass reads every fused tensor; building them again later costs no I/O.
         units, notes = quantize_units(view, plan, request.layout, stored, {}, request.allow_requantize)
         _report_skips(plan, notice)
-        if stored:
-            notes.insert(0, f"note: the input is quantized ({describe_stored(stored)}); matching layers are "
+        if stored or experts:
+            described = ", ".join(filter(None, [describe_stored(stored),
+                                                f"{len(experts)} expert tensors gpt-oss MXFP4" if experts else ""]))
+            notes.insert(0, f"note: the input is quantized ({described}); matching layers are "
                          "copied, others rebuilt and requantized, unquantized ones written back in full precision")
         misaligned = _block_misaligned(plan, view, request.layout)
         if misaligned is not None:
@@ -255,11 +258,12 @@ def _convert(request: ConvertRequest, notice: Notice) -> dict:
     checkpoint = open_checkpoint(source)
     with TensorReader() as reader:
         layers = stored_layers(checkpoint, reader)
+        experts = stored_experts(checkpoint, reader)
         fused_patterns = request.fused_patterns
         if fused_patterns is None:
             fused_patterns = facts_from_config(checkpoint.config).fused_patterns
         plan = plan_conversion(request.op, checkpoint.tensors, layers, checkpoint.config or {}, reader,
-                               fused_patterns, request.dtype)
+                               fused_patterns, request.dtype, experts)
     for note in plan.notes:
         notice(note)
     shards = write_checkpoint(checkpoint, plan.units, target, plan.config, request.max_shard_bytes,

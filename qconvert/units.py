@@ -25,7 +25,7 @@ from qconvert.planning import Plan, SplitExperts, module_of
 from qconvert.quantizers import e4m3fn_to_e4m3fnuz
 from qconvert.safetensors_io import TensorInfo, TensorSpec
 from qconvert.schemes import Scheme
-from qconvert.sources import ACTIVATION_LEAVES, StoredLayer, rebuild_weight
+from qconvert.sources import ACTIVATION_LEAVES, RebuiltTensor, StoredLayer, rebuild_weight
 
 Produce = Callable[[list[torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -99,10 +99,19 @@ def quantize_unit(info: TensorInfo, scheme: Scheme, layout: Layout, scale: torch
     return Unit([info], outputs, produce, layer)
 
 
+def rebuilt_unit(info: RebuiltTensor) -> Unit:
+    """A tensor that is stored quantized (gpt-oss MXFP4 experts) written in full precision, as the bf16 release
+    holds it."""
+    return Unit(info.source.parts, [TensorSpec(info.name, info.dtype, info.shape)],
+                lambda tensors: {info.name: info.source.rebuild(*tensors)})
+
+
 def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: Layout) -> Unit:
     """A 3-D expert tensor written as one quantized layer per expert and part (``architectures.ExpertSplit``):
-    the stored tensor is read once, each expert's slice cut into its parts' ``[out, in]`` weights."""
+    the stored tensor is read once (or rebuilt from its stored parts, for a :class:`RebuiltTensor`), each
+    expert's slice cut into its parts' ``[out, in]`` weights."""
     layers = split.layers
+    rebuilt = info.source if isinstance(info, RebuiltTensor) else None
     # The on-disk name of each tensor compress_weight names (None: not written).
     spelled = streamed_expert_name if split.split.vllm_spelling else (lambda name: name)
     per_layer = [[TensorSpec(name, spec.dtype, spec.shape)
@@ -118,7 +127,8 @@ def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: Layout) ->
 
     def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         result: dict[str, torch.Tensor] = {}
-        cuts = {module: part.cut(tensors[0][expert]) for module, expert, part, _ in layers}
+        whole = rebuilt.rebuild(*tensors) if rebuilt else tensors[0]
+        cuts = {module: part.cut(whole[expert]) for module, expert, part, _ in layers}
         shared: dict[tuple[str, ...], torch.Tensor | None] = {}
         for group in set(group_of.values()):
             amax = torch.stack([cuts[m].abs().amax() for m in group]).max()
@@ -133,7 +143,8 @@ def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: Layout) ->
 
     entries = [layer_entry(module, split.scheme, shape, info.dtype, shape[0] * shape[1] * info.dtype.itemsize, specs)
                for (module, _, _, shape), specs in zip(layers, per_layer, strict=True)]
-    return Unit([info], [spec for specs in per_layer for spec in specs], produce, entries[0], entries[1:])
+    inputs = rebuilt.parts if rebuilt else [info]
+    return Unit(inputs, [spec for specs in per_layer for spec in specs], produce, entries[0], entries[1:])
 
 
 def fused_groups(modules: list[str], patterns: list[str]) -> list[list[str]]:
@@ -240,7 +251,14 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: Layout,
         scheme = plan.scheme_for(info)
         layer = stored.get(module) if leaf == "weight" else None
         if info.name in plan.splits:
-            units.append(split_experts_unit(info, plan.splits[info.name], layout))
+            split = plan.splits[info.name]
+            if isinstance(info, RebuiltTensor) and not allow_requantize:
+                raise BadInputError(
+                    f"{info.source.blocks.file.name}: {info.name} is already quantized (gpt-oss MXFP4 experts); "
+                    f"requantizing fp4 weights into {split.scheme.name} loses quality: pass --allow-requantize")
+            units.append(split_experts_unit(info, split, layout))
+        elif isinstance(info, RebuiltTensor):
+            units.append(rebuilt_unit(info))  # kept 3-D: written as the bf16 release holds it
         elif module in stored and leaf in ACTIVATION_LEAVES:
             dropped.append(info.name)  # the schemes we write quantize activations dynamically
         elif layer is None and scheme is None:

@@ -1,0 +1,219 @@
+"""Quantized releases as inputs: gpt-oss's MXFP4 experts (``*_blocks`` / ``*_scales``).
+
+The fixture is a tiny gpt-oss built by transformers and saved in bf16, then its experts rewritten in the released
+MXFP4 layout. The reference consumer is transformers: its own MXFP4 dequantization
+(``integrations.mxfp4.convert_moe_packed_tensors``) and its MXFP4 loader with ``dequantize=True`` (what it runs
+on a machine without the MXFP4 kernels).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from qconvert.formats import NumberType
+from qconvert.microscaling import quantize_mx
+from tests.arch_matrix import _GPT_OSS
+from tests.conftest import read_tensors, run_cli, tree_digest
+
+EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+
+
+def to_mxfp4_release(bf16: Path, folder: Path) -> Path:
+    """``bf16`` (a gpt-oss checkpoint) with every expert tensor stored as gpt-oss's MXFP4 release stores it."""
+    folder.mkdir(parents=True)
+    tensors = read_tensors(bf16)
+    out = {}
+    for name, tensor in tensors.items():
+        if name.rpartition(".")[2] not in EXPERT_TENSORS:
+            out[name] = tensor
+            continue
+        rows = tensor.transpose(1, 2)  # [E, out, in], as the release stores rows
+        experts, out_features, in_features = rows.shape
+        packed, exponents = zip(*(quantize_mx(rows[e].contiguous(), NumberType.FP4_E2M1) for e in range(experts)),
+                                strict=True)
+        out[f"{name}_blocks"] = torch.stack(packed).reshape(experts, out_features, in_features // 32, 16)
+        out[f"{name}_scales"] = torch.stack(exponents)
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((bf16 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4",
+                                     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    for extra in bf16.iterdir():
+        if extra.suffix != ".safetensors" and extra.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(extra, folder / extra.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("released") / "gpt-oss-bf16"
+    config = transformers.AutoConfig.for_model("gpt_oss", **_GPT_OSS)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_mxfp4(gpt_oss_bf16: Path) -> Path:
+    return to_mxfp4_release(gpt_oss_bf16, gpt_oss_bf16.parent / "gpt-oss-mxfp4")
+
+
+def _stored(folder: Path) -> dict[str, torch.Tensor]:
+    return read_tensors(folder)
+
+
+def _transformers_dequantized(folder: Path) -> dict[str, torch.Tensor]:
+    """Each expert tensor as transformers' MXFP4 integration dequantizes it."""
+    tensors = _stored(folder)
+    return {name.removesuffix("_blocks"): convert_moe_packed_tensors(tensors[name], tensors[name[:-6] + "scales"])
+            for name in tensors if name.endswith("_blocks")}
+
+
+def test_the_fixture_is_what_transformers_reads(gpt_oss_mxfp4: Path, gpt_oss_bf16: Path) -> None:
+    """Before we touch it: transformers' own dequantization reads the fixture back near the bf16 weights."""
+    reference = _transformers_dequantized(gpt_oss_mxfp4)
+    original = read_tensors(gpt_oss_bf16)
+    assert len(reference) == 2 * _GPT_OSS["num_hidden_layers"]
+    for name, weight in reference.items():
+        assert weight.shape == original[name].shape
+        error = (weight.float() - original[name].float()).norm() / original[name].float().norm()
+        assert 0 < error < 0.2, (name, error)
+
+
+def test_dequantize_equals_transformers(gpt_oss_mxfp4: Path, tmp_path: Path) -> None:
+    """``convert --op dequantize``: every expert tensor bit-identical to transformers' dequantization, the
+    rest copied, the MXFP4 quantization_config gone, and transformers loads the result as a bf16 gpt-oss."""
+    before = tree_digest(gpt_oss_mxfp4)
+    out = tmp_path / "bf16"
+    result = run_cli("convert", gpt_oss_mxfp4, "--op", "dequantize", "-o", out, "-q")
+    assert result.code == 0, result.stderr
+    assert tree_digest(gpt_oss_mxfp4) == before
+    written, reference, stored = read_tensors(out), _transformers_dequantized(gpt_oss_mxfp4), _stored(gpt_oss_mxfp4)
+    for name, weight in reference.items():
+        assert written[name].dtype == torch.bfloat16 and torch.equal(written[name], weight), name
+    for name, tensor in stored.items():
+        if not name.endswith(("_blocks", "_scales")):
+            assert torch.equal(written[name], tensor), name
+    assert not any(name.endswith(("_blocks", "_scales")) for name in written)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_dequantized_logits_equal_transformers_mxfp4_loader(gpt_oss_mxfp4: Path, tmp_path: Path) -> None:
+    """transformers' MXFP4 loader (dequantize=True, its CPU path) and our dequantized checkpoint compute the same
+    logits: the same weights, read by two readers."""
+    out = tmp_path / "bf16"
+    assert run_cli("convert", gpt_oss_mxfp4, "--op", "dequantize", "-o", out, "-q").code == 0
+    ids = torch.randint(3, 200, (1, 10), generator=torch.Generator().manual_seed(0))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        gpt_oss_mxfp4, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.bfloat16)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, ours(ids).logits)
+
+
+def test_requantize_needs_consent(gpt_oss_mxfp4: Path, tmp_path: Path) -> None:
+    result = run_cli("quantize", gpt_oss_mxfp4, "-s", "rtn4", "-o", tmp_path / "out")
+    assert result.code == 2
+    [line] = result.stderr_lines
+    assert "gpt-oss MXFP4" in line and "--allow-requantize" in line and ".mlp.experts." in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_requantized_equals_quantizing_the_dequantized(gpt_oss_mxfp4: Path, tmp_path: Path) -> None:
+    """With --allow-requantize, an MXFP4 release quantizes to the bytes its dequantized bf16 checkpoint gives:
+    one reader, one planner (per-expert w13/w2 as vLLM's gpt-oss loader streams them)."""
+    bf16, direct, via = tmp_path / "bf16", tmp_path / "direct", tmp_path / "via"
+    assert run_cli("convert", gpt_oss_mxfp4, "--op", "dequantize", "-o", bf16, "-q").code == 0
+    result = run_cli("quantize", gpt_oss_mxfp4, "-s", "rtn4", "--allow-requantize", "-o", direct, "-q")
+    assert result.code == 0, result.stderr
+    assert run_cli("quantize", bf16, "-s", "rtn4", "-o", via, "-q").code == 0
+    ours, reference = read_tensors(direct), read_tensors(via)
+    assert ours.keys() == reference.keys()
+    assert any(".experts.0.w13_weight_packed" in name for name in ours)
+    for name, tensor in reference.items():
+        assert torch.equal(ours[name], tensor), name
+    assert json.loads((direct / "config.json").read_text())["quantization_config"]["quant_method"] \
+        == "compressed-tensors"
+
+
+def test_kept_experts_are_written_as_the_bf16_release(gpt_oss_mxfp4: Path, tmp_path: Path) -> None:
+    """A scheme vLLM's gpt-oss loader does not stream per expert (fp8-block) keeps the experts 3-D: written
+    dequantized, as the bf16 release holds them, never as MXFP4 bytes under a compressed-tensors config."""
+    out = tmp_path / "out"
+    result = run_cli("quantize", gpt_oss_mxfp4, "-s", "fp8-block", "--keep-fused-experts", "-o", out, "--json")
+    assert result.code == 0, result.stderr
+    written, reference = read_tensors(out), _transformers_dequantized(gpt_oss_mxfp4)
+    assert not any(name.endswith(("_blocks", "_scales")) for name in written)
+    for name, weight in reference.items():
+        assert torch.equal(written[name], weight), name
+    summary = json.loads(result.stdout)
+    assert summary["coverage"]["share"] < 0.9  # the experts count, unquantized
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def _damaged(gpt_oss_mxfp4: Path, tmp_path: Path, change) -> Path:
+    folder = tmp_path / "damaged"
+    shutil.copytree(gpt_oss_mxfp4, folder)
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+NAME = "model.layers.0.mlp.experts.gate_up_proj"
+
+
+def _nan_scale(t: dict) -> None:
+    t[NAME + "_scales"][0, 0, 0] = 255
+
+
+def _drop_scales(t: dict) -> None:
+    del t[NAME + "_scales"]
+
+
+def _truncate_blocks(t: dict) -> None:
+    t[NAME + "_blocks"] = t[NAME + "_blocks"][..., :8].contiguous()
+
+
+def _scales_wrong_shape(t: dict) -> None:
+    t[NAME + "_scales"] = t[NAME + "_scales"][:, :-1].contiguous()
+
+
+def _blocks_as_float(t: dict) -> None:
+    t[NAME + "_blocks"] = t[NAME + "_blocks"].to(torch.float32)
+
+
+@pytest.mark.parametrize(("change", "needles"), [
+    (_nan_scale, ["E8M0 NaN", NAME + "_scales"]),
+    (_drop_scales, [NAME + "_blocks", "no " + NAME + "_scales"]),
+    (_truncate_blocks, [NAME + "_blocks", "[E, R, G, 16]"]),
+    (_scales_wrong_shape, [NAME + "_scales", "[E, R, G]"]),
+    (_blocks_as_float, [NAME + "_blocks", "uint8"]),
+], ids=["nan-scale", "half-pair", "truncated-blocks", "scales-shape", "float-blocks"])
+@pytest.mark.parametrize("command", ["dequantize", "requantize"])
+def test_damaged_releases_are_refused(gpt_oss_mxfp4: Path, tmp_path: Path, change, needles: list[str],
+                                      command: str) -> None:
+    folder = _damaged(gpt_oss_mxfp4, tmp_path, change)
+    before = tree_digest(folder)
+    out = tmp_path / "out"
+    args = (["convert", folder, "--op", "dequantize"] if command == "dequantize"
+            else ["quantize", folder, "-s", "rtn4", "--allow-requantize"])
+    result = run_cli(*args, "-o", out, "-q")
+    assert result.code == 2, result.stderr
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert all(needle in result.stderr for needle in needles), result.stderr
+    assert tree_digest(folder) == before
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["damaged"]
