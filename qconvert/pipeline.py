@@ -315,7 +315,8 @@ def _already_shared(plan: Plan, stored: dict[str, StoredLayer], reader: TensorRe
     values = []
     for name in names:
         layer, scheme = stored.get(module_of(name)), plan.quantize[name]
-        if layer is None or not layer.matches(scheme.format, scheme.args):
+        if layer is None or not (layer.matches(scheme.format, scheme.args)
+                                 or layer.format.exact_cast(layer, scheme.format, scheme.args) is not None):
             return False
         values.append(layer.format.stored_shared(layer, reader))
     return all(v is not None and torch.equal(v, values[0]) for v in values)

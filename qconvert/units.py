@@ -226,6 +226,20 @@ def dequantize_unit(layer: StoredLayer, dtype: torch.dtype | None = None) -> Uni
     return Unit(inputs, [output], produce)
 
 
+def cast_layer_unit(layer: StoredLayer, scheme: Scheme, layout: Layout,
+                    cast: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Unit:
+    """A stored layer that ``scheme``'s format holds exactly under other names or encodings (a ModelOpt NVFP4
+    layer as compressed-tensors NVFP4): its tensors re-laid out, no value requantized."""
+    outputs = output_specs(f"{layer.module}.weight", layer.shape, layer.dtype, scheme, layout)
+    inputs = [layer.parts[leaf] for leaf in _leaves(layer)]
+
+    def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return cast(layer.module, _stored_tensors(layer, tensors))
+
+    before = sum(i.nbytes for i in inputs)
+    return Unit(inputs, outputs, produce, layer_entry(layer.module, scheme, layer.shape, layer.dtype, before, outputs))
+
+
 def copy_layer_units(layer: StoredLayer, scheme: Scheme) -> list[Unit]:
     """A stored layer that already is what ``scheme`` writes: its tensors copied under the
     compressed-tensors names (``weight_scale_inv`` → ``weight_scale``, keeping its dtype)."""
@@ -270,6 +284,9 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: Layout,
         elif layout == Layout.COMPRESSED_TENSORS and layer.matches(scheme.format, scheme.args) \
                 and info.name not in shared_scales:
             units.extend(copy_layer_units(layer, scheme))
+        elif layout == Layout.COMPRESSED_TENSORS and info.name not in shared_scales \
+                and (cast := layer.format.exact_cast(layer, scheme.format, scheme.args)) is not None:
+            units.append(cast_layer_unit(layer, scheme, layout, cast))
         elif layer.args.number is not NumberType.FP8_E4M3 and not allow_requantize:
             raise BadInputError(
                 f"{layer.values.file.name}: {module} is already quantized ({layer.label}, {layer.layout}); "

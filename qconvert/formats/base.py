@@ -10,6 +10,7 @@ rest of qconvert asks the registry instead of branching on format names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 # The tensors of one quantized linear layer (a module's leaves) and its static activation scales.
 WEIGHT_LEAVES = ("weight", "weight_packed", "weight_scale", "weight_scale_inv", "weight_shape", "weight_zero_point",
-                 "weight_global_scale")
+                 "weight_global_scale", "weight_scale_2")
 ACTIVATION_LEAVES = ("input_scale", "output_scale")
 
 
@@ -160,6 +161,12 @@ class WeightFormat:
     def copies_as(self, other: WeightFormat) -> bool:
         """Whether a layer stored in this format is, copied, a layer of ``other``."""
         return other is self
+
+    def exact_cast(self, layer: StoredLayer, target: WeightFormat, args: QuantArgs
+                   ) -> Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+        """For a stored layer that ``target`` holds exactly under other names or encodings (a re-layout, not a
+        requantization): ``cast(prefix, stored tensors by leaf)`` → the target's tensors. None where there is none."""
+        return None
 
     def same_codes(self, layer: StoredLayer, args: QuantArgs) -> bool:
         """Whether quantizing the rebuilt weight with ``args`` would give this layer's codes and scales again."""

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -51,9 +52,10 @@ class _Microscaled(WeightFormat):
     kernel_format: ClassVar[str]  # the verify kernel's name for it (qconvert.kernels.microscaled)
     values_leaf: ClassVar[str] = "weight_packed"
     values_dtype: ClassVar[torch.dtype] = torch.uint8
+    global_leaf: ClassVar[str] = "weight_global_scale"
 
     def _columns(self, in_features: int) -> int:
-        return in_features // 2 if self.values_leaf == "weight_packed" else in_features
+        return in_features // 2 if self.number is NumberType.FP4_E2M1 else in_features
 
     def specs(self, prefix: str, shape: tuple[int, int], dtype: torch.dtype, args: QuantArgs) -> list[TensorSpec]:
         out_features, in_features = shape
@@ -68,20 +70,20 @@ class _Microscaled(WeightFormat):
         values, scale = parts.get(self.values_leaf), parts.get("weight_scale")
         if values is None or scale is None or values.dtype != self.values_dtype or scale.dtype != self.scale_dtype:
             return None
-        if ("weight_global_scale" in parts) != self.default_args().global_scale:
+        if (self.global_leaf in parts) != self.default_args().global_scale:
             return None
         if len(values.shape) != 2 or len(scale.shape) != 2:
             raise BadInputError(f"{values.file.name}: {module} ({self.name}) has {len(values.shape)}-D values and "
                                 f"{len(scale.shape)}-D scales; expected 2-D")
         out_features = values.shape[0]
-        in_features = values.shape[1] * (2 if self.values_leaf == "weight_packed" else 1)
+        in_features = values.shape[1] * (2 if self.number is NumberType.FP4_E2M1 else 1)
         expected = (out_features, in_features // self.group)
         if scale.shape != expected or in_features % self.group:
             raise BadInputError(f"{scale.file.name}: {module}.weight_scale is {list(scale.shape)}; {self.name} "
                                 f"values of shape {[out_features, in_features]} need {list(expected)}")
-        global_scale = parts.get("weight_global_scale")
+        global_scale = parts.get(self.global_leaf)
         if global_scale is not None and (global_scale.dtype != torch.float32 or math.prod(global_scale.shape) != 1):
-            raise BadInputError(f"{global_scale.file.name}: {module}.weight_global_scale is {global_scale.dtype} "
+            raise BadInputError(f"{global_scale.file.name}: {module}.{self.global_leaf} is {global_scale.dtype} "
                                 f"{list(global_scale.shape)}; expected one float32")
         stated = context.stated_args(module)
         args = self.default_args()
@@ -103,14 +105,14 @@ class _Microscaled(WeightFormat):
 
     def codes(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """float32 code values ``[out, in]``."""
-        if self.values_leaf == "weight_packed":
-            return e2m1_values(unpack_nibbles(tensors["weight_packed"]))
+        if self.number is NumberType.FP4_E2M1:
+            return e2m1_values(unpack_nibbles(tensors[self.values_leaf]))
         return tensors["weight"].to(torch.float32)
 
     def rebuild(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         # compressed-tensors multiplies the code by its group's float32 multiplier in float32, then casts.
         def decode(first: int, last: int) -> torch.Tensor:
-            band = {leaf: (t if leaf == "weight_global_scale" else t[first:last]) for leaf, t in tensors.items()}
+            band = {leaf: (t if leaf == self.global_leaf else t[first:last]) for leaf, t in tensors.items()}
             scales = self.decoded_scales(band).repeat_interleave(self.group, dim=1)
             return (self.codes(band) * scales).to(layer.dtype)
 
@@ -205,3 +207,48 @@ class MXFP8(_MX):
     number = NumberType.FP8_E4M3
     values_leaf = "weight"
     values_dtype = torch.float8_e4m3fn
+
+
+class ModelOptNVFP4(NVFP4):
+    """NVIDIA ModelOpt's NVFP4 release (read only): ``weight`` uint8 ``[out, in/2]`` (E2M1 codes packed as
+    compressed-tensors packs them), ``weight_scale`` e4m3 ``[out, in/16]``, ``weight_scale_2`` float32: the weight is
+    ``code * (scale * scale_2)``, the product taken in float32 as vLLM's ModelOpt method computes it.
+
+    Cast to compressed-tensors NVFP4 (the ``nvfp4`` scheme) it is a re-layout: codes and block scales are copied
+    bit for bit; the global scale is stored as its inverse, ``1 / scale_2`` rounded once to float32, so a weight
+    rebuilt from the output may differ from the release's in the last bit of the float32 multiplier (a relative
+    2**-23 at most, before the rounding to the weight's dtype): the run counts and reports such elements."""
+
+    name = "modelopt-nvfp4"  # read only: no scheme writes it
+    values_leaf = "weight"
+    global_leaf = "weight_scale_2"
+
+    def stored_shared(self, layer: StoredLayer, reader: TensorReader) -> torch.Tensor | None:
+        return self.cast_global_scale(reader.read(layer.parts["weight_scale_2"]))
+
+    @staticmethod
+    def cast_global_scale(scale_2: torch.Tensor) -> torch.Tensor:
+        """compressed-tensors' ``weight_global_scale`` for a ModelOpt ``weight_scale_2``: its float32 inverse."""
+        return (1.0 / scale_2.to(torch.float32)).reshape(1)
+
+    def copies_as(self, other: WeightFormat) -> bool:
+        return False  # other leaf names and an inverted global scale: written by exact_cast, never copied
+
+    def exact_cast(self, layer: StoredLayer, target: WeightFormat, args: QuantArgs
+                   ) -> Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+        if not isinstance(target, NVFP4) or isinstance(target, ModelOptNVFP4) or args != target.default_args():
+            return None
+
+        def cast(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {f"{prefix}.weight_packed": tensors["weight"], f"{prefix}.weight_scale": tensors["weight_scale"],
+                    f"{prefix}.weight_global_scale": self.cast_global_scale(tensors["weight_scale_2"])}
+
+        return cast
+
+    def decoded_scales(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return tensors["weight_scale"].to(torch.float32) * tensors["weight_scale_2"].to(torch.float32).reshape(())
+
+    def kernel_path(self, layer: StoredLayer, tensors: dict[str, torch.Tensor], config: dict | None,
+                    device: torch.device) -> KernelPath:
+        raise BadInputError(f"{layer.module}: verify runs on compressed-tensors outputs; convert this ModelOpt "
+                            "checkpoint first (qconvert quantize -s nvfp4)")
