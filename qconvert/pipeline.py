@@ -48,7 +48,7 @@ from qconvert.serving import (
     serves_in,
 )
 from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_experts, stored_layers
-from qconvert.units import Unit, apply_fnuz, quantize_units, shared_tensor_scales
+from qconvert.units import ExactCasts, Unit, apply_fnuz, exact_casts, quantize_units, shared_tensor_scales
 from qconvert.writing import (
     OutputFolder,
     check_output_location,
@@ -168,7 +168,9 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
                         for s in plan.schemes})
         # Units are built first without shared scales, so that a refusal (--allow-requantize) comes
         # before the pre-pass reads every fused tensor; building them again later costs no I/O.
-        units, notes = quantize_units(view, plan, request.layout, stored, {}, request.allow_requantize)
+        casts = exact_casts(plan, stored, reader, fused_patterns, request.allow_requantize) \
+            if request.layout is Layout.COMPRESSED_TENSORS else ExactCasts()
+        units, notes = quantize_units(view, plan, request.layout, stored, {}, request.allow_requantize, casts)
         _report_skips(plan, notice)
         if stored or experts:
             described = ", ".join(filter(None, [describe_stored(stored),
@@ -182,12 +184,15 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
                          "it); for those engines give such layers (and the rest of their fused layer) fp8, e.g. "
                          "--override 're:.*self_attn.*=fp8'")
         notes.extend(_serving_notes(kinds, family, request.fnuz, misaligned is not None))
+        if casts.note():
+            notes.append(casts.note())
         for note in notes:
             notice(note)
         if not request.dry_run:
             shared = shared_tensor_scales(plan, partial(weight_amax, view, stored, reader), fused_patterns,
-                                          partial(_already_shared, plan, stored, reader))
-            units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize)
+                                          lambda names: all(n in casts.shared for n in names)
+                                          or _already_shared(plan, stored, reader, names))
+            units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize, casts)
     if request.fnuz:
         units = apply_fnuz(units)
     serving = [s.to_json() for s in serves_in(kinds, family, misaligned is not None)]
@@ -315,8 +320,7 @@ def _already_shared(plan: Plan, stored: dict[str, StoredLayer], reader: TensorRe
     values = []
     for name in names:
         layer, scheme = stored.get(module_of(name)), plan.quantize[name]
-        if layer is None or not (layer.matches(scheme.format, scheme.args)
-                                 or layer.format.exact_cast(layer, scheme.format, scheme.args) is not None):
+        if layer is None or not layer.matches(scheme.format, scheme.args):
             return False
         values.append(layer.format.stored_shared(layer, reader))
     return all(v is not None and torch.equal(v, values[0]) for v in values)

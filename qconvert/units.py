@@ -20,10 +20,11 @@ from qconvert.architectures import COMMON_FUSIONS
 from qconvert.errors import BadInputError
 from qconvert.format import base_name, output_specs, streamed_expert_name, written_format
 from qconvert.formats import Layout, NumberType
+from qconvert.formats.base import Cast, CastLosses
 from qconvert.numerics import require_representable
 from qconvert.planning import Plan, SplitExperts, module_of
 from qconvert.quantizers import e4m3fn_to_e4m3fnuz
-from qconvert.safetensors_io import TensorInfo, TensorSpec
+from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
 from qconvert.schemes import Scheme
 from qconvert.sources import ACTIVATION_LEAVES, RebuiltTensor, StoredLayer, rebuild_weight
 
@@ -192,6 +193,56 @@ def shared_tensor_scales(plan: Plan, amax_of: AmaxReader, patterns: list[str],
     return scales
 
 
+@dataclass
+class ExactCasts:
+    """Stored layers written by their format's exact cast into their scheme (:meth:`WeightFormat.exact_cast`):
+    what each fused group shares once cast, and the blocks the target cannot hold (refused without consent)."""
+
+    shared: dict[str, torch.Tensor | None] = field(default_factory=dict)  # weight name → group value (None: own)
+    losses: list[tuple[str, CastLosses]] = field(default_factory=list)  # (first module of the group, losses)
+
+    def note(self) -> str | None:
+        if not self.losses:
+            return None
+        blocks = sum(loss.blocks for _, loss in self.losses)
+        largest = max(loss.largest_error for _, loss in self.losses)
+        return (f"note: {blocks} blocks in {len(self.losses)} layers (e.g. {self.losses[0][0]}) are below the range "
+                f"of their exact cast's scales and are flushed to zero (largest error {largest:.3g})")
+
+
+def exact_casts(plan: Plan, stored: dict[str, StoredLayer], reader: TensorReader, patterns: list[str],
+                allow_requantize: bool) -> ExactCasts:
+    """Which stored layers are cast exactly (by group: a fused group casts only if all its parts can and their
+    format gives them one shared value), reading their scales once, before any write."""
+    casts = ExactCasts()
+    candidates = {name: stored[module_of(name)] for name, scheme in plan.quantize.items()
+                  if module_of(name) in stored
+                  and stored[module_of(name)].format.exact_cast(stored[module_of(name)], scheme.format, scheme.args)}
+    grouped = [[f"{m}.weight" for m in group] for group in fused_groups([module_of(n) for n in candidates], patterns)
+               if plan.quantize[f"{group[0]}.weight"].shared_fused_scale]
+    in_group = {name for group in grouped for name in group}
+    for names in grouped + [[name] for name in candidates if name not in in_group]:
+        layers = [candidates[name] for name in names]
+        fmt = layers[0].format
+        if any(layer.format is not fmt for layer in layers):
+            continue
+        value = fmt.cast_shared(layers, reader) if len(names) > 1 else None
+        if len(names) > 1 and value is None:
+            continue  # no one value for the group: requantized (with consent), as any other input
+        losses = fmt.cast_losses(layers, reader)
+        if losses is not None:
+            if not allow_requantize:
+                first, target = layers[0], plan.quantize[names[0]].name
+                raise BadInputError(
+                    f"{first.values.file.name}: {first.module}: {losses.blocks} of {losses.total_blocks} blocks "
+                    f"({first.layout}) are too far below the largest of their group for {target}'s "
+                    f"scales to hold them exactly (largest error {losses.largest_error:.3g}): pass --allow-requantize "
+                    "to write them flushed to zero")
+            casts.losses.append((layers[0].module, losses))
+        casts.shared.update(dict.fromkeys(names, value))
+    return casts
+
+
 def _leaves(layer: StoredLayer) -> list[str]:
     return sorted(layer.parts)
 
@@ -226,15 +277,15 @@ def dequantize_unit(layer: StoredLayer, dtype: torch.dtype | None = None) -> Uni
     return Unit(inputs, [output], produce)
 
 
-def cast_layer_unit(layer: StoredLayer, scheme: Scheme, layout: Layout,
-                    cast: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Unit:
+def cast_layer_unit(layer: StoredLayer, scheme: Scheme, layout: Layout, cast: Cast,
+                    shared: torch.Tensor | None = None) -> Unit:
     """A stored layer that ``scheme``'s format holds exactly under other names or encodings (a ModelOpt NVFP4
-    layer as compressed-tensors NVFP4): its tensors re-laid out, no value requantized."""
+    layer as compressed-tensors NVFP4, MXFP4 as NVFP4): its codes kept, no value requantized."""
     outputs = output_specs(f"{layer.module}.weight", layer.shape, layer.dtype, scheme, layout)
     inputs = [layer.parts[leaf] for leaf in _leaves(layer)]
 
     def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return cast(layer.module, _stored_tensors(layer, tensors))
+        return cast(layer.module, _stored_tensors(layer, tensors), shared)
 
     before = sum(i.nbytes for i in inputs)
     return Unit(inputs, outputs, produce, layer_entry(layer.module, scheme, layer.shape, layer.dtype, before, outputs))
@@ -254,10 +305,11 @@ def copy_layer_units(layer: StoredLayer, scheme: Scheme) -> list[Unit]:
 def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: Layout,
                    stored: dict[str, StoredLayer] | None = None,
                    shared_scales: dict[str, torch.Tensor] | None = None,
-                   allow_requantize: bool = False) -> tuple[list[Unit], list[str]]:
+                   allow_requantize: bool = False, casts: ExactCasts | None = None) -> tuple[list[Unit], list[str]]:
     """Units for ``quantize`` over the planner's view of the checkpoint, and notes for the user."""
     stored = stored or {}
     shared_scales = shared_scales or {}
+    casts = casts or ExactCasts()
     units: list[Unit] = []
     dropped: list[str] = []
     for info in tensors.values():
@@ -284,9 +336,9 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: Layout,
         elif layout == Layout.COMPRESSED_TENSORS and layer.matches(scheme.format, scheme.args) \
                 and info.name not in shared_scales:
             units.extend(copy_layer_units(layer, scheme))
-        elif layout == Layout.COMPRESSED_TENSORS and info.name not in shared_scales \
+        elif layout == Layout.COMPRESSED_TENSORS and info.name in casts.shared \
                 and (cast := layer.format.exact_cast(layer, scheme.format, scheme.args)) is not None:
-            units.append(cast_layer_unit(layer, scheme, layout, cast))
+            units.append(cast_layer_unit(layer, scheme, layout, cast, casts.shared[info.name]))
         elif layer.args.number is not NumberType.FP8_E4M3 and not allow_requantize:
             raise BadInputError(
                 f"{layer.values.file.name}: {module} is already quantized ({layer.label}, {layer.layout}); "

@@ -305,3 +305,112 @@ def test_modelopt_nvfp4_dequantized_by_compressed_tensors(modelopt_nvfp4: Path, 
         total += reference.numel()
     print(f"differing {differing} of {total}")
     assert len(modules) == 14 and differing <= total * 1e-3, (differing, total)
+
+
+# ---------------------------------------------------------------- MXFP4 → NVFP4, exactly
+
+def _decompressed(folder: Path, preset: str) -> dict[str, torch.Tensor]:
+    """Every quantized layer's weight as compressed-tensors' own decompressor for ``preset`` rebuilds it (float32)."""
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    compressor = {"MXFP4A16": MXFP4PackedCompressor, "NVFP4A16": NVFP4PackedCompressor}[preset]
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    tensors = read_tensors(folder)
+    modules = {name.rpartition(".")[0] for name in tensors if name.endswith(".weight_packed")}
+    return {module: compressor.decompress({name.rpartition(".")[2]: t for name, t in tensors.items()
+                                           if name.rpartition(".")[0] == module}, scheme)["weight"].float()
+            for module in modules}
+
+
+@pytest.fixture(scope="module")
+def llama_mxfp4(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mx") / "llama-mxfp4"
+    assert run_cli("quantize", tiny_llama, "-s", "mxfp4", "-o", out, "-q").code == 0
+    return out
+
+
+def test_mxfp4_to_nvfp4_is_lossless(llama_mxfp4: Path, tmp_path: Path) -> None:
+    """``quantize -s nvfp4`` on an MXFP4 checkpoint needs no --allow-requantize: nibbles kept bit for bit, and every
+    element compressed-tensors' NVFP4 decompressor rebuilds from the output equals what its MXFP4 decompressor
+    rebuilds from the input; q/k/v and gate/up share one power-of-two global scale each."""
+    before = tree_digest(llama_mxfp4)
+    out = tmp_path / "nvfp4"
+    result = run_cli("quantize", llama_mxfp4, "-s", "nvfp4", "-o", out, "-q")
+    assert result.code == 0, result.stderr
+    assert tree_digest(llama_mxfp4) == before
+    source, written = read_tensors(llama_mxfp4), read_tensors(out)
+    modules = [name.removesuffix(".weight_packed") for name in written if name.endswith(".weight_packed")]
+    assert len(modules) == 14
+    for module in modules:
+        assert torch.equal(written[f"{module}.weight_packed"], source[f"{module}.weight_packed"]), module
+        global_scale = float(written[f"{module}.weight_global_scale"])
+        assert global_scale == 2.0 ** round(torch.log2(torch.tensor(global_scale)).item()), module
+    for layer in ("model.layers.0.self_attn", "model.layers.1.mlp"):
+        fused = [n for n in written if n.startswith(layer) and n.endswith("weight_global_scale")
+                 and ".o_proj." not in n and ".down_proj." not in n]
+        assert len(fused) in (2, 3) and len({float(written[n]) for n in fused}) == 1, fused
+    theirs, ours = _decompressed(llama_mxfp4, "MXFP4A16"), _decompressed(out, "NVFP4A16")
+    assert theirs.keys() == ours.keys()
+    for module, weight in theirs.items():
+        assert torch.equal(ours[module], weight), module
+
+
+def _spread_exponents(folder: Path, module: str, exponent: int) -> Path:
+    """``folder`` with one block of ``module`` given a scale far below the rest (2**(exponent - 127))."""
+    tensors = read_tensors(folder)
+    scale = tensors[f"{module}.weight_scale"].clone()
+    scale[0, 0] = exponent
+    tensors[f"{module}.weight_scale"] = scale
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    for stale in folder.glob("model-*.safetensors"):
+        stale.unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    return folder
+
+
+def test_mxfp4_blocks_beyond_e4m3_are_refused_then_flushed_with_consent(llama_mxfp4: Path, tmp_path: Path) -> None:
+    """A block 30 exponents below its group's largest has no exact e4m3 scale: refused before any write, naming the
+    layer and the count; with --allow-requantize it is flushed to zero, said in a note, and every other element
+    still equals the source's."""
+    module = "model.layers.0.self_attn.k_proj"
+    folder = _spread_exponents(Path(shutil.copytree(llama_mxfp4, tmp_path / "spread")), module,
+                               int(read_tensors(llama_mxfp4)[f"{module}.weight_scale"].max()) - 30)
+    before = tree_digest(folder)
+    out = tmp_path / "out"
+    refused = run_cli("quantize", folder, "-s", "nvfp4", "-o", out, "-q")
+    assert refused.code == 2 and len(refused.stderr_lines) == 1, refused.stderr
+    assert module in refused.stderr and "1 of " in refused.stderr and "--allow-requantize" in refused.stderr
+    assert not out.exists() and tree_digest(folder) == before
+    accepted = run_cli("quantize", folder, "-s", "nvfp4", "--allow-requantize", "-o", out)
+    assert accepted.code == 0, accepted.stderr
+    assert "1 blocks in 1 layers" in accepted.stderr and "flushed to zero" in accepted.stderr
+    theirs, ours = _decompressed(folder, "MXFP4A16"), _decompressed(out, "NVFP4A16")
+    for name, weight in theirs.items():
+        if name != module:
+            assert torch.equal(ours[name], weight), name
+    differs = ours[module] != theirs[module]
+    assert bool(differs.any()) and not bool(differs[:, 32:].any()) and not bool(differs[1:].any())
+    assert bool((ours[module][0, :32] == 0).all())
+
+
+def test_mxfp4_zero_blocks_stay_exact(llama_mxfp4: Path, tmp_path: Path) -> None:
+    """A block MX writers store as all zero with exponent 0 (2**-127) is far below the rest, yet exact: no refusal."""
+    module = "model.layers.1.mlp.up_proj"
+    folder = Path(shutil.copytree(llama_mxfp4, tmp_path / "zeros"))
+    tensors = read_tensors(folder)
+    packed = tensors[f"{module}.weight_packed"].clone()
+    packed[0, :16] = 0
+    tensors[f"{module}.weight_packed"] = packed
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    for stale in folder.glob("model-*.safetensors"):
+        stale.unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    _spread_exponents(folder, module, 0)
+    out = tmp_path / "out"
+    result = run_cli("quantize", folder, "-s", "nvfp4", "-o", out, "-q")
+    assert result.code == 0, result.stderr
+    theirs, ours = _decompressed(folder, "MXFP4A16"), _decompressed(out, "NVFP4A16")
+    for name, weight in theirs.items():
+        assert torch.equal(ours[name], weight), name

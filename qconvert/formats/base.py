@@ -85,6 +85,18 @@ class ReadContext:
         return QuantArgs.from_config(group.get("weights") if group else None)
 
 
+Cast = Callable[[str, dict[str, torch.Tensor], "torch.Tensor | None"], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CastLosses:
+    """Blocks of a cast's input that the target cannot hold exactly (they are flushed to zero with consent)."""
+
+    blocks: int
+    total_blocks: int
+    largest_error: float  # the largest absolute error a flushed element can carry
+
+
 FORMATS: dict[str, WeightFormat] = {}
 
 
@@ -162,10 +174,21 @@ class WeightFormat:
         """Whether a layer stored in this format is, copied, a layer of ``other``."""
         return other is self
 
-    def exact_cast(self, layer: StoredLayer, target: WeightFormat, args: QuantArgs
-                   ) -> Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+    def exact_cast(self, layer: StoredLayer, target: WeightFormat, args: QuantArgs) -> Cast | None:
         """For a stored layer that ``target`` holds exactly under other names or encodings (a re-layout, not a
-        requantization): ``cast(prefix, stored tensors by leaf)`` → the target's tensors. None where there is none."""
+        requantization): ``cast(prefix, stored tensors by leaf, shared)`` → the target's tensors, where ``shared``
+        is what the layer's fused group shares (:meth:`cast_shared`; None: the layer's own). None where no cast
+        exists."""
+        return None
+
+    def cast_shared(self, layers: list[StoredLayer], reader: TensorReader) -> torch.Tensor | None:
+        """What a fused group of stored layers of this format shares once cast exactly (see :meth:`shared`), read
+        from their stored tensors; None where the cast cannot give them one value (they are requantized then)."""
+        return None
+
+    def cast_losses(self, layers: list[StoredLayer], reader: TensorReader) -> CastLosses | None:
+        """For a cast that is exact but where the target's range ends (MXFP4 → NVFP4: a block exponent more than
+        17 below the group's largest): the blocks it cannot hold and the largest error, read before any write."""
         return None
 
     def same_codes(self, layer: StoredLayer, args: QuantArgs) -> bool:

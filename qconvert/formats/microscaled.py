@@ -10,19 +10,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
 from qconvert.errors import BadInputError
 from qconvert.formats.args import NumberType, QuantArgs, ScaleDtype, Strategy
-from qconvert.formats.base import ReadContext, StoredLayer, WeightFormat
+from qconvert.formats.base import Cast, CastLosses, ReadContext, StoredLayer, WeightFormat
 from qconvert.microscaling import (
     FP4_E2M1_MAX,
     FP8_E4M3_MAX,
     e2m1_values,
     e8m0_values,
+    mx_global_shift,
+    mx_to_nvfp4,
     nvfp4_global_scale,
     quantize_mx,
     quantize_nvfp4,
@@ -192,11 +193,49 @@ class _MX(_Microscaled):
 
 
 class MXFP4(_MX):
-    """E2M1 codes, a power-of-two (E8M0) scale per 32 inputs."""
+    """E2M1 codes, a power-of-two (E8M0) scale per 32 inputs.
+
+    Cast exactly to NVFP4 (the ``nvfp4`` scheme): the nibbles are kept bit for bit, the global scale is a power of
+    two ``2**m`` shared by the fused group (``m`` puts the group's largest exponent at e4m3's 2**8), and each
+    16-block's e4m3 scale is ``2**(k + m)`` for its 32-block's exponent ``k``, so ``scale / global == 2**k``. A block
+    more than 17 exponents below the group's largest has no exact e4m3 scale: counted before any write (refused
+    unless the user accepts requantization, then flushed to zero). A block stored with exponent 0 (2**-127, what MX
+    writers store for an all-zero block) gets scale 0 too, exact for its zero codes."""
 
     name = "mxfp4-pack-quantized"
     kernel_format = "mxfp4"
     number = NumberType.FP4_E2M1
+
+    def exact_cast(self, layer: StoredLayer, target: WeightFormat, args: QuantArgs) -> Cast | None:
+        if type(target) is not NVFP4 or args != target.default_args():
+            return None
+
+        def cast(prefix: str, tensors: dict[str, torch.Tensor], shared: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            exponents = tensors["weight_scale"]
+            shift = None if shared is None else int(torch.log2(shared.to(torch.float32)).round().item())
+            converted = mx_to_nvfp4(exponents, shift)
+            return {f"{prefix}.weight_packed": tensors["weight_packed"], f"{prefix}.weight_scale": converted.scales,
+                    f"{prefix}.weight_global_scale": converted.global_scale.to(exponents.device)}
+
+        return cast
+
+    def cast_shared(self, layers: list[StoredLayer], reader: TensorReader) -> torch.Tensor | None:
+        shift = mx_global_shift([reader.read(layer.parts["weight_scale"]) for layer in layers])
+        return torch.tensor([2.0**shift], dtype=torch.float32)
+
+    def cast_losses(self, layers: list[StoredLayer], reader: TensorReader) -> CastLosses | None:
+        exponents = [reader.read(layer.parts["weight_scale"]) for layer in layers]
+        shift = mx_global_shift(exponents)
+        blocks = total = 0
+        largest = 0.0
+        for stored in exponents:
+            converted = mx_to_nvfp4(stored, shift)
+            lossy = converted.inexact & (stored != 0)
+            blocks += int(lossy.sum())
+            total += stored.numel()
+            if bool(lossy.any()):
+                largest = max(largest, FP4_E2M1_MAX * float(e8m0_values(stored[lossy]).max()))
+        return CastLosses(blocks, total, largest) if blocks else None
 
 
 class MXFP8(_MX):
@@ -223,9 +262,6 @@ class ModelOptNVFP4(NVFP4):
     values_leaf = "weight"
     global_leaf = "weight_scale_2"
 
-    def stored_shared(self, layer: StoredLayer, reader: TensorReader) -> torch.Tensor | None:
-        return self.cast_global_scale(reader.read(layer.parts["weight_scale_2"]))
-
     @staticmethod
     def cast_global_scale(scale_2: torch.Tensor) -> torch.Tensor:
         """compressed-tensors' ``weight_global_scale`` for a ModelOpt ``weight_scale_2``: its float32 inverse."""
@@ -234,12 +270,16 @@ class ModelOptNVFP4(NVFP4):
     def copies_as(self, other: WeightFormat) -> bool:
         return False  # other leaf names and an inverted global scale: written by exact_cast, never copied
 
-    def exact_cast(self, layer: StoredLayer, target: WeightFormat, args: QuantArgs
-                   ) -> Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
-        if not isinstance(target, NVFP4) or isinstance(target, ModelOptNVFP4) or args != target.default_args():
+    def cast_shared(self, layers: list[StoredLayer], reader: TensorReader) -> torch.Tensor | None:
+        # The codes were made under the stored scale_2: a fused group re-laid out keeps one value only if it has one.
+        values = [reader.read(layer.parts["weight_scale_2"]).reshape(()) for layer in layers]
+        return self.cast_global_scale(values[0]) if all(torch.equal(v, values[0]) for v in values) else None
+
+    def exact_cast(self, layer: StoredLayer, target: WeightFormat, args: QuantArgs) -> Cast | None:
+        if type(target) is not NVFP4 or args != target.default_args():
             return None
 
-        def cast(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        def cast(prefix: str, tensors: dict[str, torch.Tensor], shared: torch.Tensor | None) -> dict[str, torch.Tensor]:
             return {f"{prefix}.weight_packed": tensors["weight"], f"{prefix}.weight_scale": tensors["weight_scale"],
                     f"{prefix}.weight_global_scale": self.cast_global_scale(tensors["weight_scale_2"])}
 
