@@ -8,6 +8,7 @@ its list of units; executing it is the same for every command.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -294,8 +295,16 @@ def cast_layer_unit(layer: StoredLayer, scheme: Scheme, layout: Layout, cast: Ca
 def copy_layer_units(layer: StoredLayer, scheme: Scheme) -> list[Unit]:
     """A stored layer that already is what ``scheme`` writes: its tensors copied under the
     compressed-tensors names (``weight_scale_inv`` → ``weight_scale``, keeping its dtype)."""
-    units = [copy_unit(info, f"{layer.module}.{'weight_scale' if leaf == 'weight_scale_inv' else leaf}")
-             for leaf, info in sorted(layer.parts.items())]
+    # Named and shaped as the scheme writes them: a per-tensor scale stored as a scalar (ModelOpt FP8) is [1] in
+    # compressed-tensors, which its loaders check (the bytes are the same).
+    shapes = {spec.name: spec.shape for spec in output_specs(f"{layer.module}.weight", layer.shape, layer.dtype,
+                                                              scheme, Layout.COMPRESSED_TENSORS)}
+    units = []
+    for leaf, info in sorted(layer.parts.items()):
+        name = f"{layer.module}.{'weight_scale' if leaf == 'weight_scale_inv' else leaf}"
+        shape = shapes.get(name, info.shape)
+        units.append(Unit([info], [TensorSpec(name, info.dtype, shape if math.prod(shape) == info.numel
+                                              else info.shape)]))
     before = sum(u.input_bytes for u in units)
     units[0].layer = layer_entry(layer.module, scheme, layer.shape, layer.dtype, before,
                                  [spec for u in units for spec in u.outputs])

@@ -1,9 +1,13 @@
-"""Quantized releases as inputs: gpt-oss's MXFP4 experts (``*_blocks`` / ``*_scales``).
+"""Quantized releases as inputs, and exact casts between FP4 formats.
 
-The fixture is a tiny gpt-oss built by transformers and saved in bf16, then its experts rewritten in the released
-MXFP4 layout. The reference consumer is transformers: its own MXFP4 dequantization
-(``integrations.mxfp4.convert_moe_packed_tensors``) and its MXFP4 loader with ``dequantize=True`` (what it runs
-on a machine without the MXFP4 kernels).
+* gpt-oss's MXFP4 experts (``*_blocks`` / ``*_scales``): a tiny gpt-oss built by transformers, its experts rewritten
+  in the released layout. The reference consumer is transformers: its own MXFP4 dequantization
+  (``integrations.mxfp4.convert_moe_packed_tensors``) and its MXFP4 loader with ``dequantize=True`` (its CPU path).
+* ModelOpt NVFP4 and FP8 (a Llama and a Qwen3-MoE): read as vLLM's ModelOpt methods compute them; the engine tier
+  (tests/engines/test_vllm_released.py) loads the same fixtures with vLLM's own ModelOpt loaders.
+* MXFP4 → NVFP4: element by element through compressed-tensors' own decompressors.
+
+The fixtures are built by tests/released_fixtures.py.
 """
 
 from __future__ import annotations
@@ -19,39 +23,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from qconvert.formats import NumberType
-from qconvert.microscaling import quantize_mx
-from tests.arch_matrix import _GPT_OSS
+from tests.arch_matrix import _GPT_OSS, _MOE, _TEXT
 from tests.conftest import read_tensors, run_cli, tree_digest
+from tests.released_fixtures import LINEARS, to_modelopt_fp8, to_modelopt_nvfp4, to_mxfp4_release
 
-EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+QWEN3_MOE = dict(_TEXT, head_dim=32, moe_intermediate_size=128, decoder_sparse_step=1, **_MOE)
 
 
-def to_mxfp4_release(bf16: Path, folder: Path) -> Path:
-    """``bf16`` (a gpt-oss checkpoint) with every expert tensor stored as gpt-oss's MXFP4 release stores it."""
-    folder.mkdir(parents=True)
-    tensors = read_tensors(bf16)
-    out = {}
-    for name, tensor in tensors.items():
-        if name.rpartition(".")[2] not in EXPERT_TENSORS:
-            out[name] = tensor
-            continue
-        rows = tensor.transpose(1, 2)  # [E, out, in], as the release stores rows
-        experts, out_features, in_features = rows.shape
-        packed, exponents = zip(*(quantize_mx(rows[e].contiguous(), NumberType.FP4_E2M1) for e in range(experts)),
-                                strict=True)
-        out[f"{name}_blocks"] = torch.stack(packed).reshape(experts, out_features, in_features // 32, 16)
-        out[f"{name}_scales"] = torch.stack(exponents)
-    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((bf16 / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4",
-                                     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                                "model.embed_tokens", "lm_head"]}
-    (folder / "config.json").write_text(json.dumps(config))
-    for extra in bf16.iterdir():
-        if extra.suffix != ".safetensors" and extra.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy(extra, folder / extra.name)
-    return folder
+def linear_count(tensors: dict[str, torch.Tensor]) -> int:
+    """The attention and MLP (and expert) linear layers of a Llama or Qwen3-MoE checkpoint."""
+    return len({name.rpartition(".")[0] for name in tensors if name.rpartition(".")[0].rpartition(".")[2] in LINEARS})
 
 
 @pytest.fixture(scope="module")
@@ -221,44 +202,21 @@ def test_damaged_releases_are_refused(gpt_oss_mxfp4: Path, tmp_path: Path, chang
 
 # ---------------------------------------------------------------- ModelOpt NVFP4
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def to_modelopt_nvfp4(bf16: Path, folder: Path) -> Path:
-    """A Llama stored as NVIDIA ModelOpt's NVFP4 releases store it: ``weight`` uint8 codes, ``weight_scale`` e4m3
-    per 16, ``weight_scale_2`` float32 (amax / 2688, shared by q/k/v and by gate/up), ``input_scale`` float32."""
-    from qconvert.microscaling import quantize_nvfp4
-
-    folder.mkdir(parents=True)
-    tensors = read_tensors(bf16)
-    out = dict(tensors)
-    modules = sorted(name.removesuffix(".weight") for name in tensors
-                     if name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS)
-    for module in modules:
-        leaf = module.rpartition(".")[2]
-        group = next((g for g in FUSED if leaf in g), (leaf,))
-        siblings = [f"{module.rpartition('.')[0]}.{other}.weight" for other in group]
-        amax = torch.stack([tensors[s].float().abs().amax() for s in siblings]).max()
-        scale_2 = (amax / 2688).reshape(())
-        packed, scales = quantize_nvfp4(tensors[f"{module}.weight"], 1.0 / scale_2)
-        out[f"{module}.weight"] = packed
-        out[f"{module}.weight_scale"] = scales
-        out[f"{module}.weight_scale_2"] = scale_2
-        out[f"{module}.input_scale"] = torch.tensor(0.02)
-    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((bf16 / "config.json").read_text())
-    quant = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": ["lm_head"]}
-    config["quantization_config"] = {"quant_method": "modelopt", **quant}
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
-                                                             "quantization": quant}))
+@pytest.fixture(scope="module", params=["llama", "qwen3_moe"])
+def bf16_source(request: pytest.FixtureRequest, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dense and an MoE model (Qwen3-MoE: per-expert gate/up/down, which ModelOpt quantizes expert by expert)."""
+    if request.param == "llama":
+        return tiny_llama
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("released") / "qwen3-moe-bf16"
+    config = transformers.AutoConfig.for_model("qwen3_moe", **QWEN3_MOE)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def modelopt_nvfp4(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return to_modelopt_nvfp4(tiny_llama, tmp_path_factory.mktemp("modelopt") / "llama-nvfp4")
+def modelopt_nvfp4(bf16_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return to_modelopt_nvfp4(bf16_source, tmp_path_factory.mktemp("modelopt") / "nvfp4")
 
 
 def test_modelopt_nvfp4_to_compressed_tensors_is_a_relayout(modelopt_nvfp4: Path, tmp_path: Path) -> None:
@@ -271,7 +229,7 @@ def test_modelopt_nvfp4_to_compressed_tensors_is_a_relayout(modelopt_nvfp4: Path
     assert tree_digest(modelopt_nvfp4) == before
     stored, written = read_tensors(modelopt_nvfp4), read_tensors(out)
     modules = [name.removesuffix(".weight_scale_2") for name in stored if name.endswith(".weight_scale_2")]
-    assert len(modules) == 7 * 2
+    assert len(modules) == linear_count(stored)
     for module in modules:
         assert torch.equal(written[f"{module}.weight_packed"], stored[f"{module}.weight"]), module
         assert torch.equal(written[f"{module}.weight_scale"].view(torch.uint8),
@@ -304,7 +262,7 @@ def test_modelopt_nvfp4_dequantized_by_compressed_tensors(modelopt_nvfp4: Path, 
         differing += int((ours[f"{module}.weight"] != reference).sum())
         total += reference.numel()
     print(f"differing {differing} of {total}")
-    assert len(modules) == 14 and differing <= total * 1e-3, (differing, total)
+    assert len(modules) == linear_count(ours) and differing <= total * 1e-3, (differing, total)
 
 
 # ---------------------------------------------------------------- MXFP4 → NVFP4, exactly
@@ -414,3 +372,43 @@ def test_mxfp4_zero_blocks_stay_exact(llama_mxfp4: Path, tmp_path: Path) -> None
     theirs, ours = _decompressed(folder, "MXFP4A16"), _decompressed(out, "NVFP4A16")
     for name, weight in theirs.items():
         assert torch.equal(ours[name], weight), name
+
+
+# ---------------------------------------------------------------- ModelOpt FP8
+
+@pytest.fixture(scope="module")
+def modelopt_fp8(bf16_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return to_modelopt_fp8(bf16_source, tmp_path_factory.mktemp("modelopt") / "fp8")
+
+
+def test_modelopt_fp8_reads_as_vllm_computes(modelopt_fp8: Path, tmp_path: Path) -> None:
+    """``convert --op dequantize``: each weight ``fp8 x weight_scale`` in float32, rounded once to bf16 (vLLM's
+    ModelOpt FP8 method and compressed-tensors' per-tensor FP8 read it so)."""
+    out = tmp_path / "plain"
+    assert run_cli("convert", modelopt_fp8, "--op", "dequantize", "-o", out, "-q").code == 0
+    stored, plain = read_tensors(modelopt_fp8), read_tensors(out)
+    modules = [n.removesuffix(".weight_scale") for n in stored if n.endswith(".weight_scale")]
+    assert len(modules) == linear_count(plain)
+    for module in modules:
+        want = (stored[f"{module}.weight"].float() * stored[f"{module}.weight_scale"].float()).to(torch.bfloat16)
+        assert torch.equal(plain[f"{module}.weight"], want), module
+        assert f"{module}.input_scale" not in plain
+
+
+@pytest.mark.parametrize("scheme", ["fp8-tensor", "fp8", "fp8-block"])
+def test_modelopt_fp8_to_our_schemes(modelopt_fp8: Path, tmp_path: Path, scheme: str) -> None:
+    """fp8 → fp8 needs no consent (requantizing fp8 codes into fp8 loses nothing measurable, as for DeepSeek FP8);
+    the output is a compressed-tensors checkpoint transformers loads, near the release's weights."""
+    out = tmp_path / scheme
+    result = run_cli("quantize", modelopt_fp8, "-s", scheme, "-o", out, "-q")
+    assert result.code == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)  # loads: names and shapes as CT's
+    plain = tmp_path / "plain"
+    assert run_cli("convert", out, "--op", "dequantize", "-o", plain, "-q").code == 0
+    stored, rebuilt = read_tensors(modelopt_fp8), read_tensors(plain)
+    for module in [n.removesuffix(".weight_scale") for n in stored if n.endswith(".weight_scale")]:
+        want = stored[f"{module}.weight"].float() * stored[f"{module}.weight_scale"].float()
+        error = (rebuilt[f"{module}.weight"].float() - want).norm() / want.norm()
+        assert error < 0.05, (module, error)
