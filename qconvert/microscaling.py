@@ -235,3 +235,49 @@ def nonzero_blocks(packed: torch.Tensor, group: int = 32) -> torch.Tensor:
     """bool ``[R, C/group]``: blocks of packed E2M1 ``[R, C/2]`` that hold a nonzero code (±0 are 0x0 and 0x8)."""
     magnitudes = (packed & 0x77) != 0  # both nibbles' index bits, signs dropped
     return magnitudes.reshape(packed.shape[0], -1, group // 2).any(dim=-1)
+
+
+# e4m3 holds every E2M1 value times 2**d exactly for d in [-8, 6]: 6 x 2**6 = 384 <= 448, and 0.5 x 2**-8 = 2**-9
+# (its smallest subnormal); 1.5 x 2**-8 = 3 x 2**-9 is still a multiple of the subnormal step.
+FP4_IN_E4M3_SPAN = (-8, 6)
+
+
+def mx_block_exponents(exponents: torch.Tensor, tile: tuple[int, int], group: int = 32) -> torch.Tensor:
+    """int32 ``[ceil(R/th), ceil(C/tw)]``: for each ``tile`` of the weight, the power of two ``K`` its fp8 scale takes
+    when every MX block in it is cast exactly: 6 below the tile's largest exponent (:data:`FP4_IN_E4M3_SPAN`).
+    ``exponents``: uint8 E8M0 ``[R, C/group]``; ``tw`` a multiple of ``group``."""
+    th, tw = tile
+    per_tile = tw // group
+    powers = exponents.to(torch.int32) - E8M0_BIAS
+    rows, cols = -(-powers.shape[0] // th), -(-powers.shape[1] // per_tile)
+    padded = torch.full((rows * th, cols * per_tile), -(1 << 20), dtype=torch.int32, device=powers.device)
+    padded[: powers.shape[0], : powers.shape[1]] = powers
+    largest = padded.reshape(rows, th, cols, per_tile).amax(dim=(1, 3))
+    return largest - FP4_IN_E4M3_SPAN[1]
+
+
+def mx_blocks_below(exponents: torch.Tensor, tile_exponents: torch.Tensor, tile: tuple[int, int],
+                    group: int = 32) -> torch.Tensor:
+    """bool ``[R, C/group]``: MX blocks (stored exponent nonzero) more than 8 below their tile's fp8 scale, whose codes
+    e4m3 may not hold (see :func:`mx_block_exponents`)."""
+    th, tw = tile
+    expanded = tile_exponents.repeat_interleave(th, dim=0).repeat_interleave(tw // group, dim=1)
+    expanded = expanded[: exponents.shape[0], : exponents.shape[1]]
+    powers = exponents.to(torch.int32) - E8M0_BIAS
+    return (powers - expanded < FP4_IN_E4M3_SPAN[0]) & (exponents != 0)
+
+
+def mxfp4_to_fp8_blocks(packed: torch.Tensor, exponents: torch.Tensor, tile: tuple[int, int],
+                        scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e4m3 values [R, C], scales [R/th, C/tw] in scale_dtype, exact bool [R, C])`` of MXFP4 ``packed`` /
+    ``exponents`` under fp8 block scales ``2**K`` (:func:`mx_block_exponents`): each value divided by its power of
+    two (exact in float32) and rounded to e4m3, which is exact where the tile's exponent span allows; ``exact`` says
+    where the cast value times its scale equals the MXFP4 value."""
+    th, tw = tile
+    values = e2m1_values(unpack_nibbles(packed)) * e8m0_values(exponents).repeat_interleave(32, dim=1)
+    tile_exponents = mx_block_exponents(exponents, tile)
+    scales = torch.exp2(tile_exponents.to(torch.float32)).to(scale_dtype)
+    multiplier = scales.to(torch.float32).repeat_interleave(th, dim=0).repeat_interleave(tw, dim=1)
+    multiplier = multiplier[: values.shape[0], : values.shape[1]]
+    codes = (values / multiplier).to(torch.float8_e4m3fn)
+    return codes, scales, codes.to(torch.float32) * multiplier == values

@@ -208,7 +208,8 @@ class ExactCasts:
         blocks = sum(loss.blocks for _, loss in self.losses)
         largest = max(loss.largest_error for _, loss in self.losses)
         return (f"note: {blocks} blocks in {len(self.losses)} layers (e.g. {self.losses[0][0]}) are below the range "
-                f"of their exact cast's scales and are flushed to zero (largest error {largest:.3g})")
+                f"of their exact cast's scales and are rounded, to zero at worst (largest error {largest:.3g}); "
+                "every other value is kept exactly")
 
 
 def exact_casts(plan: Plan, stored: dict[str, StoredLayer], reader: TensorReader, patterns: list[str],
@@ -227,10 +228,11 @@ def exact_casts(plan: Plan, stored: dict[str, StoredLayer], reader: TensorReader
         fmt = layers[0].format
         if any(layer.format is not fmt for layer in layers):
             continue
-        value = fmt.cast_shared(layers, reader) if len(names) > 1 else None
+        scheme = plan.quantize[names[0]]
+        value = fmt.cast_shared(layers, reader, scheme.format) if len(names) > 1 else None
         if len(names) > 1 and value is None:
             continue  # no one value for the group: requantized (with consent), as any other input
-        losses = fmt.cast_losses(layers, reader)
+        losses = fmt.cast_losses(layers, reader, scheme.format, scheme.args)
         if losses is not None:
             if not allow_requantize:
                 first, target = layers[0], plan.quantize[names[0]].name
@@ -238,7 +240,7 @@ def exact_casts(plan: Plan, stored: dict[str, StoredLayer], reader: TensorReader
                     f"{first.values.file.name}: {first.module}: {losses.blocks} of {losses.total_blocks} blocks "
                     f"({first.layout}) are too far below the largest of their group for {target}'s "
                     f"scales to hold them exactly (largest error {losses.largest_error:.3g}): pass --allow-requantize "
-                    "to write them flushed to zero")
+                    "to write them rounded (to zero at worst)")
             casts.losses.append((layers[0].module, losses))
         casts.shared.update(dict.fromkeys(names, value))
     return casts

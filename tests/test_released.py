@@ -343,7 +343,7 @@ def test_mxfp4_blocks_beyond_e4m3_are_refused_then_flushed_with_consent(llama_mx
     assert not out.exists() and tree_digest(folder) == before
     accepted = run_cli("quantize", folder, "-s", "nvfp4", "--allow-requantize", "-o", out)
     assert accepted.code == 0, accepted.stderr
-    assert "1 blocks in 1 layers" in accepted.stderr and "flushed to zero" in accepted.stderr
+    assert "1 blocks in 1 layers" in accepted.stderr and "rounded, to zero at worst" in accepted.stderr
     theirs, ours = _decompressed(folder, "MXFP4A16"), _decompressed(out, "NVFP4A16")
     for name, weight in theirs.items():
         if name != module:
@@ -412,3 +412,33 @@ def test_modelopt_fp8_to_our_schemes(modelopt_fp8: Path, tmp_path: Path, scheme:
         want = stored[f"{module}.weight"].float() * stored[f"{module}.weight_scale"].float()
         error = (rebuilt[f"{module}.weight"].float() - want).norm() / want.norm()
         assert error < 0.05, (module, error)
+
+
+def test_mxfp4_to_fp8_block_is_lossless(llama_mxfp4: Path, tmp_path: Path) -> None:
+    """``quantize -s fp8-block`` on an MXFP4 checkpoint (for GPUs without FP4): every 128x128 tile's scale a power of
+    two, every element that compressed-tensors' fp8-block reading rebuilds equal to its MXFP4 decompression."""
+    out, plain = tmp_path / "fp8", tmp_path / "plain"
+    result = run_cli("quantize", llama_mxfp4, "-s", "fp8-block", "-o", out, "-q")
+    assert result.code == 0, result.stderr
+    written, theirs = read_tensors(out), _decompressed(llama_mxfp4, "MXFP4A16")
+    for module, weight in theirs.items():
+        scale = written[f"{module}.weight_scale"].float()
+        assert bool((scale == torch.exp2(torch.log2(scale).round())).all()), module
+        expanded = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: weight.shape[0], : weight.shape[1]]
+        assert torch.equal(written[f"{module}.weight"].float() * expanded, weight), module
+    assert run_cli("convert", out, "--op", "dequantize", "-o", plain, "-q").code == 0
+    rebuilt = read_tensors(plain)
+    for module, weight in theirs.items():
+        assert torch.equal(rebuilt[f"{module}.weight"], weight.to(torch.bfloat16)), module
+
+
+def test_mxfp4_to_fp8_block_refuses_a_wide_tile(llama_mxfp4: Path, tmp_path: Path) -> None:
+    module = "model.layers.1.self_attn.o_proj"
+    folder = _spread_exponents(Path(shutil.copytree(llama_mxfp4, tmp_path / "spread")), module,
+                               int(read_tensors(llama_mxfp4)[f"{module}.weight_scale"].max()) - 20)
+    out = tmp_path / "out"
+    refused = run_cli("quantize", folder, "-s", "fp8-block", "-o", out, "-q")
+    assert refused.code == 2 and len(refused.stderr_lines) == 1, refused.stderr
+    assert module in refused.stderr and "1 of " in refused.stderr and not out.exists()
+    accepted = run_cli("quantize", folder, "-s", "fp8-block", "--allow-requantize", "-o", out)
+    assert accepted.code == 0 and "1 blocks in 1 layers" in accepted.stderr, accepted.stderr

@@ -181,14 +181,17 @@ class WeightFormat:
         exists."""
         return None
 
-    def cast_shared(self, layers: list[StoredLayer], reader: TensorReader) -> torch.Tensor | None:
+    def cast_shared(self, layers: list[StoredLayer], reader: TensorReader, target: WeightFormat
+                    ) -> torch.Tensor | None:
         """What a fused group of stored layers of this format shares once cast exactly (see :meth:`shared`), read
         from their stored tensors; None where the cast cannot give them one value (they are requantized then)."""
         return None
 
-    def cast_losses(self, layers: list[StoredLayer], reader: TensorReader) -> CastLosses | None:
+    def cast_losses(self, layers: list[StoredLayer], reader: TensorReader, target: WeightFormat, args: QuantArgs
+                    ) -> CastLosses | None:
         """For a cast that is exact but where the target's range ends (MXFP4 → NVFP4: a block exponent more than
-        17 below the group's largest): the blocks it cannot hold and the largest error, read before any write."""
+        17 below the group's largest; → fp8 blocks: more than 14 below its tile's): the blocks it may not hold and
+        the largest error they can carry, read from the scales before any write."""
         return None
 
     def same_codes(self, layer: StoredLayer, args: QuantArgs) -> bool:

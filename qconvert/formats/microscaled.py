@@ -17,13 +17,17 @@ import torch
 from qconvert.errors import BadInputError
 from qconvert.formats.args import NumberType, QuantArgs, ScaleDtype, Strategy
 from qconvert.formats.base import Cast, CastLosses, ReadContext, StoredLayer, WeightFormat
+from qconvert.formats.tiled import FloatQuantized
 from qconvert.microscaling import (
     FP4_E2M1_MAX,
     FP8_E4M3_MAX,
     e2m1_values,
     e8m0_values,
+    mx_block_exponents,
+    mx_blocks_below,
     mx_global_shift,
     mx_to_nvfp4,
+    mxfp4_to_fp8_blocks,
     nvfp4_global_scale,
     quantize_mx,
     quantize_nvfp4,
@@ -200,42 +204,65 @@ class MXFP4(_MX):
     16-block's e4m3 scale is ``2**(k + m)`` for its 32-block's exponent ``k``, so ``scale / global == 2**k``. A block
     more than 17 exponents below the group's largest has no exact e4m3 scale: counted before any write (refused
     unless the user accepts requantization, then flushed to zero). A block stored with exponent 0 (2**-127, what MX
-    writers store for an all-zero block) gets scale 0 too, exact for its zero codes."""
+    writers store for an all-zero block) gets scale 0 too, exact for its zero codes.
+
+    Cast exactly to fp8 blocks (the ``fp8-block`` scheme, for Hopper): each 128x128 tile's scale is the power of two
+    ``2**K`` 6 below its largest 32-block exponent, and each value ``code x 2**k`` becomes the e4m3 code
+    ``code x 2**(k - K)``, exact for ``k - K`` in ``[-8, 6]`` (every E2M1 value times such a power of two is an e4m3
+    value). Blocks more than 14 below their tile's largest: counted and refused (or rounded with consent) alike."""
 
     name = "mxfp4-pack-quantized"
     kernel_format = "mxfp4"
     number = NumberType.FP4_E2M1
 
     def exact_cast(self, layer: StoredLayer, target: WeightFormat, args: QuantArgs) -> Cast | None:
-        if type(target) is not NVFP4 or args != target.default_args():
+        if type(target) is NVFP4 and args == target.default_args():
+            return self._to_nvfp4
+        if isinstance(target, FloatQuantized) and args.strategy is Strategy.BLOCK and args.block is not None \
+                and args.block[1] % self.group == 0:
+            tile = args.block
+
+            def to_fp8_blocks(prefix: str, tensors: dict[str, torch.Tensor], shared: torch.Tensor | None
+                              ) -> dict[str, torch.Tensor]:
+                codes, scales, _ = mxfp4_to_fp8_blocks(tensors["weight_packed"], tensors["weight_scale"], tile,
+                                                       layer.dtype)
+                return {f"{prefix}.weight": codes, f"{prefix}.weight_scale": scales}
+
+            return to_fp8_blocks
+        return None
+
+    @staticmethod
+    def _to_nvfp4(prefix: str, tensors: dict[str, torch.Tensor], shared: torch.Tensor | None
+                  ) -> dict[str, torch.Tensor]:
+        exponents = tensors["weight_scale"]
+        shift = None if shared is None else int(torch.log2(shared.to(torch.float32)).round().item())
+        converted = mx_to_nvfp4(exponents, shift)
+        return {f"{prefix}.weight_packed": tensors["weight_packed"], f"{prefix}.weight_scale": converted.scales,
+                f"{prefix}.weight_global_scale": converted.global_scale.to(exponents.device)}
+
+    def cast_shared(self, layers: list[StoredLayer], reader: TensorReader, target: WeightFormat
+                    ) -> torch.Tensor | None:
+        if type(target) is not NVFP4:
             return None
-
-        def cast(prefix: str, tensors: dict[str, torch.Tensor], shared: torch.Tensor | None) -> dict[str, torch.Tensor]:
-            exponents = tensors["weight_scale"]
-            shift = None if shared is None else int(torch.log2(shared.to(torch.float32)).round().item())
-            converted = mx_to_nvfp4(exponents, shift)
-            return {f"{prefix}.weight_packed": tensors["weight_packed"], f"{prefix}.weight_scale": converted.scales,
-                    f"{prefix}.weight_global_scale": converted.global_scale.to(exponents.device)}
-
-        return cast
-
-    def cast_shared(self, layers: list[StoredLayer], reader: TensorReader) -> torch.Tensor | None:
         shift = mx_global_shift([reader.read(layer.parts["weight_scale"]) for layer in layers])
         return torch.tensor([2.0**shift], dtype=torch.float32)
 
-    def cast_losses(self, layers: list[StoredLayer], reader: TensorReader) -> CastLosses | None:
+    def cast_losses(self, layers: list[StoredLayer], reader: TensorReader, target: WeightFormat, args: QuantArgs
+                    ) -> CastLosses | None:
         exponents = [reader.read(layer.parts["weight_scale"]) for layer in layers]
-        shift = mx_global_shift(exponents)
-        blocks = total = 0
-        largest = 0.0
-        for stored in exponents:
-            converted = mx_to_nvfp4(stored, shift)
-            lossy = converted.inexact & (stored != 0)
-            blocks += int(lossy.sum())
-            total += stored.numel()
-            if bool(lossy.any()):
-                largest = max(largest, FP4_E2M1_MAX * float(e8m0_values(stored[lossy]).max()))
-        return CastLosses(blocks, total, largest) if blocks else None
+        if type(target) is NVFP4:
+            shift = mx_global_shift(exponents)
+            lossy = [mx_to_nvfp4(stored, shift).inexact & (stored != 0) for stored in exponents]
+        else:
+            assert args.block is not None
+            lossy = [mx_blocks_below(stored, mx_block_exponents(stored, args.block), args.block)
+                     for stored in exponents]
+        blocks = sum(int(mask.sum()) for mask in lossy)
+        if not blocks:
+            return None
+        largest = max(FP4_E2M1_MAX * float(e8m0_values(stored[mask]).max())
+                      for stored, mask in zip(exponents, lossy, strict=True) if bool(mask.any()))
+        return CastLosses(blocks, sum(e.numel() for e in exponents), largest)
 
 
 class MXFP8(_MX):
