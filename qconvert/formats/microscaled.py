@@ -297,7 +297,8 @@ class ModelOptNVFP4(NVFP4):
     def copies_as(self, other: WeightFormat) -> bool:
         return False  # other leaf names and an inverted global scale: written by exact_cast, never copied
 
-    def cast_shared(self, layers: list[StoredLayer], reader: TensorReader) -> torch.Tensor | None:
+    def cast_shared(self, layers: list[StoredLayer], reader: TensorReader, target: WeightFormat
+                    ) -> torch.Tensor | None:
         # The codes were made under the stored scale_2: a fused group re-laid out keeps one value only if it has one.
         values = [reader.read(layer.parts["weight_scale_2"]).reshape(()) for layer in layers]
         return self.cast_global_scale(values[0]) if all(torch.equal(v, values[0]) for v in values) else None
