@@ -272,12 +272,22 @@ def mxfp4_to_fp8_blocks(packed: torch.Tensor, exponents: torch.Tensor, tile: tup
     """``(e4m3 values [R, C], scales [R/th, C/tw] in scale_dtype, exact bool [R, C])`` of MXFP4 ``packed`` /
     ``exponents`` under fp8 block scales ``2**K`` (:func:`mx_block_exponents`): each value divided by its power of
     two (exact in float32) and rounded to e4m3, which is exact where the tile's exponent span allows; ``exact`` says
-    where the cast value times its scale equals the MXFP4 value."""
+    where the cast value times its scale equals the MXFP4 value. Worked in bands of whole tile rows, so the float32
+    temporaries stay small."""
     th, tw = tile
-    values = e2m1_values(unpack_nibbles(packed)) * e8m0_values(exponents).repeat_interleave(32, dim=1)
-    tile_exponents = mx_block_exponents(exponents, tile)
-    scales = torch.exp2(tile_exponents.to(torch.float32)).to(scale_dtype)
-    multiplier = scales.to(torch.float32).repeat_interleave(th, dim=0).repeat_interleave(tw, dim=1)
-    multiplier = multiplier[: values.shape[0], : values.shape[1]]
-    codes = (values / multiplier).to(torch.float8_e4m3fn)
-    return codes, scales, codes.to(torch.float32) * multiplier == values
+    rows, columns = packed.shape[0], packed.shape[1] * 2
+    scales = torch.exp2(mx_block_exponents(exponents, tile).to(torch.float32)).to(scale_dtype)
+    codes = torch.empty((rows, columns), dtype=torch.float8_e4m3fn, device=packed.device)
+    exact = torch.empty((rows, columns), dtype=torch.bool, device=packed.device)
+    elements = (1 << 18) if packed.device.type == "cpu" else (1 << 24)
+    band = max(1, elements // max(1, columns * th)) * th
+    for first in range(0, rows, band):
+        last = min(rows, first + band)
+        values = e2m1_values(unpack_nibbles(packed[first:last]))
+        values *= e8m0_values(exponents[first:last]).repeat_interleave(32, dim=1)
+        multiplier = scales[first // th: -(-last // th)].to(torch.float32)
+        multiplier = multiplier.repeat_interleave(th, dim=0)[: last - first].repeat_interleave(tw, dim=1)[:, :columns]
+        band_codes = (values / multiplier).to(torch.float8_e4m3fn)
+        codes[first:last] = band_codes
+        exact[first:last] = band_codes.to(torch.float32) * multiplier == values
+    return codes, scales, exact
