@@ -442,3 +442,29 @@ def test_mxfp4_to_fp8_block_refuses_a_wide_tile(llama_mxfp4: Path, tmp_path: Pat
     assert module in refused.stderr and "1 of " in refused.stderr and not out.exists()
     accepted = run_cli("quantize", folder, "-s", "fp8-block", "--allow-requantize", "-o", out)
     assert accepted.code == 0 and "1 blocks in 1 layers" in accepted.stderr, accepted.stderr
+
+
+# ---------------------------------------------------------------- CUDA: the same bytes as the CPU path
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("source", "args"), [
+    ("mxfp4-llama", ("-s", "nvfp4")), ("mxfp4-llama", ("-s", "fp8-block")),
+    ("modelopt-nvfp4", ("-s", "nvfp4")), ("modelopt-fp8", ("-s", "fp8-block")),
+    ("gpt-oss-mxfp4", ("-s", "rtn4", "--allow-requantize")),
+], ids=lambda value: value if isinstance(value, str) else "-".join(value).replace("--", ""))
+def test_cuda_writes_the_cpu_bytes(request: pytest.FixtureRequest, tmp_path: Path, source: str,
+                                   args: tuple[str, ...]) -> None:
+    if source.startswith("modelopt"):
+        build = to_modelopt_nvfp4 if source.endswith("nvfp4") else to_modelopt_fp8
+        folder = build(request.getfixturevalue("tiny_llama"), tmp_path / "release")
+    else:
+        folder = request.getfixturevalue({"mxfp4-llama": "llama_mxfp4", "gpt-oss-mxfp4": "gpt_oss_mxfp4"}[source])
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        outputs[device] = tmp_path / device
+        result = run_cli("quantize", folder, *args, "--device", device, "-o", outputs[device], "-q")
+        assert result.code == 0, result.stderr
+    files = sorted(p.name for p in outputs["cpu"].iterdir())
+    assert files == sorted(p.name for p in outputs["cuda"].iterdir())
+    for name in files:
+        assert (outputs["cpu"] / name).read_bytes() == (outputs["cuda"] / name).read_bytes(), name
