@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from qconvert.checkpoint import Checkpoint
+from qconvert.errors import BadInputError
 from qconvert.formats import ACTIVATION_LEAVES, WEIGHT_LEAVES, ReadContext, StoredLayer, config_group, recognise
 from qconvert.formats.gpt_oss import RebuiltTensor, StoredExperts, check_scales, find_stored_experts, rebuilt_view
 from qconvert.safetensors_io import TensorInfo, TensorReader
@@ -52,7 +53,25 @@ def stored_layers(checkpoint: Checkpoint, reader: TensorReader) -> dict[str, Sto
         layer = recognise(module, parts, context)
         if layer is not None:
             layers[module] = layer
+        else:
+            _refuse_unread(module, parts)
     return layers
+
+
+_SCALE_LEAVES = ("weight_scale", "weight_scale_inv", "weight_scale_2", "weight_global_scale", "weight_zero_point")
+
+
+def _refuse_unread(module: str, parts: dict[str, TensorInfo]) -> None:
+    """A layer whose values are codes (not a float weight) beside scales, in no layout any format reads: refused,
+    never copied as if it were a weight (a uint8 ``weight`` is not one)."""
+    values = parts.get("weight_packed") or parts.get("weight")
+    if values is None or values.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        return  # a float weight beside a stray scale: the planner's strict checks name it
+    if not any(leaf in parts for leaf in _SCALE_LEAVES) and "weight_packed" not in parts:
+        return
+    stored = ", ".join(f"{leaf} {str(info.dtype).removeprefix('torch.')} {list(info.shape)}"
+                       for leaf, info in sorted(parts.items()))
+    raise BadInputError(f"{values.file.name}: {module} ({stored}) is in no quantized layout qconvert reads")
 
 
 def rebuild_weight(layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -468,3 +468,66 @@ def test_cuda_writes_the_cpu_bytes(request: pytest.FixtureRequest, tmp_path: Pat
     assert files == sorted(p.name for p in outputs["cuda"].iterdir())
     for name in files:
         assert (outputs["cpu"] / name).read_bytes() == (outputs["cuda"] / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------- hostile releases
+
+def _rewrite(folder: Path, change) -> Path:
+    tensors = read_tensors(folder)
+    change(tensors)
+    for file in folder.glob("*.safetensors"):
+        file.unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+def _no_scale_2(t: dict) -> None:
+    del t[f"{LAYER}.weight_scale_2"]
+
+
+def _scale_rows_cut(t: dict) -> None:
+    t[f"{LAYER}.weight_scale"] = t[f"{LAYER}.weight_scale"][1:].contiguous()
+
+
+def _scale_2_vector(t: dict) -> None:
+    t[f"{LAYER}.weight_scale_2"] = torch.ones(3)
+
+
+def _both_spellings(t: dict) -> None:
+    t[f"{LAYER}.weight_packed"] = t[f"{LAYER}.weight"].clone()
+
+
+def _scale_as_bf16(t: dict) -> None:
+    t[f"{LAYER}.weight_scale"] = t[f"{LAYER}.weight_scale"].to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(("change", "needles"), [
+    (_no_scale_2, [LAYER, "uint8"]),
+    (_scale_rows_cut, [f"{LAYER}.weight_scale", "need"]),
+    (_scale_2_vector, [f"{LAYER}.weight_scale_2", "one float32"]),
+    (_both_spellings, [LAYER]),
+    (_scale_as_bf16, [LAYER, "uint8"]),
+], ids=["no-scale-2", "scale-rows", "scale-2-vector", "weight-and-weight-packed", "bf16-scale"])
+def test_damaged_modelopt_nvfp4_is_refused(tiny_llama: Path, tmp_path: Path, change, needles: list[str]
+                                           ) -> None:
+    folder = _rewrite(to_modelopt_nvfp4(tiny_llama, tmp_path / "release"), change)
+    before = tree_digest(folder)
+    for args in (("quantize", folder, "-s", "nvfp4"), ("convert", folder, "--op", "dequantize")):
+        out = tmp_path / "out"
+        result = run_cli(*args, "-o", out, "-q")
+        assert result.code == 2 and len(result.stderr_lines) == 1, (args[0], result.stderr)
+        assert all(needle in result.stderr for needle in needles), result.stderr
+        assert tree_digest(folder) == before and not out.exists()
+
+
+def test_a_tensor_stored_both_ways_is_refused(gpt_oss_mxfp4: Path, tmp_path: Path) -> None:
+    """An expert tensor present as MXFP4 blocks and as a plain tensor: which one is the model? Refused, named."""
+    folder = Path(shutil.copytree(gpt_oss_mxfp4, tmp_path / "mixed"))
+    _rewrite(folder, lambda t: t.__setitem__(NAME, torch.zeros(4, 128, 256, dtype=torch.bfloat16)))
+    result = run_cli("quantize", folder, "-s", "rtn4", "--allow-requantize", "-o", tmp_path / "out", "-q")
+    assert result.code == 2 and len(result.stderr_lines) == 1, result.stderr
+    assert NAME in result.stderr and NAME + "_blocks" in result.stderr

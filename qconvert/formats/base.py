@@ -229,6 +229,10 @@ def describe_grouping(args: QuantArgs, tile: tuple[int, int] | None = None) -> s
 
 def recognise(module: str, parts: dict[str, TensorInfo], context: ReadContext) -> StoredLayer | None:
     """The first registered format that recognises this layer's tensors (None: not a quantized layer)."""
+    if "weight" in parts and "weight_packed" in parts:  # two spellings of the values: which one is the layer?
+        first = parts["weight_packed"]
+        raise BadInputError(f"{first.file.name}: {module} holds both weight and weight_packed; a layer is stored "
+                            "in one layout")
     quantized = "weight_scale" in parts and ("weight" in parts or "weight_packed" in parts)
     if quantized and "weight_zero_point" in parts:  # no format reads zero points yet: never rebuild as symmetric
         first = next(iter(parts.values()))

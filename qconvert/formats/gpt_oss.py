@@ -93,6 +93,10 @@ def find_stored_experts(tensors: dict[str, TensorInfo], dtype: torch.dtype) -> d
         if blocks.shape[-1] != _BYTES_PER_BLOCK or blocks.shape[:3] != scales.shape or 0 in blocks.shape:
             raise BadInputError(f"{blocks.file.name}: {blocks.name} is {list(blocks.shape)} and {scales.name} "
                                 f"{list(scales.shape)}; MXFP4 needs [E, R, G, 16] blocks and [E, R, G] scales")
+        if name in tensors:
+            plain = tensors[name]
+            raise BadInputError(f"{plain.file.name}: {name} is stored both as a plain tensor and as MXFP4 "
+                                f"({blocks.name}): which one is the model's is not for qconvert to guess")
         found[name] = StoredExperts(name, blocks, scales, dtype)
     return found
 
