@@ -531,3 +531,20 @@ def test_a_tensor_stored_both_ways_is_refused(gpt_oss_mxfp4: Path, tmp_path: Pat
     result = run_cli("quantize", folder, "-s", "rtn4", "--allow-requantize", "-o", tmp_path / "out", "-q")
     assert result.code == 2 and len(result.stderr_lines) == 1, result.stderr
     assert NAME in result.stderr and NAME + "_blocks" in result.stderr
+
+
+def test_batch_writes_what_quantize_writes(llama_mxfp4: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    """The exact casts and the ModelOpt reader run through the one pipeline: ``batch`` gives quantize's bytes."""
+    release = to_modelopt_nvfp4(tiny_llama, tmp_path / "modelopt")
+    direct = {"mx": tmp_path / "direct-mx", "mo": tmp_path / "direct-mo"}
+    assert run_cli("quantize", llama_mxfp4, "-s", "nvfp4", "-o", direct["mx"], "-q").code == 0
+    assert run_cli("quantize", release, "-s", "nvfp4", "-o", direct["mo"], "-q").code == 0
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"jobs:\n  - model: {llama_mxfp4}\n    scheme: nvfp4\n    output: {tmp_path / 'batch-mx'}\n"
+                    f"  - model: {release}\n    scheme: nvfp4\n    output: {tmp_path / 'batch-mo'}\n")
+    result = run_cli("batch", jobs, "-q")
+    assert result.code == 0, result.stderr
+    for key, out in (("mx", tmp_path / "batch-mx"), ("mo", tmp_path / "batch-mo")):
+        ours, reference = read_tensors(out), read_tensors(direct[key])
+        assert ours.keys() == reference.keys()
+        assert all(torch.equal(ours[name], tensor) for name, tensor in reference.items()), key
