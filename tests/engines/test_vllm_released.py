@@ -1,4 +1,5 @@
-"""Released quantized checkpoints (ModelOpt NVFP4 and FP8) as vLLM 0.33 reads them, against what qconvert makes of them.
+"""Released quantized checkpoints (ModelOpt NVFP4 and FP8) as vLLM 0.33 reads them, against what qconvert makes of them;
+and the exact casts of MXFP4 (to NVFP4, to fp8 blocks) loaded by vLLM.
 
 The release fixtures (tests/released_fixtures.py, a Llama and a Qwen3-MoE) are loaded by vLLM's own ModelOpt
 methods and qconvert's compressed-tensors outputs by vLLM's compressed-tensors methods, with the harness's
@@ -194,3 +195,18 @@ def test_nvfp4_relayout_is_the_same_bytes_in_vllm(built: dict, family: str) -> N
     config = json.loads((built[family, "nvfp4"]["ours"] / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert read_tensors(built[family, "nvfp4"]["ours"])
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "fp8-block"])
+def test_vllm_loads_the_exact_casts_of_mxfp4(tmp_path_factory: pytest.TempPathFactory, scheme: str) -> None:
+    """MXFP4 cast exactly to NVFP4 (power-of-two global scales, zero block scales where MX stored all-zero blocks)
+    and to fp8 blocks (power-of-two tile scales): every tensor loaded by vLLM's compressed-tensors methods."""
+    root = tmp_path_factory.mktemp("vllm-casts")
+    source = build_vllm_source("llama", root / "llama")
+    _qconvert("quantize", source, "-s", "mxfp4", "-o", root / "mxfp4", "-q")
+    _qconvert("quantize", root / "mxfp4", "-s", scheme, "-o", root / scheme, "-q")
+    capability = 100 if scheme == "nvfp4" else 90
+    result = harness.run_case(root / scheme, "llama", scheme, capability, harness.model_config(root / scheme, None))
+    RESULTS.append(result)
+    assert result.loaded, result.problems
+    assert all(m.startswith("CompressedTensors") for m in set(result.picks.values()) - {"UnquantizedLinearMethod"})
