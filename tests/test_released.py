@@ -506,11 +506,11 @@ def _scale_as_bf16(t: dict) -> None:
 
 
 @pytest.mark.parametrize(("change", "needles"), [
-    (_no_scale_2, [LAYER, "uint8"]),
+    (_no_scale_2, [LAYER]),
     (_scale_rows_cut, [f"{LAYER}.weight_scale", "need"]),
     (_scale_2_vector, [f"{LAYER}.weight_scale_2", "one float32"]),
     (_both_spellings, [LAYER]),
-    (_scale_as_bf16, [LAYER, "uint8"]),
+    (_scale_as_bf16, [LAYER]),
 ], ids=["no-scale-2", "scale-rows", "scale-2-vector", "weight-and-weight-packed", "bf16-scale"])
 def test_damaged_modelopt_nvfp4_is_refused(tiny_llama: Path, tmp_path: Path, change, needles: list[str]
                                            ) -> None:
