@@ -45,7 +45,8 @@ ENGINES_REPORT ?= build/engines
 engines: setup
 	@py=$$(bash tests/engines/setup_vllm.sh | tail -1) && \
 	QCONVERT_ENGINES_REPORT=$(ENGINES_REPORT) PYTHONPATH=$(CURDIR) $$py -m pytest -q -p no:cacheprovider -W ignore \
-	  tests/engines/test_vllm.py tests/engines/test_vllm_fnuz.py tests/engines/test_vllm_architectures.py
+	  tests/engines/test_vllm.py tests/engines/test_vllm_fnuz.py tests/engines/test_vllm_architectures.py \
+	  tests/engines/test_vllm_released.py
 	@py=$$(bash tests/engines/setup_sglang.sh | tail -1) && \
 	QCONVERT_ENGINES_REPORT=$(ENGINES_REPORT) PYTHONPATH=$(CURDIR) $$py -m pytest -q -p no:cacheprovider -W ignore \
 	  tests/engines/test_sglang.py

@@ -10,7 +10,8 @@ warms the page cache, then runs each tool as a whole process (imports included),
 each round, `sync` (untimed) and the previous output removed before each run; reports the median and
 the peak RSS (wait4, the process and its children) of each. Checks that qconvert's CPU and CUDA
 outputs are byte-identical (`cmp` of every file). `--deepseek` also converts a DeepSeek-style FP8 copy
-of the first size (e4m3fn + fp32 128x128 `weight_scale_inv`) into int8-block on the CPU and on CUDA.
+of the first size (e4m3fn + fp32 128x128 `weight_scale_inv`) into int8-block on the CPU and on CUDA; `--mxfp4`
+casts an MXFP4 copy of it (written by qconvert) to nvfp4 and fp8-block, the exact casts (issue 23).
 
 The parent process never imports torch: a large parent would hand its resident pages to the peak RSS
 of every child it starts. Generation runs in a child of its own.
@@ -225,12 +226,12 @@ def measure(ckpt: Path, work: Path, schemes: list[str], repeats: int, llmc_pytho
     return {"runs": runs, "identical": identical}
 
 
-def summarize(label: str, size: int, result: dict) -> list[str]:
+def summarize(label: str, size: int, result: dict, stored: str = "bf16") -> list[str]:
     runs = result["runs"]
     timed = {name: [s for s, _ in values if s >= 0] for name, values in runs.items()}
     med = {name: statistics.median(v) for name, v in timed.items() if v}
     rss = {name: max(r for s, r in values if s >= 0) for name, values in runs.items() if timed[name]}
-    lines = [f"### {label}: {size / 1e9:.2f} GB bf16", "",
+    lines = [f"### {label}: {size / 1e9:.2f} GB {stored}", "",
              "| run | median s | runs (s) | peak RSS (MB) | GB/s of input |", "| --- | --- | --- | --- | --- |"]
     for name in med:
         lines.append(f"| {name} | {med[name]:.2f} | {', '.join(f'{s:.2f}' for s in timed[name])} | "
@@ -244,6 +245,9 @@ def summarize(label: str, size: int, result: dict) -> list[str]:
             lines.append(f"  - vs llm-compressor on CUDA: {ratio:.2f}x faster (target >= 3x)")
         if gpu and "cp" in med:
             lines.append(f"  - vs cp -r + sync: {gpu / med['cp']:.2f}x its time (target <= 1.3x)")
+        cpu_time = med.get(f"qconvert {scheme} cpu")
+        if cpu_time and "cp" in med:
+            lines.append(f"  - CPU path vs cp -r + sync: {cpu_time / med['cp']:.2f}x its time")
         if gpu and f"qconvert {scheme} cpu" in med:
             lines.append(f"  - CUDA vs CPU path: {med[f'qconvert {scheme} cpu'] / gpu:.2f}x faster")
     return lines
@@ -259,6 +263,9 @@ def main() -> None:
     parser.add_argument("--no-cp", action="store_true")
     parser.add_argument("--deepseek", action="store_true")
     parser.add_argument("--deepseek-repeats", type=int, default=1)
+    parser.add_argument("--mxfp4", action="store_true",
+                        help="also cast an MXFP4 copy of the first size to nvfp4 and fp8-block (exact casts)")
+    parser.add_argument("--mxfp4-repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="qconvert --device values to time")
     parser.add_argument("--json", type=Path, default=None)
@@ -314,6 +321,22 @@ def main() -> None:
                                fp8_size, result)
             lines.append("")
             shutil.rmtree(fp8, ignore_errors=True)
+        if args.mxfp4 and index == 0:
+            # The exact casts of issue 23: an MXFP4 checkpoint (written by qconvert itself from the bf16 one) cast
+            # to NVFP4 and to fp8 blocks, codes kept; the target is the time of a plain copy.
+            mx = args.work / f"llama8b-shape-{layers}l-mxfp4"
+            if not (mx / "config.json").is_file():
+                device = "cuda" if "cuda" in args.devices else "cpu"
+                subprocess.run([sys.executable, "-m", "qconvert", "quantize", str(ckpt), "-s", "mxfp4", "-o", str(mx),
+                                "--device", device, "--quiet"], check=True)
+            mx_size = folder_bytes(mx)
+            result = measure(mx, args.work, ["nvfp4", "fp8-block"], args.mxfp4_repeats, None, not args.no_cp,
+                             args.workers, args.devices, env, prime=args.pycache is not None)
+            report["sizes"][f"{layers}l-mxfp4"] = {"bytes": mx_size, "repeats": args.mxfp4_repeats, **result}
+            lines += summarize(f"MXFP4 of {layers} layers → exact casts ({args.mxfp4_repeats} repeat(s))", mx_size,
+                               result, "MXFP4")
+            lines.append("")
+            shutil.rmtree(mx, ignore_errors=True)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
     print()

@@ -73,6 +73,12 @@ class Checkpoint:
                 rel = path.relative_to(self.root)
                 if rel in skip or rel == Path(FINGERPRINT_NAME):  # batch's record of an output: not model data
                     continue
+                if rel == Path(MODELOPT_QUANT_CONFIG):
+                    # It states the input's ModelOpt quantization, which an output never keeps (its config.json
+                    # says how it is stored); copied, engines would read the output as ModelOpt's.
+                    skipped.append(f"note: not copying {rel}: it describes the input's ModelOpt quantization, "
+                                   "which the output does not have (config.json says how it is stored)")
+                    continue
                 problem = _copy_problem(path, allowed)
                 if problem:
                     skipped.append(f"note: not copying {rel}: {problem}")
@@ -81,6 +87,9 @@ class Checkpoint:
             dirs[:] = [d for d in dirs if not (here / d).is_symlink()]
         self.skipped_files[:] = skipped  # shared with copies made by dataclasses.replace: same content
         return found
+
+
+MODELOPT_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt's statement of a release's quantization
 
 
 def allowed_root(root: Path) -> Path:

@@ -6,7 +6,8 @@
   largest of their scales, so a runtime that fuses them needs no requantization at load.
 * ``pack``: ``int-quantized`` int8 weights (int4 held in int8 too) → ``pack-quantized`` int32 words,
   values unchanged.
-* ``dequantize``: every quantized layer back to a plain full-precision weight.
+* ``dequantize``: every quantized layer back to a plain full-precision weight (gpt-oss MXFP4 experts too: as
+  the bf16 release stores them).
 
 Static activation scales (``input_scale``, ``output_scale``) travel with their layer; one that is
 entirely zero was never calibrated and is dropped with a notice.
@@ -16,18 +17,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
 
 from qconvert.errors import BadInputError
 from qconvert.formats import Strategy
+from qconvert.formats.gpt_oss import StoredExperts, rebuilt_view
 from qconvert.formats.tiled import DeepSeekFp8, FloatQuantized, IntQuantized
 from qconvert.quantizers import FP8_E4M3_MAX, e4m3fn_to_e4m3fnuz, int_range, pack_int32, packed_columns
 from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
 from qconvert.sources import ACTIVATION_LEAVES, StoredLayer, config_group
-from qconvert.units import Unit, copy_unit, dequantize_unit, fused_groups
+from qconvert.units import Unit, copy_unit, dequantize_unit, fused_groups, rebuilt_unit
 
 
 class ConvertOp(str, Enum):
@@ -60,12 +62,13 @@ def _zero_scales(reader: TensorReader, layers: dict[str, StoredLayer], tensors: 
 
 
 def plan_conversion(op: ConvertOp | str, tensors: dict[str, TensorInfo], layers: dict[str, StoredLayer], config: dict,
-                    reader: TensorReader, fused_patterns: list[str], dtype: torch.dtype | None = None
-                    ) -> ConversionPlan:
+                    reader: TensorReader, fused_patterns: list[str], dtype: torch.dtype | None = None,
+                    experts: dict[str, StoredExperts] | None = None) -> ConversionPlan:
     if op not in OPS:
         raise BadInputError(f"--op {op!r}: choose from {', '.join(OPS)}")
     op = ConvertOp(op)
-    if not layers:
+    experts = experts or {}
+    if not layers and not experts:
         raise BadInputError("the input has no quantized layers to convert")
     zero = _zero_scales(reader, layers, tensors)
     qconfig = copy.deepcopy(config.get("quantization_config")) if config.get("quantization_config") else None
@@ -76,10 +79,13 @@ def plan_conversion(op: ConvertOp | str, tensors: dict[str, TensorInfo], layers:
     builder: Callable[..., None] = {ConvertOp.FNUZ: _fnuz, ConvertOp.SHARED_SCALE: _shared_scale,
                                     ConvertOp.PACK: _pack, ConvertOp.DEQUANTIZE: _dequantize}[op]
     handled: set[str] = set()
-    builder(plan, tensors, layers, reader, handled, fused_patterns=fused_patterns, dtype=dtype, zero=zero)
+    builder(plan, tensors, layers, reader, handled, fused_patterns=fused_patterns, dtype=dtype, zero=zero,
+            experts=experts)
     if not plan.converted:
+        kinds = {layer.layout + ' ' + layer.label for layer in layers.values()} | (
+            {"gpt-oss MXFP4 experts"} if experts else set())
         raise BadInputError(f"--op {op.value}: no layer of this checkpoint is one it applies to "
-                            f"({', '.join(sorted({layer.layout + ' ' + layer.label for layer in layers.values()}))})")
+                            f"({', '.join(sorted(kinds))})")
     for name, info in tensors.items():
         if name not in handled and name not in zero:
             plan.units.append(copy_unit(info))
@@ -212,7 +218,12 @@ def _check_packable(module: str, layer: StoredLayer, group: dict | None) -> None
 
 def _dequantize(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str, StoredLayer],
                 reader: TensorReader, handled: set[str], dtype: torch.dtype | None = None,
-                **_: object) -> None:
+                experts: dict[str, StoredExperts] | None = None, **_: object) -> None:
+    for name, pair in (experts or {}).items():
+        unit = rebuilt_unit(rebuilt_view(pair if dtype is None else replace(pair, dtype=dtype)))
+        plan.units.append(unit)
+        handled.update(info.name for info in unit.inputs)
+        plan.converted.append(name)
     for module, layer in layers.items():
         unit = dequantize_unit(layer, dtype)
         plan.units.append(unit)

@@ -16,6 +16,7 @@ reference every consumer reads with), so that our checkpoints are bit-identical 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -183,3 +184,110 @@ def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor) -> tuple[to
         quotient = band.reshape(*band_scales.shape, 16) / multiplier
         packed[first : first + rows] = pack_nibbles(e2m1_codes(quotient.reshape(band.shape)))
     return packed, scales
+
+
+# The powers of two e4m3 holds exactly: 2**-9 (its smallest subnormal) to 2**8 (256; 448 is not a power of two).
+E4M3_MIN_EXPONENT, E4M3_MAX_EXPONENT = -9, 8
+
+
+@dataclass(frozen=True)
+class MxToNvfp4:
+    """NVFP4 scales that hold an MXFP4 tensor's values exactly: one float32 global scale ``2**m`` and, per 16 inputs,
+    the e4m3 ``2**(k + m)`` of the 32-block's exponent ``k``, so ``scale / global == 2**k`` and every code is kept.
+    ``m`` puts the largest exponent at e4m3's largest power of two; a block ``k + m < -9`` below it has no exact
+    e4m3 scale (its exponent span from the tensor's largest is over 17): ``inexact`` marks such blocks, whose scale
+    is then 0 (e4m3 rounds ``2**-10`` and below to 0), so their codes dequantize to 0."""
+
+    scales: torch.Tensor  # e4m3 [R, C/16]
+    global_scale: torch.Tensor  # float32 [1]
+    inexact: torch.Tensor  # bool [R, C/32]: blocks whose values the scales do not hold
+
+    def largest_error(self, exponents: torch.Tensor) -> float:
+        """The largest absolute error the inexact blocks can carry: 6 x their largest power of two."""
+        if not bool(self.inexact.any()):
+            return 0.0
+        return FP4_E2M1_MAX * float(e8m0_values(exponents[self.inexact]).max())
+
+
+def mx_global_shift(exponents: list[torch.Tensor]) -> int:
+    """``m`` of the NVFP4 global scale ``2**m`` that holds MX ``exponents`` (one tensor's, or a fused group's) exactly:
+    it puts the largest exponent at e4m3's largest power of two. The 255 NaN must have been refused before."""
+    largest = max(int(e.max()) for e in exponents) - E8M0_BIAS
+    shift = E4M3_MAX_EXPONENT - largest
+    if shift > 126:  # 2**shift would overflow float32: every block is below 2**-118
+        raise ValueError(f"the largest MX scale is 2**{largest}: no float32 NVFP4 global scale holds it")
+    return shift
+
+
+def mx_to_nvfp4(exponents: torch.Tensor, shift: int | None = None) -> MxToNvfp4:
+    """:class:`MxToNvfp4` for uint8 E8M0 ``exponents`` ``[R, C/32]`` under the global scale ``2**shift`` (by default
+    :func:`mx_global_shift` of these exponents alone; a fused group passes its own)."""
+    shift = mx_global_shift([exponents]) if shift is None else shift
+    powers = exponents.to(torch.int32) - E8M0_BIAS
+    shifted = powers + shift
+    inexact = shifted < E4M3_MIN_EXPONENT
+    scales = torch.exp2(shifted.clamp(min=E4M3_MIN_EXPONENT).to(torch.float32)).masked_fill_(inexact, 0.0)
+    return MxToNvfp4(scales.to(torch.float8_e4m3fn).repeat_interleave(2, dim=-1),
+                     torch.tensor([2.0**shift], dtype=torch.float32, device=exponents.device), inexact)
+
+
+def nonzero_blocks(packed: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """bool ``[R, C/group]``: blocks of packed E2M1 ``[R, C/2]`` that hold a nonzero code (±0 are 0x0 and 0x8)."""
+    magnitudes = (packed & 0x77) != 0  # both nibbles' index bits, signs dropped
+    return magnitudes.reshape(packed.shape[0], -1, group // 2).any(dim=-1)
+
+
+# e4m3 holds every E2M1 value times 2**d exactly for d in [-8, 6]: 6 x 2**6 = 384 <= 448, and 0.5 x 2**-8 = 2**-9
+# (its smallest subnormal); 1.5 x 2**-8 = 3 x 2**-9 is still a multiple of the subnormal step.
+FP4_IN_E4M3_SPAN = (-8, 6)
+
+
+def mx_block_exponents(exponents: torch.Tensor, tile: tuple[int, int], group: int = 32) -> torch.Tensor:
+    """int32 ``[ceil(R/th), ceil(C/tw)]``: for each ``tile`` of the weight, the power of two ``K`` its fp8 scale takes
+    when every MX block in it is cast exactly: 6 below the tile's largest exponent (:data:`FP4_IN_E4M3_SPAN`).
+    ``exponents``: uint8 E8M0 ``[R, C/group]``; ``tw`` a multiple of ``group``."""
+    th, tw = tile
+    per_tile = tw // group
+    powers = exponents.to(torch.int32) - E8M0_BIAS
+    rows, cols = -(-powers.shape[0] // th), -(-powers.shape[1] // per_tile)
+    padded = torch.full((rows * th, cols * per_tile), -(1 << 20), dtype=torch.int32, device=powers.device)
+    padded[: powers.shape[0], : powers.shape[1]] = powers
+    largest = padded.reshape(rows, th, cols, per_tile).amax(dim=(1, 3))
+    return largest - FP4_IN_E4M3_SPAN[1]
+
+
+def mx_blocks_below(exponents: torch.Tensor, tile_exponents: torch.Tensor, tile: tuple[int, int],
+                    group: int = 32) -> torch.Tensor:
+    """bool ``[R, C/group]``: MX blocks (stored exponent nonzero) more than 8 below their tile's fp8 scale, whose codes
+    e4m3 may not hold (see :func:`mx_block_exponents`)."""
+    th, tw = tile
+    expanded = tile_exponents.repeat_interleave(th, dim=0).repeat_interleave(tw // group, dim=1)
+    expanded = expanded[: exponents.shape[0], : exponents.shape[1]]
+    powers = exponents.to(torch.int32) - E8M0_BIAS
+    return (powers - expanded < FP4_IN_E4M3_SPAN[0]) & (exponents != 0)
+
+
+def mxfp4_to_fp8_blocks(packed: torch.Tensor, exponents: torch.Tensor, tile: tuple[int, int],
+                        scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e4m3 values [R, C], scales [R/th, C/tw] in scale_dtype, exact bool [R, C])`` of MXFP4 ``packed`` /
+    ``exponents`` under fp8 block scales ``2**K`` (:func:`mx_block_exponents`): each value divided by its power of
+    two (exact in float32) and rounded to e4m3, which is exact where the tile's exponent span allows; ``exact`` says
+    where the cast value times its scale equals the MXFP4 value. Worked in bands of whole tile rows, so the float32
+    temporaries stay small."""
+    th, tw = tile
+    rows, columns = packed.shape[0], packed.shape[1] * 2
+    scales = torch.exp2(mx_block_exponents(exponents, tile).to(torch.float32)).to(scale_dtype)
+    codes = torch.empty((rows, columns), dtype=torch.float8_e4m3fn, device=packed.device)
+    exact = torch.empty((rows, columns), dtype=torch.bool, device=packed.device)
+    elements = (1 << 18) if packed.device.type == "cpu" else (1 << 24)
+    band = max(1, elements // max(1, columns * th)) * th
+    for first in range(0, rows, band):
+        last = min(rows, first + band)
+        values = e2m1_values(unpack_nibbles(packed[first:last]))
+        values *= e8m0_values(exponents[first:last]).repeat_interleave(32, dim=1)
+        multiplier = scales[first // th: -(-last // th)].to(torch.float32)
+        multiplier = multiplier.repeat_interleave(th, dim=0)[: last - first].repeat_interleave(tw, dim=1)[:, :columns]
+        band_codes = (values / multiplier).to(torch.float8_e4m3fn)
+        codes[first:last] = band_codes
+        exact[first:last] = band_codes.to(torch.float32) * multiplier == values
+    return codes, scales, exact

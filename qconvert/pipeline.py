@@ -47,8 +47,8 @@ from qconvert.serving import (
     servers_missing,
     serves_in,
 )
-from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_layers
-from qconvert.units import Unit, apply_fnuz, quantize_units, shared_tensor_scales
+from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_experts, stored_layers
+from qconvert.units import ExactCasts, Unit, apply_fnuz, exact_casts, quantize_units, shared_tensor_scales
 from qconvert.writing import (
     OutputFolder,
     check_output_location,
@@ -145,7 +145,8 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
     checkpoint = open_checkpoint(source)
     with TensorReader() as reader:
         stored = stored_layers(checkpoint, reader)
-        view = logical_view(checkpoint, stored)
+        experts = stored_experts(checkpoint, reader)
+        view = logical_view(checkpoint, stored, experts)
         plan = make_plan(replace(checkpoint, tensors=view), request.scheme, request.ignore, request.targets,
                          request.overrides, request.include_vision, request.keep_fused_experts)
         check_coverage(plan, request.min_coverage)
@@ -168,10 +169,14 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
                         for s in plan.schemes})
         # Units are built first without shared scales, so that a refusal (--allow-requantize) comes
         # before the pre-pass reads every fused tensor; building them again later costs no I/O.
-        units, notes = quantize_units(view, plan, request.layout, stored, {}, request.allow_requantize)
+        casts = exact_casts(plan, stored, reader, fused_patterns, request.allow_requantize) \
+            if request.layout is Layout.COMPRESSED_TENSORS else ExactCasts()
+        units, notes = quantize_units(view, plan, request.layout, stored, {}, request.allow_requantize, casts)
         _report_skips(plan, notice)
-        if stored:
-            notes.insert(0, f"note: the input is quantized ({describe_stored(stored)}); matching layers are "
+        if stored or experts:
+            described = ", ".join(filter(None, [describe_stored(stored),
+                                                f"{len(experts)} expert tensors gpt-oss MXFP4" if experts else ""]))
+            notes.insert(0, f"note: the input is quantized ({described}); matching layers are "
                          "copied, others rebuilt and requantized, unquantized ones written back in full precision")
         misaligned = _block_misaligned(plan, view, request.layout)
         if misaligned is not None:
@@ -180,12 +185,15 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
                          "it); for those engines give such layers (and the rest of their fused layer) fp8, e.g. "
                          "--override 're:.*self_attn.*=fp8'")
         notes.extend(_serving_notes(kinds, family, request.fnuz, misaligned is not None))
+        if casts.note():
+            notes.append(casts.note())
         for note in notes:
             notice(note)
         if not request.dry_run:
             shared = shared_tensor_scales(plan, partial(weight_amax, view, stored, reader), fused_patterns,
-                                          partial(_already_shared, plan, stored, reader))
-            units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize)
+                                          lambda names: all(n in casts.shared for n in names)
+                                          or _already_shared(plan, stored, reader, names))
+            units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize, casts)
     if request.fnuz:
         units = apply_fnuz(units)
     serving = [s.to_json() for s in serves_in(kinds, family, misaligned is not None)]
@@ -257,11 +265,12 @@ def _convert(request: ConvertRequest, notice: Notice) -> dict:
     checkpoint = open_checkpoint(source)
     with TensorReader() as reader:
         layers = stored_layers(checkpoint, reader)
+        experts = stored_experts(checkpoint, reader)
         fused_patterns = request.fused_patterns
         if fused_patterns is None:
             fused_patterns = facts_from_config(checkpoint.config).fused_patterns
         plan = plan_conversion(request.op, checkpoint.tensors, layers, checkpoint.config or {}, reader,
-                               fused_patterns, request.dtype)
+                               fused_patterns, request.dtype, experts)
     for note in plan.notes:
         notice(note)
     shards = write_checkpoint(checkpoint, plan.units, target, plan.config, request.max_shard_bytes,

@@ -7,7 +7,8 @@ method we cannot read must never pass through as if the checkpoint were full pre
 compressed-tensors config that does not describe them. So opening a checkpoint refuses it, naming the method.
 
 :data:`READERS` is the methods we read, each with a check of the variants we do not; :data:`NOT_READABLE`
-names every other known method. A new reader claims its method by moving it from the second to the first.
+names every other known method. A new reader claims its method by moving it from the second to the first (as
+gpt-oss's MXFP4 and ModelOpt's NVFP4 / FP8 were).
 When the config says nothing, the tensor names still betray the common packed layouts (:data:`SIGNATURES`).
 """
 
@@ -58,7 +59,10 @@ READERS: dict[str, Callable[[dict], str | None]] = {
     "compressed_tensors": _compressed_tensors_problem,  # vLLM's spelling, accepted by it
     "fp8": _fp8_problem,  # DeepSeek-V3-style block FP8 (weight_scale_inv)
     "blockwise_int8": lambda _: None,  # SGLang's, as --layout sglang writes it
+    "mxfp4": lambda _: None,  # gpt-oss's experts (*_blocks / *_scales): qconvert.formats.gpt_oss
+    "modelopt": lambda _: None,  # NVFP4 and FP8 (qconvert.formats.microscaled, tiled); other quant_algo: below
 }
+MODELOPT_ALGOS = ("NVFP4", "FP8")  # the ModelOpt quant_algo values qconvert reads
 
 # Every other method transformers knows (utils/quantization_config.py QuantizationMethod), and ModelOpt's:
 # how it stores weights, for the refusal.
@@ -80,14 +84,12 @@ NOT_READABLE: dict[str, str] = {
     "quark": "AMD Quark",
     "fp_quant": "FP-Quant: Hadamard-rotated MXFP4/NVFP4",
     "auto-round": "AutoRound: packed qweight",
-    "mxfp4": "MXFP4, gpt-oss's: *_blocks uint8 with E8M0 *_scales",
     "nvfp4": "transformers NVFP4",
     "mxfp8": "transformers MXFP8: fp8 with E8M0 block scales",
     "metal": "Metal: packed low-bit",
     "fouroversix": "Four Over Six: FP4",
     "sinq": "SINQ",
     "gemma": "Gemma pre-quantized: packed low-bit",
-    "modelopt": "NVIDIA ModelOpt",
 }
 _ALIASES = {"bitsandbytes_4bit": "bitsandbytes", "bitsandbytes_8bit": "bitsandbytes", "autoround": "auto-round",
             "auto_round": "auto-round", "modelopt_fp4": "modelopt"}
@@ -157,6 +159,10 @@ def unreadable(method: StoredMethod | None, config: dict | None) -> str | None:
     """Why qconvert cannot read a checkpoint stored with ``method`` (None: it can)."""
     if method is None:
         return None
+    if method.method == "modelopt":
+        algo = method.detail.removeprefix("quant_algo ")
+        return None if algo in MODELOPT_ALGOS else \
+            f"{method.name[:60]} (NVIDIA ModelOpt; qconvert reads quant_algo {' and '.join(MODELOPT_ALGOS)})"
     check = READERS.get(method.method)
     if check is not None:
         qconfig = (config or {}).get("quantization_config")
@@ -194,8 +200,10 @@ SIGNATURES = [
     Signature("the bitsandbytes layout (absmax, quant_state)",
               lambda m, leaf, _l: (m.endswith(".weight") and leaf in ("absmax", "quant_map"))
               or ".weight.quant_state." in f"{m}.{leaf}" or leaf == "SCB"),
-    Signature("the mxfp4 layout of gpt-oss (*_blocks with *_scales)", lambda _m, leaf, leaves: leaf.endswith("_blocks")
-              and f"{leaf.removesuffix('_blocks')}_scales" in leaves),
+    # (gpt-oss's own experts, `experts.gate_up_proj_blocks` / `experts.down_proj_blocks`, are read: formats.gpt_oss)
+    Signature("an mxfp4 layout (*_blocks with *_scales) other than gpt-oss's experts",
+              lambda m, leaf, leaves: leaf.endswith("_blocks") and f"{leaf.removesuffix('_blocks')}_scales" in leaves
+              and not (m.endswith(".experts") and leaf in ("gate_up_proj_blocks", "down_proj_blocks"))),
     Signature("the hqq layout (W_q)", lambda _m, leaf, leaves: leaf == "W_q"),
     # gpt-oss experts as qconvert writes them for vLLM (experts.3.w13_weight_packed): without weight_shape and
     # outside the config's targets, so they cannot be read back; copied as they are, they would keep their old

@@ -8,6 +8,7 @@ its list of units; executing it is the same for every command.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -20,12 +21,13 @@ from qconvert.architectures import COMMON_FUSIONS
 from qconvert.errors import BadInputError
 from qconvert.format import base_name, output_specs, streamed_expert_name, written_format
 from qconvert.formats import Layout, NumberType
+from qconvert.formats.base import Cast, CastLosses
 from qconvert.numerics import require_representable
 from qconvert.planning import Plan, SplitExperts, module_of
 from qconvert.quantizers import e4m3fn_to_e4m3fnuz
-from qconvert.safetensors_io import TensorInfo, TensorSpec
+from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
 from qconvert.schemes import Scheme
-from qconvert.sources import ACTIVATION_LEAVES, StoredLayer, rebuild_weight
+from qconvert.sources import ACTIVATION_LEAVES, RebuiltTensor, StoredLayer, rebuild_weight
 
 Produce = Callable[[list[torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -99,10 +101,19 @@ def quantize_unit(info: TensorInfo, scheme: Scheme, layout: Layout, scale: torch
     return Unit([info], outputs, produce, layer)
 
 
+def rebuilt_unit(info: RebuiltTensor) -> Unit:
+    """A tensor that is stored quantized (gpt-oss MXFP4 experts) written in full precision, as the bf16 release
+    holds it."""
+    return Unit(info.source.parts, [TensorSpec(info.name, info.dtype, info.shape)],
+                lambda tensors: {info.name: info.source.rebuild(*tensors)})
+
+
 def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: Layout) -> Unit:
     """A 3-D expert tensor written as one quantized layer per expert and part (``architectures.ExpertSplit``):
-    the stored tensor is read once, each expert's slice cut into its parts' ``[out, in]`` weights."""
+    the stored tensor is read once (or rebuilt from its stored parts, for a :class:`RebuiltTensor`), each
+    expert's slice cut into its parts' ``[out, in]`` weights."""
     layers = split.layers
+    rebuilt = info.source if isinstance(info, RebuiltTensor) else None
     # The on-disk name of each tensor compress_weight names (None: not written).
     spelled = streamed_expert_name if split.split.vllm_spelling else (lambda name: name)
     per_layer = [[TensorSpec(name, spec.dtype, spec.shape)
@@ -118,7 +129,8 @@ def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: Layout) ->
 
     def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         result: dict[str, torch.Tensor] = {}
-        cuts = {module: part.cut(tensors[0][expert]) for module, expert, part, _ in layers}
+        whole = rebuilt.rebuild(*tensors) if rebuilt else tensors[0]
+        cuts = {module: part.cut(whole[expert]) for module, expert, part, _ in layers}
         shared: dict[tuple[str, ...], torch.Tensor | None] = {}
         for group in set(group_of.values()):
             amax = torch.stack([cuts[m].abs().amax() for m in group]).max()
@@ -133,7 +145,8 @@ def split_experts_unit(info: TensorInfo, split: SplitExperts, layout: Layout) ->
 
     entries = [layer_entry(module, split.scheme, shape, info.dtype, shape[0] * shape[1] * info.dtype.itemsize, specs)
                for (module, _, _, shape), specs in zip(layers, per_layer, strict=True)]
-    return Unit([info], [spec for specs in per_layer for spec in specs], produce, entries[0], entries[1:])
+    inputs = rebuilt.parts if rebuilt else [info]
+    return Unit(inputs, [spec for specs in per_layer for spec in specs], produce, entries[0], entries[1:])
 
 
 def fused_groups(modules: list[str], patterns: list[str]) -> list[list[str]]:
@@ -181,6 +194,58 @@ def shared_tensor_scales(plan: Plan, amax_of: AmaxReader, patterns: list[str],
     return scales
 
 
+@dataclass
+class ExactCasts:
+    """Stored layers written by their format's exact cast into their scheme (:meth:`WeightFormat.exact_cast`):
+    what each fused group shares once cast, and the blocks the target cannot hold (refused without consent)."""
+
+    shared: dict[str, torch.Tensor | None] = field(default_factory=dict)  # weight name → group value (None: own)
+    losses: list[tuple[str, CastLosses]] = field(default_factory=list)  # (first module of the group, losses)
+
+    def note(self) -> str | None:
+        if not self.losses:
+            return None
+        blocks = sum(loss.blocks for _, loss in self.losses)
+        largest = max(loss.largest_error for _, loss in self.losses)
+        return (f"note: {blocks} blocks in {len(self.losses)} layers (e.g. {self.losses[0][0]}) are below the range "
+                f"of their exact cast's scales and are rounded, to zero at worst (largest error {largest:.3g}); "
+                "every other value is kept exactly")
+
+
+def exact_casts(plan: Plan, stored: dict[str, StoredLayer], reader: TensorReader, patterns: list[str],
+                allow_requantize: bool) -> ExactCasts:
+    """Which stored layers are cast exactly (by group: a fused group casts only if all its parts can and their
+    format gives them one shared value), reading their scales once, before any write."""
+    casts = ExactCasts()
+    candidates = {name: stored[module_of(name)] for name, scheme in plan.quantize.items()
+                  if module_of(name) in stored
+                  and stored[module_of(name)].format.exact_cast(stored[module_of(name)], scheme.format, scheme.args)}
+    grouped = [[f"{m}.weight" for m in group] for group in fused_groups([module_of(n) for n in candidates], patterns)
+               if plan.quantize[f"{group[0]}.weight"].shared_fused_scale]
+    in_group = {name for group in grouped for name in group}
+    for names in grouped + [[name] for name in candidates if name not in in_group]:
+        layers = [candidates[name] for name in names]
+        fmt = layers[0].format
+        if any(layer.format is not fmt for layer in layers):
+            continue
+        scheme = plan.quantize[names[0]]
+        value = fmt.cast_shared(layers, reader, scheme.format) if len(names) > 1 else None
+        if len(names) > 1 and value is None:
+            continue  # no one value for the group: requantized (with consent), as any other input
+        losses = fmt.cast_losses(layers, reader, scheme.format, scheme.args)
+        if losses is not None:
+            if not allow_requantize:
+                first, target = layers[0], plan.quantize[names[0]].name
+                raise BadInputError(
+                    f"{first.values.file.name}: {first.module}: {losses.blocks} of {losses.total_blocks} blocks "
+                    f"({first.layout}) are too far below the largest of their group for {target}'s "
+                    f"scales to hold them exactly (largest error {losses.largest_error:.3g}): pass --allow-requantize "
+                    "to write them rounded (to zero at worst)")
+            casts.losses.append((layers[0].module, losses))
+        casts.shared.update(dict.fromkeys(names, value))
+    return casts
+
+
 def _leaves(layer: StoredLayer) -> list[str]:
     return sorted(layer.parts)
 
@@ -215,11 +280,33 @@ def dequantize_unit(layer: StoredLayer, dtype: torch.dtype | None = None) -> Uni
     return Unit(inputs, [output], produce)
 
 
+def cast_layer_unit(layer: StoredLayer, scheme: Scheme, layout: Layout, cast: Cast,
+                    shared: torch.Tensor | None = None) -> Unit:
+    """A stored layer that ``scheme``'s format holds exactly under other names or encodings (a ModelOpt NVFP4
+    layer as compressed-tensors NVFP4, MXFP4 as NVFP4): its codes kept, no value requantized."""
+    outputs = output_specs(f"{layer.module}.weight", layer.shape, layer.dtype, scheme, layout)
+    inputs = [layer.parts[leaf] for leaf in _leaves(layer)]
+
+    def produce(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return cast(layer.module, _stored_tensors(layer, tensors), shared)
+
+    before = sum(i.nbytes for i in inputs)
+    return Unit(inputs, outputs, produce, layer_entry(layer.module, scheme, layer.shape, layer.dtype, before, outputs))
+
+
 def copy_layer_units(layer: StoredLayer, scheme: Scheme) -> list[Unit]:
     """A stored layer that already is what ``scheme`` writes: its tensors copied under the
     compressed-tensors names (``weight_scale_inv`` → ``weight_scale``, keeping its dtype)."""
-    units = [copy_unit(info, f"{layer.module}.{'weight_scale' if leaf == 'weight_scale_inv' else leaf}")
-             for leaf, info in sorted(layer.parts.items())]
+    # Named and shaped as the scheme writes them: a per-tensor scale stored as a scalar (ModelOpt FP8) is [1] in
+    # compressed-tensors, which its loaders check (the bytes are the same).
+    shapes = {spec.name: spec.shape for spec in output_specs(f"{layer.module}.weight", layer.shape, layer.dtype,
+                                                              scheme, Layout.COMPRESSED_TENSORS)}
+    units = []
+    for leaf, info in sorted(layer.parts.items()):
+        name = f"{layer.module}.{'weight_scale' if leaf == 'weight_scale_inv' else leaf}"
+        shape = shapes.get(name, info.shape)
+        units.append(Unit([info], [TensorSpec(name, info.dtype, shape if math.prod(shape) == info.numel
+                                              else info.shape)]))
     before = sum(u.input_bytes for u in units)
     units[0].layer = layer_entry(layer.module, scheme, layer.shape, layer.dtype, before,
                                  [spec for u in units for spec in u.outputs])
@@ -229,10 +316,11 @@ def copy_layer_units(layer: StoredLayer, scheme: Scheme) -> list[Unit]:
 def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: Layout,
                    stored: dict[str, StoredLayer] | None = None,
                    shared_scales: dict[str, torch.Tensor] | None = None,
-                   allow_requantize: bool = False) -> tuple[list[Unit], list[str]]:
+                   allow_requantize: bool = False, casts: ExactCasts | None = None) -> tuple[list[Unit], list[str]]:
     """Units for ``quantize`` over the planner's view of the checkpoint, and notes for the user."""
     stored = stored or {}
     shared_scales = shared_scales or {}
+    casts = casts or ExactCasts()
     units: list[Unit] = []
     dropped: list[str] = []
     for info in tensors.values():
@@ -240,7 +328,14 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: Layout,
         scheme = plan.scheme_for(info)
         layer = stored.get(module) if leaf == "weight" else None
         if info.name in plan.splits:
-            units.append(split_experts_unit(info, plan.splits[info.name], layout))
+            split = plan.splits[info.name]
+            if isinstance(info, RebuiltTensor) and not allow_requantize:
+                raise BadInputError(
+                    f"{info.source.blocks.file.name}: {info.name} is already quantized (gpt-oss MXFP4 experts); "
+                    f"requantizing fp4 weights into {split.scheme.name} loses quality: pass --allow-requantize")
+            units.append(split_experts_unit(info, split, layout))
+        elif isinstance(info, RebuiltTensor):
+            units.append(rebuilt_unit(info))  # kept 3-D: written as the bf16 release holds it
         elif module in stored and leaf in ACTIVATION_LEAVES:
             dropped.append(info.name)  # the schemes we write quantize activations dynamically
         elif layer is None and scheme is None:
@@ -252,6 +347,9 @@ def quantize_units(tensors: dict[str, TensorInfo], plan: Plan, layout: Layout,
         elif layout == Layout.COMPRESSED_TENSORS and layer.matches(scheme.format, scheme.args) \
                 and info.name not in shared_scales:
             units.extend(copy_layer_units(layer, scheme))
+        elif layout == Layout.COMPRESSED_TENSORS and info.name in casts.shared \
+                and (cast := layer.format.exact_cast(layer, scheme.format, scheme.args)) is not None:
+            units.append(cast_layer_unit(layer, scheme, layout, cast, casts.shared[info.name]))
         elif layer.args.number is not NumberType.FP8_E4M3 and not allow_requantize:
             raise BadInputError(
                 f"{layer.values.file.name}: {module} is already quantized ({layer.label}, {layer.layout}); "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qconvert.quant_methods import NOT_READABLE, READERS
@@ -143,7 +144,10 @@ MODELOPT: dict[str, Layout] = {
 }
 
 # Packed tensors and no quantization_config at all (a config someone stripped): the names still tell.
-CONFIGLESS = {"gptq qweight": ("gptq", gptq_like), "mxfp4 blocks": ("mxfp4", lambda: LAYOUTS["mxfp4"]()[1]),
+# (gpt-oss's own experts' *_blocks are read even without a config: only other *_blocks are refused.)
+CONFIGLESS = {"gptq qweight": ("gptq", gptq_like),
+              "mxfp4 blocks": ("mxfp4", lambda: {f"{L}.weight_blocks": z(OUT, IN // 32, 16, dtype=u8),
+                                                 f"{L}.weight_scales": z(OUT, IN // 32, dtype=u8)}),
               "bitsandbytes absmax": ("bitsandbytes", lambda: LAYOUTS["bitsandbytes"]()[1])}
 
 
@@ -205,7 +209,7 @@ def check_refused(command: str, model: Path, tmp_path: Path, needles: tuple[str,
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("method", list(LAYOUTS))
+@pytest.mark.parametrize("method", [m for m in LAYOUTS if m not in READERS])
 def test_unreadable_method_is_refused(method: str, command: str, tmp_path: Path) -> None:
     qconfig, layer = LAYOUTS[method]()
     model = build(tmp_path / "model", qconfig, layer)
@@ -213,11 +217,25 @@ def test_unreadable_method_is_refused(method: str, command: str, tmp_path: Path)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
+def test_modelopt_other_algorithms_are_refused(command: str, tmp_path: Path) -> None:
+    """ModelOpt's NVFP4 and FP8 are read (tests/test_released.py); any other quant_algo is refused, named."""
+    hf_quant_config, layer = MODELOPT["NVFP4"]
+    hf_quant_config = {**hf_quant_config, "quantization": {"quant_algo": "W4A8_AWQ"}}
+    model = build(tmp_path / "model", None, layer, {"hf_quant_config.json": hf_quant_config})
+    check_refused(command, model, tmp_path, ("modelopt", "quant_algo W4A8_AWQ"))
+
+
 @pytest.mark.parametrize("algo", list(MODELOPT))
-def test_modelopt_is_refused(algo: str, command: str, tmp_path: Path) -> None:
+def test_modelopt_nvfp4_and_fp8_are_read(algo: str, tmp_path: Path) -> None:
     hf_quant_config, layer = MODELOPT[algo]
     model = build(tmp_path / "model", None, layer, {"hf_quant_config.json": hf_quant_config})
-    check_refused(command, model, tmp_path, ("modelopt", f"quant_algo {algo}"))
+    result = run_cli("inspect", model, "--json")
+    assert result.code == 0 and json.loads(result.stdout)["readable"] is True, result.stderr
+    out = tmp_path / "out"
+    result = run_cli("quantize", model, "-s", "nvfp4" if algo == "NVFP4" else "fp8-block", "-o", out, "-q")
+    assert result.code == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert not (out / "hf_quant_config.json").exists()
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -241,7 +259,10 @@ def test_every_transformers_method_has_a_fixture() -> None:
 
 
 def test_mxfp4_gpt_oss_is_not_copied_as_bf16(tmp_path: Path) -> None:
-    """The issue's case, on the command line as given there: gpt-oss's own config, fp8-block."""
+    """The issue's case, on the command line as given there: gpt-oss's own config, fp8-block. The MXFP4 experts are
+    read (qconvert.formats.gpt_oss), never copied as their stored bytes under a compressed-tensors config: fp8-block
+    cannot hold them per expert for vLLM, so the run says so; kept whole, they are written dequantized and count
+    in the coverage as unquantized."""
     qconfig, layer = LAYOUTS["mxfp4"]()
     model = build(tmp_path / "model", qconfig, layer)
     config = json.loads((model / "config.json").read_text())
@@ -249,18 +270,24 @@ def test_mxfp4_gpt_oss_is_not_copied_as_bf16(tmp_path: Path) -> None:
     (model / "config.json").write_text(json.dumps(config))
     result = run_cli("quantize", model, "-s", "fp8-block", "-o", tmp_path / "out")
     assert result.code == 2 and len(result.stderr_lines) == 1, result.stderr
-    assert "quantization_config states mxfp4 (MXFP4, gpt-oss's" in result.stderr, result.stderr
-    assert "does not read yet" in result.stderr
+    assert "experts" in result.stderr and "--keep-fused-experts" in result.stderr
     assert not (tmp_path / "out").exists()
+    kept = run_cli("quantize", model, "-s", "fp8-block", "--keep-fused-experts", "-o", tmp_path / "out", "--json")
+    assert kept.code == 0, kept.stderr
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names
+    assert not any(name.endswith(("_blocks", "_scales")) for name in names)
+    assert json.loads(kept.stdout)["coverage"]["share"] < 0.5
 
 
 def test_inspect_text_names_the_method(tmp_path: Path) -> None:
     """The table's title holds the description: rich must print it as text (brackets and all), not as markup."""
-    qconfig, layer = LAYOUTS["mxfp4"]()
+    qconfig, layer = LAYOUTS["gptq"]()
     model = build(tmp_path / "model", qconfig, layer)
     result = run_cli("inspect", model)
     assert result.code == 0, result.stderr
-    assert "mxfp4" in result.stdout and "not readable by qconvert" in result.stdout
+    assert "gptq" in result.stdout and "not readable by qconvert" in result.stdout
 
 
 def test_readable_methods_still_read(deepseek_fp8: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ rest of qconvert asks the registry instead of branching on format names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 # The tensors of one quantized linear layer (a module's leaves) and its static activation scales.
 WEIGHT_LEAVES = ("weight", "weight_packed", "weight_scale", "weight_scale_inv", "weight_shape", "weight_zero_point",
-                 "weight_global_scale")
+                 "weight_global_scale", "weight_scale_2")
 ACTIVATION_LEAVES = ("input_scale", "output_scale")
 
 
@@ -82,6 +83,18 @@ class ReadContext:
     def stated_args(self, module: str) -> QuantArgs | None:
         group = config_group(self.config, module)
         return QuantArgs.from_config(group.get("weights") if group else None)
+
+
+Cast = Callable[[str, dict[str, torch.Tensor], "torch.Tensor | None"], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CastLosses:
+    """Blocks of a cast's input that the target cannot hold exactly (they are flushed to zero with consent)."""
+
+    blocks: int
+    total_blocks: int
+    largest_error: float  # the largest absolute error a flushed element can carry
 
 
 FORMATS: dict[str, WeightFormat] = {}
@@ -161,6 +174,26 @@ class WeightFormat:
         """Whether a layer stored in this format is, copied, a layer of ``other``."""
         return other is self
 
+    def exact_cast(self, layer: StoredLayer, target: WeightFormat, args: QuantArgs) -> Cast | None:
+        """For a stored layer that ``target`` holds exactly under other names or encodings (a re-layout, not a
+        requantization): ``cast(prefix, stored tensors by leaf, shared)`` → the target's tensors, where ``shared``
+        is what the layer's fused group shares (:meth:`cast_shared`; None: the layer's own). None where no cast
+        exists."""
+        return None
+
+    def cast_shared(self, layers: list[StoredLayer], reader: TensorReader, target: WeightFormat
+                    ) -> torch.Tensor | None:
+        """What a fused group of stored layers of this format shares once cast exactly (see :meth:`shared`), read
+        from their stored tensors; None where the cast cannot give them one value (they are requantized then)."""
+        return None
+
+    def cast_losses(self, layers: list[StoredLayer], reader: TensorReader, target: WeightFormat, args: QuantArgs
+                    ) -> CastLosses | None:
+        """For a cast that is exact but where the target's range ends (MXFP4 → NVFP4: a block exponent more than
+        17 below the group's largest; → fp8 blocks: more than 14 below its tile's): the blocks it may not hold and
+        the largest error they can carry, read from the scales before any write."""
+        return None
+
     def same_codes(self, layer: StoredLayer, args: QuantArgs) -> bool:
         """Whether quantizing the rebuilt weight with ``args`` would give this layer's codes and scales again."""
         same_tile = layer.args.strategy == args.strategy and (
@@ -196,6 +229,10 @@ def describe_grouping(args: QuantArgs, tile: tuple[int, int] | None = None) -> s
 
 def recognise(module: str, parts: dict[str, TensorInfo], context: ReadContext) -> StoredLayer | None:
     """The first registered format that recognises this layer's tensors (None: not a quantized layer)."""
+    if "weight" in parts and "weight_packed" in parts:  # two spellings of the values: which one is the layer?
+        first = parts["weight_packed"]
+        raise BadInputError(f"{first.file.name}: {module} holds both weight and weight_packed; a layer is stored "
+                            "in one layout")
     quantized = "weight_scale" in parts and ("weight" in parts or "weight_packed" in parts)
     if quantized and "weight_zero_point" in parts:  # no format reads zero points yet: never rebuild as symmetric
         first = next(iter(parts.values()))
