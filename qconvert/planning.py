@@ -349,9 +349,9 @@ def _decide(info: TensorInfo, facts: ModelFacts, scheme: Scheme, ignore: list[st
         asked = {m: _asked([module, m], scheme, default, ignore, targets, overrides) for m in per_expert}
     else:
         asked = {module: _asked([module], scheme, default, ignore, targets, overrides)}
+    # Per-expert names that the options give different fates are refused with the rest of their block.
     described = {m: _describe(s, r) for m, (s, r, _) in asked.items()}
-    if len(set(described.values())) > 1:
-        raise BadInputError(_split_refusal(block or module, described))
+    assert block is not None or len(described) == 1
     chosen, reason, _ = next(iter(asked.values()))
     decision = _Decision(info, module, kind, None, reason, runtime_linear, next(iter(described.values())),
                          block=block, asked=described if split is not None else {})
