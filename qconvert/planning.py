@@ -6,7 +6,11 @@ that is not an embedding, an output head, a norm or an MoE router. ``config.json
 embeddings are not called embeddings, 3-D fused experts and vision towers are linear weights that
 no plain rule sees. Every weight left unquantized gets a reason, and every linear-looking layer left
 unquantized is written into the config's ``ignore`` list, so that runtimes which match
-``targets: ["Linear"]`` never expect quantized tensors for it.
+``targets: ["Linear"]`` never expect quantized tensors for it; ``ignore`` never names a quantized one.
+
+An MoE layer's experts (every expert's gate/up/down, 2-D per expert or 3-D stacked) are one fused-MoE
+layer in vLLM and SGLang, loaded with one scheme: such an expert block is planned whole (see
+:func:`make_plan`).
 """
 
 from __future__ import annotations
@@ -249,7 +253,7 @@ class _Decision:
     scheme: Scheme | None  # the scheme it is written in; None: left unquantized (``reason``)
     reason: str | None
     runtime_linear: bool
-    intended: str  # what the options asked for (a scheme name, or `none: <reason>`), before shape checks
+    intended: str  # what the options asked for (a scheme name, or `none (<reason>)`), before shape checks
     split: SplitExperts | None = None
     asked: dict[str, str] = field(default_factory=dict)  # per-expert module → what the options asked (split 3-D)
     block: str | None = None
@@ -257,25 +261,25 @@ class _Decision:
 
 def _asked(names: list[str], scheme: Scheme, default: tuple[str, bool, LayerKind | None] | None,
            ignore: list[str], targets: list[str], overrides: list[tuple[str, Scheme | None]]
-           ) -> tuple[Scheme | None, str | None, bool]:
+           ) -> tuple[Scheme | None, str | None]:
     """What the defaults and the user's options decide for a module known under ``names`` (a 3-D expert
-    tensor: its stored name and one per-expert name): its scheme or the reason it stays unquantized, and
-    whether the reason came from the user's options. A pattern applies if it matches any of the names."""
+    tensor: its stored name and one per-expert name): its scheme, or the reason it stays unquantized.
+    A pattern applies if it matches any of the names."""
     def hit(pattern: str) -> bool:
         return any(matches(pattern, name) for name in names)
 
     targeted = bool(targets) and any(hit(t) for t in targets)
     if not targeted and default is not None:
-        return None, default[0], False
+        return None, default[0]
     if not targeted and targets:
-        return None, "not matched by --targets", True
+        return None, "not matched by --targets"
     ignored = next((p for p in ignore if hit(p)), None)
     if ignored is not None:
-        return None, f"matched --ignore {ignored}", True
+        return None, f"matched --ignore {ignored}"
     override = next(((p, s) for p, s in overrides if hit(p)), None)
     if override is not None and override[1] is None:
-        return None, f"--override {override[0]}=none", True
-    return (override[1] if override is not None else scheme), None, override is not None
+        return None, f"--override {override[0]}=none"
+    return (override[1] if override is not None else scheme), None
 
 
 def make_plan(
@@ -350,9 +354,9 @@ def _decide(info: TensorInfo, facts: ModelFacts, scheme: Scheme, ignore: list[st
     else:
         asked = {module: _asked([module], scheme, default, ignore, targets, overrides)}
     # Per-expert names that the options give different fates are refused with the rest of their block.
-    described = {m: _describe(s, r) for m, (s, r, _) in asked.items()}
+    described = {m: _describe(s, r) for m, (s, r) in asked.items()}
     assert block is not None or len(described) == 1
-    chosen, reason, _ = next(iter(asked.values()))
+    chosen, reason = next(iter(asked.values()))
     decision = _Decision(info, module, kind, None, reason, runtime_linear, next(iter(described.values())),
                          block=block, asked=described if split is not None else {})
     if reason is not None:
