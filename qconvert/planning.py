@@ -415,8 +415,9 @@ def _settle_block(block: str, members: list[_Decision]) -> None:
     stuck = next((m for m in members if m.scheme is None), None)
     if stuck is None or all(m.scheme is None for m in members):
         return
-    why = (f"expert block {block} left unquantized whole (vLLM and SGLang load its experts as one fused-MoE layer "
-           f"in one scheme): {_leaf_in(block, stuck.module)}: {stuck.reason}")
+    # The same words for every layer, so that the skip report sums them up as one reason.
+    why = (f"expert block left unquantized whole (vLLM and SGLang load all experts of a layer as one fused-MoE "
+           f"layer, in one scheme): its {stuck.module.rpartition('.')[2]} cannot be quantized: {stuck.reason}")
     for member in members:
         if member.scheme is not None:
             member.scheme, member.split, member.reason = None, None, why
