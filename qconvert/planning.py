@@ -218,7 +218,7 @@ def _default_skip_reason(info: TensorInfo, facts: ModelFacts, include_vision: bo
 
 def check_tensor_names(tensors: Iterable[TensorInfo]) -> None:
     """Refuse tensor names no real checkpoint has (a safetensors header may hold megabytes of one name):
-    checked before any pattern, ours or the user's, is matched against them."""
+    checked before planning matches any pattern, ours or the user's, against them."""
     for info in tensors:
         if len(info.name) > MAX_NAME_CHARS:
             raise BadInputError(f"{info.file.name}: tensor name of {len(info.name)} characters (starting "
@@ -257,6 +257,7 @@ class _Decision:
     split: SplitExperts | None = None
     asked: dict[str, str] = field(default_factory=dict)  # per-expert module → what the options asked (split 3-D)
     block: str | None = None
+    refused: bool = False  # 3-D experts that no loader reads quantized, without --keep-fused-experts
 
 
 def _asked(names: list[str], scheme: Scheme, default: tuple[str, bool, LayerKind | None] | None,
@@ -312,8 +313,7 @@ def make_plan(
         if _not_a_candidate(info, facts):
             continue
         decisions.append(_decide(info, facts, scheme, ignore, targets, overrides, include_vision, keep_experts))
-    refused = [d for d in decisions if d.scheme is None and len(d.info.shape) == 3 and d.kind == LayerKind.EXPERTS
-               and not keep_experts and d.reason is not None and d.reason.startswith("3-D fused experts")]
+    refused = [d for d in decisions if d.refused]
     blocks: dict[str, list[_Decision]] = {}
     for decision in decisions:
         if decision.block is not None:
@@ -377,6 +377,7 @@ def _decide(info: TensorInfo, facts: ModelFacts, scheme: Scheme, ignore: list[st
     if problem is not None:
         decision.reason, decision.kind = problem
         decision.runtime_linear = runtime_linear and len(info.shape) == 2
+        decision.refused = is_3d and not keep_experts
         return decision
     decision.reason = shape_problem(info.shape, chosen)
     if decision.reason is None:
