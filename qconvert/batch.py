@@ -323,9 +323,10 @@ def check_job_places(path: Path, jobs: list[Job], dry_run: bool, report: Path | 
             continue
         for other, output in outputs:
             if other is not job and inside(Path(job.model).expanduser(), output.target):
-                raise BadInputError(f"{path}: {job.label}, key 'model': reads {output.target}, the output of "
-                                    f"{other.label} scheme {output.scheme}; a job cannot read another's output "
-                                    "(chains are not supported: run them as two batch files, one after the other)")
+                raise BadInputError(f"{path}: {job.label}, key 'model': {job.model} is inside the output of "
+                                    f"{other.label} scheme {output.scheme} ({output.target}); a job cannot read "
+                                    "what another writes (chains are not supported: run them as two batch files, "
+                                    "one after the other)")
     for position, (job, output) in enumerate(outputs):
         for other, earlier in outputs[:position]:
             if place_of(output.target) == place_of(earlier.target):
