@@ -334,3 +334,135 @@ def test_hostile_batch(case: Case, model: Path, tmp_path: Path, capsys: pytest.C
 
 def test_the_corpus_is_large_enough() -> None:
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Faults that need injecting (each asserts its fault fired), and the promises that are not refusals
+
+
+def test_free_space_is_checked_for_all_outputs_at_once(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each output alone fits, the two together do not: refused before either is written."""
+    import qconvert.preflight as preflight
+    from qconvert.pipeline import QuantizeRequest, prepare_quantize
+    from qconvert.schemes import get_scheme
+
+    env = Env(tmp_path, model)
+    a = env.model("a")
+    needed = [prepare_quantize(QuantizeRequest(str(a), get_scheme(s), tmp_path / "x", dry_run=True,
+                                               show_progress=False), lambda _: None).needed_bytes
+              for s in ("rtn8", "fp8")]
+    free = max(needed) + (1 << 20) + min(needed) // 2
+    asked: list[Path] = []
+
+    def disk_usage(place: object) -> shutil._ntuple_diskusage:  # type: ignore[name-defined]
+        asked.append(Path(str(place)))
+        return shutil._ntuple_diskusage(10**12, 10**12 - free, free)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(preflight.shutil, "disk_usage", disk_usage)
+    jobs = env.jobs(f"jobs:\n  - model: {a}\n    schemes: [rtn8, fp8]\n    output: {tmp_path / 'out'}/{{scheme}}\n")
+    result = qconvert(capsys, "batch", jobs)
+    assert result.code == 2 and len(result.stderr_lines) == 1, result.stderr
+    assert "other outputs of this batch" in result.stderr and asked
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_an_unreadable_file_to_copy_is_refused_before_writing(model: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import qconvert.preflight as preflight
+    from qconvert.errors import BadInputError
+
+    env = Env(tmp_path, model)
+    a = env.model("a")
+    refused: list[Path] = []
+    original = preflight.open_regular
+
+    def open_regular(path: Path) -> int:
+        if path.name == "generation_config.json":
+            refused.append(path)
+            raise BadInputError(f"{path}: cannot open (Permission denied)")
+        return original(path)
+
+    monkeypatch.setattr(preflight, "open_regular", open_regular)
+    jobs = env.jobs(f"jobs:\n  - model: {a}\n    output: {env.out('a-out')}\n")
+    result = qconvert(capsys, "batch", jobs)
+    assert refused and result.code == 2 and len(result.stderr_lines) == 1
+    assert "generation_config.json: cannot open" in result.stderr
+    assert not env.targets[0].exists() and not [p for p in env.targets[0].parent.iterdir() if p.name.startswith(".")]
+
+
+def test_report_into_a_missing_folder_is_made_and_written_whole(model: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    env = Env(tmp_path, model)
+    jobs = env.jobs(f"jobs:\n  - model: {env.model('a')}\n    output: {env.out('a-out')}\n")
+    report = tmp_path / "reports" / "deep" / "r.jsonl"
+    result = qconvert(capsys, "batch", jobs, "--report", report)
+    assert result.code == 0, result.stderr
+    lines = [json.loads(line) for line in report.read_text().splitlines()]
+    assert lines[0]["status"] == "ok" and lines[-1]["summary"]["ok"] == 1
+    assert [p.name for p in report.parent.iterdir()] == ["r.jsonl"]  # no temporary file left
+
+
+def test_a_full_disk_under_the_report_is_one_line(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import qconvert.batch as batch
+
+    class Full:
+        closed = False
+        writes = 0
+
+        def write(self, _text: str) -> int:
+            Full.writes += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+
+    def fake_open(path: Path, mode: str) -> Full:
+        Path(path).write_text("")  # the temporary file exists, as it would
+        return Full()
+
+    monkeypatch.setattr(batch, "open", fake_open, raising=False)
+    env = Env(tmp_path, model)
+    jobs = env.jobs(f"jobs:\n  - model: {env.model('a')}\n    output: {env.out('a-out')}\n")
+    report = tmp_path / "r.jsonl"
+    result = qconvert(capsys, "batch", jobs, "--report", report)
+    assert Full.writes and result.code == 2 and len(result.stderr_lines) == 1, result.stderr
+    assert "cannot write the report (No space left on device)" in result.stderr
+    assert not report.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".r.jsonl")]
+
+
+def test_resume_goes_through_quantizes_writer(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``resume: true`` is not ignored: the output is written by write_checkpoint with its journal, and its bytes
+    are what quantize --resume writes; a rerun skips it as up to date."""
+    import qconvert.pipeline as pipeline
+
+    calls: list[bool] = []
+    original = pipeline.write_checkpoint
+
+    def spy(*args: object, **kwargs: object) -> list[str]:
+        calls.append(bool(kwargs.get("resume")))
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "write_checkpoint", spy)
+    env = Env(tmp_path, model)
+    a = env.model("a")
+    jobs = env.jobs(f"jobs:\n  - model: {a}\n    scheme: fp8-tensor\n    resume: true\n    output: {env.out('r')}\n")
+    result = qconvert(capsys, "batch", jobs, "--json")
+    assert result.code == 0, result.stderr
+    assert calls == [True]
+    single = qconvert(capsys, "quantize", a, "-s", "fp8-tensor", "-o", tmp_path / "single", "-q", "--resume")
+    assert single.code == 0, single.stderr
+    from qconvert.fingerprint import FINGERPRINT_NAME
+
+    made = {k: v for k, v in tree_digest(env.targets[0]).items() if k != FINGERPRINT_NAME}
+    assert made == tree_digest(tmp_path / "single")
+    again = qconvert(capsys, "batch", jobs, "--json")
+    assert json.loads(again.stdout.splitlines()[0])["status"] == "skipped" and calls == [True]
