@@ -355,7 +355,7 @@ def check_job_places(path: Path, jobs: list[Job], dry_run: bool, report: Path | 
             own = next((s for j, s in sources if j is job), None)
             if own is not None:
                 request = output.request
-                overwrite = request.overwrite or read_fingerprint(output.target) is not None or request.resume
+                overwrite = request.overwrite or read_fingerprint(output.target) is not None
                 try:
                     check_output_location(own, output.target, overwrite, lock=False)
                 except BadInputError as exc:

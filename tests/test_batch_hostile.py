@@ -245,6 +245,8 @@ CASES = [
     Case("file: an alias bomb in an option value", _alias_bomb, ("jobs.yaml", "aliases")),
     Case("file: a merge key (an alias)", lambda env: env.jobs(
         f"defaults: &d\n  scheme: rtn4\njobs:\n  - <<: *d\n    model: {env.model('a')}\n"), ("aliases",)),
+    Case("file: a Python object tag", lambda env: env.jobs(
+        "jobs: !!python/object/apply:os.system ['touch pwned']\n"), ("jobs.yaml", "not valid YAML")),
     Case("file: a FIFO", _fifo, ("jobs.fifo", "not a regular file")),
     Case("file: /dev/zero", lambda env: Path("/dev/zero"), ("/dev/zero", "not a regular file")),
     Case("file: a link to /dev/zero", _link_to("/dev/zero"), ("jobs.yaml", "not a regular file")),
@@ -465,4 +467,4 @@ def test_resume_goes_through_quantizes_writer(model: Path, tmp_path: Path, capsy
     made = {k: v for k, v in tree_digest(env.targets[0]).items() if k != FINGERPRINT_NAME}
     assert made == tree_digest(tmp_path / "single")
     again = qconvert(capsys, "batch", jobs, "--json")
-    assert json.loads(again.stdout.splitlines()[0])["status"] == "skipped" and calls == [True]
+    assert json.loads(again.stdout.splitlines()[0])["status"] == "skipped" and calls == [True, True]  # batch, quantize
