@@ -1,10 +1,22 @@
 """``qconvert batch``: many conversions from one job file, for unattended (CI) use.
 
-The job file is validated entirely before any work; every option goes through the same parsing as
-``qconvert quantize`` (the quantize command's own option declarations decide which keys exist, and the
-CLI's helpers parse them). A job with several schemes reads its model once (:mod:`qconvert.fanout`);
-an output whose fingerprint (:mod:`qconvert.fingerprint`) matches is skipped. Each output gives one
-report row; :func:`run_job` is the same code whether it runs here or as a Ray task.
+One pipeline with ``qconvert quantize``, by construction:
+
+* The job file is read with limits (:func:`read_job_file`) and validated entirely before any work: every
+  job's request is built by the function that builds quantize's (:func:`qconvert.options.quantize_request`,
+  which checks every option value), and every input and output place of every job, and the report, is checked
+  by (device, inode) as quantize checks its own (:func:`check_job_places`): no two outputs share or nest, no
+  output touches an input, no job reads another's output (chains are refused), no output is a folder batch
+  did not write unless the job says ``overwrite: true``.
+* Each output is then planned by :func:`qconvert.pipeline.prepare_quantize`, quantize's own reader, strict
+  checks, output lock, stray-name, copy and free-space checks; the free space for all outputs together is
+  checked before the first is written.
+* A job with several schemes reads its model once (:mod:`qconvert.fanout`, byte-identical to quantize's
+  writer); an output with ``resume: true`` is written by quantize's writer itself, whose journal lets a rerun
+  reuse the shards a dead run finished. An output whose fingerprint (:mod:`qconvert.fingerprint`) matches is
+  skipped.
+
+Each output gives one report row; :func:`run_job` is the same code whether it runs here or as a Ray task.
 """
 
 from __future__ import annotations
