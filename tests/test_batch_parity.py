@@ -8,6 +8,7 @@ Each architecture runs as one batch job of all its schemes (one read, fanned out
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from safetensors import safe_open
 
 from qconvert import cli
 from qconvert.fingerprint import FINGERPRINT_NAME
-from tests.arch_matrix import CASES, ArchCase
+from tests.arch_matrix import ALL_SCHEMES, CASES, ArchCase
 from tests.conftest import CliResult, tree_digest
 
 transformers = pytest.importorskip("transformers")
@@ -99,4 +100,14 @@ def test_parity_every_architecture_every_scheme(case: ArchCase, arch_root: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
     source = _build(case, arch_root)
     options = {key: bool(value) for key, value in case.request.items()}
+    if not case.schemes:  # GPT-2: nothing its loaders quantize; quantize refuses it, and batch with the same line
+        jobs = tmp_path / "jobs.yaml"
+        jobs.write_text(f"jobs:\n  - model: {source}\n    schemes: [{', '.join(ALL_SCHEMES)}]\n"
+                        f"    output: {tmp_path}/{{scheme}}\n")
+        rows = [json.loads(line) for line in qconvert(capsys, "batch", jobs, "--json").stdout.splitlines()[:-1]]
+        for row in rows:
+            single = qconvert(capsys, "quantize", source, "-s", row["scheme"], "-o", tmp_path / "single", "-q")
+            assert (single.code, single.stderr_lines) == (row["exit_code"], [f"error: {row['error']}"])
+        assert len(rows) == len(ALL_SCHEMES) and not list(tmp_path.glob("*/*.safetensors"))
+        return
     assert_parity(capsys, source, case.schemes, tmp_path, options, alone=case.schemes[:1])
