@@ -1,15 +1,31 @@
 """``qconvert batch``: many conversions from one job file, for unattended (CI) use.
 
-The job file is validated entirely before any work; every option goes through the same parsing as
-``qconvert quantize`` (the quantize command's own option declarations decide which keys exist, and the
-CLI's helpers parse them). A job with several schemes reads its model once (:mod:`qconvert.fanout`);
-an output whose fingerprint (:mod:`qconvert.fingerprint`) matches is skipped. Each output gives one
-report row; :func:`run_job` is the same code whether it runs here or as a Ray task.
+One pipeline with ``qconvert quantize``, by construction:
+
+* The job file is read with limits (:func:`read_job_file`) and validated entirely before any work: every
+  job's request is built by the function that builds quantize's (:func:`qconvert.options.quantize_request`,
+  which checks every option value), and every input and output place of every job, and the report, is checked
+  by (device, inode) as quantize checks its own (:func:`check_job_places`): no two outputs share or nest, no
+  output touches an input, no job reads another's output (chains are refused), no output is a folder batch
+  did not write unless the job says ``overwrite: true``.
+* Each output is then planned by :func:`qconvert.pipeline.prepare_quantize`, quantize's own reader, strict
+  checks, output lock, stray-name, copy and free-space checks; the free space for all outputs together is
+  checked before the first is written.
+* A job with several schemes reads its model once (:mod:`qconvert.fanout`, byte-identical to quantize's
+  writer); an output with ``resume: true`` is written by quantize's writer itself, whose journal lets a rerun
+  reuse the shards a dead run finished. An output whose fingerprint (:mod:`qconvert.fingerprint`) matches is
+  skipped.
+
+Each output gives one report row; :func:`run_job` is the same code whether it runs here or as a Ray task.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import os
+import stat
 import string
 import threading
 import time
@@ -23,7 +39,7 @@ from qconvert import __version__
 from qconvert.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadInputError, QConvertError
 from qconvert.fanout import Cancelled, Output, write_outputs
 from qconvert.fingerprint import digest, input_files, is_up_to_date, read_fingerprint, write_fingerprint
-from qconvert.pipeline import QuantizeRequest, prepare_quantize, summarize
+from qconvert.pipeline import PreparedQuantize, QuantizeRequest, prepare_quantize, summarize
 from qconvert.writing import run_guard
 
 TOP_KEYS = ("defaults", "jobs")
@@ -157,22 +173,82 @@ def _expand(template: str, name: str, scheme: str) -> str:
     return template.format(name=name, scheme=scheme)
 
 
-def load_jobs(path: Path, options: dict[str, OptionSpec]) -> list[Job]:
-    """Read and validate the whole job file; every defect is one line naming the job and the key. ``options``: the
-    quantize command's options (:func:`option_specs`)."""
+MAX_JOB_FILE_BYTES = 1 << 20  # a job file is a few lines per job: anything near this is not one
+MAX_JOB_FILE_DEPTH = 16  # defaults/jobs, a job, a list value: a handful of levels is all a job file has
+
+
+def read_job_file(path: Path) -> object:
+    """The job file's YAML, read with limits: a regular file only (checked before opening: a FIFO or a device
+    would block or never end), at most :data:`MAX_JOB_FILE_BYTES`, nested at most :data:`MAX_JOB_FILE_DEPTH`
+    levels, and no aliases (``*name``: an alias bomb expands a few lines into gigabytes). Every refusal is
+    one line naming the file."""
     import yaml
 
+    from qconvert.safetensors_io import open_regular
+
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: cannot read the job file ({getattr(exc, 'strerror', None) or exc})") from exc
+        info = os.stat(path)
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read the job file ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadInputError(f"{path}: the job file is not a regular file")
+    if info.st_size > MAX_JOB_FILE_BYTES:
+        raise BadInputError(f"{path}: the job file is {info.st_size} bytes; at most {MAX_JOB_FILE_BYTES} are read")
+    with os.fdopen(open_regular(path), "rb") as f:  # a regular file checked again once open
+        try:
+            data = f.read(MAX_JOB_FILE_BYTES + 1)
+        except OSError as exc:
+            raise BadInputError(f"{path}: cannot read the job file ({exc.strerror or exc})") from None
+    if len(data) > MAX_JOB_FILE_BYTES:
+        raise BadInputError(f"{path}: the job file is over {MAX_JOB_FILE_BYTES} bytes")
     try:
-        data = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}: the job file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    loader = _job_loader()(text)
+    try:
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [""])[0]
         raise BadInputError(f"{path}: not valid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+@functools.cache
+def _job_loader() -> type:
+    import yaml
+
+    class JobLoader(yaml.SafeLoader):
+        """PyYAML's safe loader that refuses aliases and deep nesting while composing, before anything is
+        expanded or recursed into."""
+
+        depth = 0
+
+        def compose_node(self, parent: object, index: object) -> object:
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a job file",
+                                                  self.peek_event().start_mark)
+            self.depth += 1
+            try:
+                if self.depth > MAX_JOB_FILE_DEPTH:
+                    raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_JOB_FILE_DEPTH} levels",
+                                                      self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return JobLoader
+
+
+def load_jobs(path: Path, options: dict[str, OptionSpec], *, check_device: bool = True,
+              check_places: bool = True, dry_run: bool = False, report: Path | None = None) -> list[Job]:
+    """Read and validate the whole job file; every defect is one line naming the job and the key. ``options``: the
+    quantize command's options (:func:`option_specs`). Every option value is checked as ``quantize`` checks it;
+    with ``check_places``, so is every input and output place (:func:`check_places`), and ``report``."""
+    data = read_job_file(path)
     if not isinstance(data, dict):
         raise BadInputError(f"{path}: expected a mapping with 'jobs' (and optionally 'defaults')")
     for key in data:
@@ -195,7 +271,6 @@ def load_jobs(path: Path, options: dict[str, OptionSpec]) -> list[Job]:
         raise BadInputError(f"{path}: defaults, key 'schemes': give either scheme or schemes, not both")
 
     jobs: list[Job] = []
-    owners: dict[Path, str] = {}
     for index, entry in enumerate(entries):
         model = entry.get("model") if isinstance(entry, dict) else None
         label = f"jobs[{index}]" + (f" ({model})" if isinstance(model, str) else "")
@@ -207,22 +282,127 @@ def load_jobs(path: Path, options: dict[str, OptionSpec]) -> list[Job]:
         for key in job_keys:
             if key not in (*JOB_ONLY_KEYS, "schemes"):
                 _check_key(key, options, path, label)
-        job = _build_job(index, model, defaults, job_keys, options, path, label)
-        for output in job.outputs:
-            other = owners.get(output.target)
-            if other is not None:
-                raise BadInputError(f"{path}: {label}, key 'output': {output.target} is also written by {other}")
-            owners[output.target] = f"{label} scheme {output.scheme}"
-        jobs.append(job)
-    local_models = [(Path(job.model).expanduser(), job.label) for job in jobs]
-    inputs = {model.resolve(): label for model, label in local_models if model.exists()}
-    for job in jobs:
-        for output in job.outputs:
-            for source, owner in inputs.items():
-                if output.target == source or source in output.target.parents or output.target in source.parents:
-                    raise BadInputError(f"{path}: {job.label}, key 'output': {output.target} overlaps the input "
-                                        f"of {owner}")
+        jobs.append(_build_job(index, model, defaults, job_keys, options, path, label, check_device))
+    if check_places:
+        check_job_places(path, jobs, dry_run, report)
     return jobs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Places: every input and output of the file, and the report, compared by (device, inode) as quantize does
+
+
+Place = tuple[tuple[int, int], tuple[str, ...]]
+
+
+def place_of(path: Path) -> Place:
+    """Where ``path`` is, however it is spelled (a link, a bind mount): the (device, inode) of its deepest
+    existing folder (links followed), and the names below it that do not exist yet."""
+    path = Path(os.path.abspath(path))
+    missing: list[str] = []
+    while True:
+        try:
+            info = os.stat(path)
+            return (info.st_dev, info.st_ino), tuple(reversed(missing))
+        except OSError:
+            if path.parent == path:
+                return (0, 0), tuple(reversed(missing))
+            missing.append(path.name)
+            path = path.parent
+
+
+def _within(path: Path) -> set[Place]:
+    """The places of ``path`` and of every folder that holds it."""
+    path = Path(os.path.abspath(path))
+    return {place_of(p) for p in (path, *path.parents)}
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or inside it (by place, not by spelling)."""
+    return place_of(folder) in _within(path)
+
+
+def check_job_places(path: Path, jobs: list[Job], dry_run: bool, report: Path | None = None) -> None:
+    """Every place of the batch before any work: no job reads another's output (chains are refused: each job's
+    input must exist before the batch starts), no output is another's or inside it, none is (inside) an input or
+    holds one, each output can be written as ``quantize`` would write it, and the report is none of these."""
+    from qconvert.checkpoint import resolve_source
+    from qconvert.writing import check_output_location
+
+    outputs = [(job, output) for job in jobs for output in job.outputs]
+    for job in jobs:
+        if not _is_local(job.model):
+            continue
+        for other, output in outputs:
+            if other is not job and inside(Path(job.model).expanduser(), output.target):
+                raise BadInputError(f"{path}: {job.label}, key 'model': {job.model} is inside the output of "
+                                    f"{other.label} scheme {output.scheme} ({output.target}); a job cannot read "
+                                    "what another writes (chains are not supported: run them as two batch files, "
+                                    "one after the other)")
+    for position, (job, output) in enumerate(outputs):
+        for other, earlier in outputs[:position]:
+            if place_of(output.target) == place_of(earlier.target):
+                what = "is also written by"
+            elif inside(output.target, earlier.target):
+                what = "is inside the output of"
+            elif inside(earlier.target, output.target):
+                what = "holds the output of"
+            else:
+                continue
+            raise BadInputError(f"{path}: {job.label}, key 'output': {output.target} {what} {other.label} scheme "
+                                f"{earlier.scheme} ({earlier.target})")
+    sources: list[tuple[Job, Path]] = []
+    for job in jobs:
+        if _is_local(job.model):
+            try:
+                sources.append((job, resolve_source(job.model)))
+            except BadInputError as exc:
+                raise BadInputError(f"{path}: {job.label}, key 'model': {exc}") from None
+    for job, output in outputs:
+        for other, source in sources:
+            if inside(output.target, source) or inside(source, output.target):
+                raise BadInputError(f"{path}: {job.label}, key 'output': {output.target} overlaps the input of "
+                                    f"{other.label} ({source})")
+        if not dry_run:
+            own = next((s for j, s in sources if j is job), None)
+            if own is not None:
+                request = output.request
+                overwrite = request.overwrite or read_fingerprint(output.target) is not None
+                try:
+                    check_output_location(own, output.target, overwrite, lock=False)
+                except BadInputError as exc:
+                    raise BadInputError(f"{path}: {job.label}, key 'output': {exc}") from None
+    if report is not None:
+        check_report_place(report, path, [s for _, s in sources], [o.target for _, o in outputs])
+
+
+def _is_local(model: str) -> bool:
+    """A folder, not a hub id (what :func:`qconvert.checkpoint.resolve_source` reads as a path)."""
+    from qconvert.checkpoint import _HUB_ID
+
+    return Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or not _HUB_ID.match(model)
+
+
+def check_report_place(report: Path, jobs_file: Path, inputs: list[Path], outputs: list[Path]) -> None:
+    """``--report`` is an output like any other: never the job file, inside an input or inside an output (which
+    the output's rename would replace), and a file in a folder that is, or can be, made."""
+    for source in inputs:
+        if inside(report, source):
+            raise BadInputError(f"--report {report}: inside the input {source}; the input is never written")
+    for target in outputs:
+        if inside(report, target):
+            raise BadInputError(f"--report {report}: inside the output {target}")
+    if place_of(report) == place_of(jobs_file):
+        raise BadInputError(f"--report {report}: is the job file")
+    if os.path.lexists(report) and not stat.S_ISREG(os.stat(report).st_mode if os.path.exists(report) else 0):
+        raise BadInputError(f"--report {report}: exists and is not a regular file")
+    parent = Path(os.path.abspath(report)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInputError(f"--report {report}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"--report {report}: {parent} is not writable")
 
 
 def _check_key(key: str, options: dict[str, OptionSpec], path: Path, label: str) -> None:
@@ -234,7 +414,7 @@ def _check_key(key: str, options: dict[str, OptionSpec], path: Path, label: str)
 
 
 def _build_job(index: int, model: str, defaults: dict, job_keys: dict, options: dict[str, OptionSpec], path: Path,
-               label: str) -> Job:
+               label: str, check_device: bool = True) -> Job:
     def bad(key: str, message: str) -> BadInputError:
         origin = " (from defaults)" if key not in job_keys and key in defaults else ""
         return BadInputError(f"{path}: {label}, key {key!r}{origin}: {message}")
@@ -281,49 +461,30 @@ def _build_job(index: int, model: str, defaults: dict, job_keys: dict, options: 
         target = target.resolve() if target.is_absolute() else (Path.cwd() / target).resolve()
         if any(output.target == target for output in outputs):
             raise bad("output", f"every scheme would write {target}: put {{scheme}} in the output template")
-        request = build_request(model, scheme, target, values, bad, scheme_key)
+        request = build_request(model, scheme, target, values, bad, options, scheme_key, check_device)
         outputs.append(JobOutput(scheme, target, request, fingerprint_options(request)))
     return Job(index, model, outputs)
 
 
-def build_request(model: str, scheme: str, target: Path, values: dict,
-                  bad: Callable[[str, str], BadInputError], scheme_key: str = "scheme") -> QuantizeRequest:
-    """The :class:`QuantizeRequest` that ``qconvert quantize`` would build from these options, parsed by
-    the commands' own parsers (qconvert.options); a failure names the key it came from."""
-    from qconvert.options import fuse_patterns, parse_overrides
-    from qconvert.schemes import get_scheme
-    from qconvert.units import DEFAULT_FUSED_PATTERNS
-    from qconvert.writing import parse_size
+def build_request(model: str, scheme: str, target: Path, values: dict, bad: Callable[[str, str], BadInputError],
+                  options: dict[str, OptionSpec], scheme_key: str = "scheme",
+                  check_device: bool = True) -> QuantizeRequest:
+    """The :class:`QuantizeRequest` that ``qconvert quantize`` would build from these options: built by the same
+    function (:func:`qconvert.options.quantize_request`), every value checked; a refusal names the job's key."""
+    from qconvert.options import quantize_request
 
-    values = dict(values)
-    handled: dict = {}
+    key_of = {spec.param_name: spec.name for spec in options.values()}
+    params = {options[key].param_name: value for key, value in values.items()}
+    params.update(scheme=scheme, output=target, show_progress=False)
 
-    def step(key: str, convert: Callable[[], object]) -> object:
-        try:
-            return convert()
-        except BadInputError as exc:
-            raise bad(key, str(exc)) from None
+    def blame(param: str, exc: BadInputError) -> BadInputError:
+        key = scheme_key if param == "scheme" else key_of.get(param, param)
+        return bad(key, str(exc))
 
-    group_size = values.pop("group_size", None)
-    handled["scheme"] = step("group_size" if group_size is not None else scheme_key,
-                             lambda: get_scheme(scheme, group_size))
-    override, overrides_file = values.pop("override", None) or [], values.pop("overrides", None)
-    handled["overrides"] = step("override" if override else "overrides",
-                                lambda: parse_overrides(list(override), overrides_file))
-    fuse = values.pop("fuse", None)
-    handled["fused_patterns"] = step("fuse", lambda: fuse_patterns(fuse) if fuse else list(DEFAULT_FUSED_PATTERNS))
-    handled["max_shard_bytes"] = step("max_shard_size", lambda: parse_size(values.pop("max_shard_size", "5GB")))
-    request_fields = {f.name for f in dataclasses.fields(QuantizeRequest)}
-    for key, value in values.items():
-        if key not in request_fields or key in ("model", "output", "overrides", "scheme"):
-            raise bad(key, "this quantize option is not supported in batch jobs")
-        handled[key] = list(value) if isinstance(value, (list, tuple)) else value
-    request = QuantizeRequest(model=model, output=target, show_progress=False, **handled)  # type: ignore[arg-type]
-    from qconvert.format import LAYOUTS
-
-    if request.layout not in LAYOUTS:
-        raise bad("layout", f"{request.layout!r}: choose from {', '.join(LAYOUTS)}")
-    return request
+    try:
+        return quantize_request(model, params, check_device=check_device, blame=blame)
+    except TypeError as exc:  # an option of quantize that a job cannot carry (the builder does not know it)
+        raise bad(next(iter(values), "?"), f"this quantize option is not supported in batch jobs ({exc})") from None
 
 
 def fingerprint_options(request: QuantizeRequest) -> dict:
@@ -375,6 +536,21 @@ class _Pending:
     output: JobOutput
     key: str
     notes: list[str] = field(default_factory=list)
+    prepared: PreparedQuantize | None = None
+
+
+@dataclass
+class Planned:
+    """One job planned: the rows decided already (skipped, failed while planning), and the outputs to write."""
+
+    job: Job
+    rows: dict[str, dict]
+    pending: list[_Pending]
+    started: float
+
+    @property
+    def failed(self) -> bool:
+        return any(r["status"] == Status.FAILED.value for r in self.rows.values())
 
 
 def run_job(job: Job, settings: Settings, advance: Callable[[int], None] | None = None,
@@ -385,11 +561,14 @@ def run_job(job: Job, settings: Settings, advance: Callable[[int], None] | None 
     (taken when each output is planned) are held for the job and released when it ends.
     """
     with run_guard():
-        return _run_job(job, settings, advance, cancel)
+        planned = plan_job(job, settings)
+        check_space([planned])
+        return write_job(planned, settings, advance, cancel)
 
 
-def _run_job(job: Job, settings: Settings, advance: Callable[[int], None] | None,
-             cancel: threading.Event | None) -> list[dict]:
+def plan_job(job: Job, settings: Settings) -> Planned:
+    """Each output of the job through :func:`qconvert.pipeline.prepare_quantize`, the code ``quantize`` runs before
+    its first write (reader, strict checks, output place and lock, stray names, files to copy, free space)."""
     from qconvert.checkpoint import resolve_source
 
     started = time.perf_counter()
@@ -400,31 +579,47 @@ def _run_job(job: Job, settings: Settings, advance: Callable[[int], None] | None
         files = input_files(source)
     except Exception as exc:
         message, code = describe(exc)
-        return [row(job, o, Status.FAILED, exit_code=code, error=message, seconds=time.perf_counter() - started)
-                for o in job.outputs]
+        return Planned(job, {o.scheme: row(job, o, Status.FAILED, exit_code=code, error=message,
+                                           seconds=time.perf_counter() - started) for o in job.outputs}, [], started)
     for output in job.outputs:
         key = digest(files, output.options, __version__)
         if not settings.force and is_up_to_date(output.target, key):
             rows[output.scheme] = row(job, output, Status.SKIPPED, reason="up to date")
         else:
             pending.append(_Pending(output, key))
-
-    prepared = []
     for item in pending:
         request = item.output.request
         # An output that batch wrote before (it holds a fingerprint) is ours to replace; a folder it did not
-        # write is replaced only with the job's own `overwrite: true`, as with quantize.
+        # write is replaced only with the job's own `overwrite: true`, as with quantize (and --resume, which
+        # adopts what a dead run of this output left).
         ours = read_fingerprint(item.output.target) is not None
         request = replace(request, overwrite=request.overwrite or ours, dry_run=settings.dry_run)
         try:
-            prepared.append((item, prepare_quantize(request, item.notes.append)))
+            item.prepared = prepare_quantize(request, item.notes.append)
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as exc:
             message, code = describe(exc)
             rows[item.output.scheme] = row(job, item.output, Status.FAILED, exit_code=code, error=message,
                                            seconds=time.perf_counter() - started, notes=item.notes)
+    return Planned(job, rows, [item for item in pending if item.prepared is not None], started)
 
+
+def check_space(planned: list[Planned]) -> None:
+    """Free space for every output of the batch at once, before any is written (each output alone was checked
+    by prepare_quantize)."""
+    from qconvert.preflight import check_space_for
+
+    check_space_for([(item.output.target, item.prepared.needed_bytes) for plan in planned for item in plan.pending
+                     if item.prepared is not None and not item.output.request.dry_run])
+
+
+def write_job(planned: Planned, settings: Settings, advance: Callable[[int], None] | None = None,
+              cancel: threading.Event | None = None) -> list[dict]:
+    """Write a planned job's outputs: several from one read (:mod:`qconvert.fanout`); an output with ``resume``
+    through :func:`qconvert.pipeline.write_checkpoint` (quantize's writer, whose journal --resume reads)."""
+    job, rows, started = planned.job, dict(planned.rows), planned.started
+    prepared = [(item, item.prepared) for item in planned.pending if item.prepared is not None]
     if settings.dry_run:
         for item, plan in prepared:
             summary = summarize(plan.checkpoint, plan.units, plan.target, [], 0.0, plan=plan.plan, dry_run=True,
@@ -435,33 +630,65 @@ def _run_job(job: Job, settings: Settings, advance: Callable[[int], None] | None
                 action="build", **_summary_extras(summary), notes=item.notes)
         return [rows[o.scheme] for o in job.outputs]
 
+    fanned = [(item, plan) for item, plan in prepared if not item.output.request.resume]
     outputs = []
-    for item, plan in prepared:
-        def finish(folder: Path, item: _Pending = item) -> None:
-            write_fingerprint(folder, item.key, job.model, item.output.options, __version__)
-
+    for item, plan in fanned:
         outputs.append(Output(plan.checkpoint, plan.units, plan.target, plan.config,
-                              item.output.request.max_shard_bytes, finish))
+                              item.output.request.max_shard_bytes, _finisher(job, item)))
     job_notes: list[str] = []
     read_bytes = write_outputs(outputs, job_notes.append, advance, cancel) if outputs else 0
+    results: list[tuple[_Pending, PreparedQuantize, list[str], int, BaseException | None]] = [
+        (item, plan, output.shards, output.bytes_in, output.error)
+        for (item, plan), output in zip(fanned, outputs, strict=True)]
+    for item, plan in prepared:
+        if item.output.request.resume:
+            results.append((item, plan, *_write_resumable(job, item, plan, advance)))
     elapsed = time.perf_counter() - started
-    for (item, plan), output in zip(prepared, outputs, strict=True):
+    for item, plan, shards, bytes_in, error in results:
         notes = item.notes + job_notes
-        if output.error is not None:
-            message, code = describe(output.error)
+        if error is not None:
+            message, code = describe(error)
             rows[item.output.scheme] = row(job, item.output, Status.FAILED, exit_code=code, error=message,
                                            seconds=elapsed, notes=notes)
             continue
-        summary = summarize(plan.checkpoint, plan.units, plan.target, output.shards, elapsed, plan=plan.plan,
+        summary = summarize(plan.checkpoint, plan.units, plan.target, shards, elapsed, plan=plan.plan,
                             **plan.summary_extra)
         rows[item.output.scheme] = row(
-            job, item.output, Status.OK, seconds=elapsed, bytes_in=output.bytes_in,
+            job, item.output, Status.OK, seconds=elapsed, bytes_in=bytes_in,
             bytes_out=folder_bytes(item.output.target), **_summary_extras(summary), notes=notes)
     if len(outputs) > 1:  # what the one read saved: the bytes this job read, for all its outputs together
-        for item, _ in prepared:
+        for item, _ in fanned:
             if rows[item.output.scheme]["status"] == Status.OK.value:
                 rows[item.output.scheme]["job_bytes_read"] = read_bytes
     return [rows[o.scheme] for o in job.outputs]
+
+
+def _finisher(job: Job, item: _Pending) -> Callable[[Path], None]:
+    def finish(folder: Path) -> None:
+        write_fingerprint(folder, item.key, job.model, item.output.options, __version__)
+
+    return finish
+
+
+def _write_resumable(job: Job, item: _Pending, plan: PreparedQuantize, advance: Callable[[int], None] | None
+                     ) -> tuple[list[str], int, BaseException | None]:
+    from qconvert.pipeline import write_checkpoint
+    from qconvert.preflight import job_options
+
+    request = item.output.request
+    bytes_in = sum(unit.input_bytes for unit in plan.units) + sum(
+        (plan.checkpoint.root / rel).stat().st_size for rel in plan.checkpoint.other_files)
+    try:
+        shards = write_checkpoint(plan.checkpoint, plan.units, plan.target, plan.config, request.max_shard_bytes,
+                                  False, item.notes.append, resume=True, options=job_options(request),
+                                  settings=plan.settings, finish=_finisher(job, item))
+    except (KeyboardInterrupt, Cancelled):
+        raise
+    except Exception as exc:
+        return [], bytes_in, exc
+    if advance is not None:
+        advance(bytes_in)
+    return shards, bytes_in, None
 
 
 def _summary_extras(summary: dict) -> dict:
@@ -510,39 +737,92 @@ def summary_line(rows: list[dict], jobs: int, seconds: float, dry_run: bool) -> 
 
 def run_local(jobs: list[Job], settings: Settings, concurrency: int, on_rows: Callable[[list[dict]], None],
               advance: Callable[[int], None] | None = None) -> None:
-    """Run the jobs on this machine, ``concurrency`` at a time (threads: the work is in torch and in
-    system calls, which release the GIL). With ``fail_fast``, no job starts after a failure; running
-    ones finish. An interrupt stops every job, which removes its temporary folders, and is re-raised."""
+    """Run the jobs on this machine: every job planned first (each output through quantize's checks), the free
+    space for all outputs checked at once, then the writes, ``concurrency`` jobs at a time (threads: the work is
+    in torch and in system calls, which release the GIL). With ``fail_fast``, no job starts after a failure;
+    running ones finish. An interrupt stops every job, which removes its temporary folders, and is re-raised."""
+    with run_guard():  # every output's lock, taken while planning, held until the batch ends
+        planned: list[Planned] = []
+        for job in jobs:
+            planned.append(plan_job(job, settings))
+            if stops_the_rest(list(planned[-1].rows.values()), settings):
+                break
+        check_space(planned)
+        _write_all(planned, jobs[len(planned):], settings, concurrency, on_rows, advance)
+
+
+def _write_all(planned: list[Planned], not_planned: list[Job], settings: Settings, concurrency: int,
+               on_rows: Callable[[list[dict]], None], advance: Callable[[int], None] | None) -> None:
     if concurrency <= 1:
         # In this thread: large tensors allocated off the main thread come from fresh mmaps every time
         # (glibc's per-thread arenas), which measured ~1.7x the CPU time of a single run.
-        for position, job in enumerate(jobs):
-            rows = run_job(job, settings, advance)
+        for position, plan in enumerate(planned):
+            rows = write_job(plan, settings, advance)
             on_rows(rows)
             if stops_the_rest(rows, settings):
-                report_not_started(jobs[position + 1:], on_rows)
+                report_not_started([p.job for p in planned[position + 1:]] + not_planned, on_rows)
                 return
+        report_not_started(not_planned, on_rows)
         return
     cancel = threading.Event()
     stop = False
-    queue = list(jobs)
-    running: dict[Future, Job] = {}
+    queue = list(planned)
+    running: dict[Future, Planned] = {}
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="qconvert-job") as pool:
         try:
             while queue or running:
                 while queue and not stop and len(running) < max(1, concurrency):
-                    job = queue.pop(0)
-                    running[pool.submit(run_job, job, settings, advance, cancel)] = job
+                    plan = queue.pop(0)
+                    running[pool.submit(write_job, plan, settings, advance, cancel)] = plan
                 if stop and not running:
                     break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    job = running.pop(future)
+                    running.pop(future)
                     rows = future.result()
                     on_rows(rows)
                     stop = stop or stops_the_rest(rows, settings)
-            report_not_started(queue, on_rows)
+            report_not_started([p.job for p in queue] + not_planned, on_rows)
         except BaseException:
             cancel.set()  # running jobs stop at their next tensor and remove their temporary folders
             wait(running)
             raise
+
+
+class Report:
+    """``--report``: JSON lines written to a temporary file beside the report and renamed onto it at the end,
+    so the report is complete or absent; a failure to write it is one line (exit 2), and never leaves the
+    temporary file behind."""
+
+    def __init__(self, path: Path):
+        self.path = Path(os.path.abspath(path))
+        self.temp = self.path.parent / f".{self.path.name[:100]}.qconvert-{os.getpid()}.tmp"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.temp, "x")  # noqa: SIM115 - closed by commit or abandon
+        except OSError as exc:
+            raise BadInputError(f"--report {path}: cannot write the report ({exc.strerror or exc})") from None
+
+    def write(self, line: str) -> None:
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise BadInputError(f"--report {self.path}: cannot write the report ({exc.strerror or exc})") from None
+
+    def commit(self) -> None:
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.temp, self.path)
+        except OSError as exc:
+            raise BadInputError(f"--report {self.path}: cannot write the report ({exc.strerror or exc})") from None
+
+    def abandon(self) -> None:
+        """Remove the temporary file when the report was not committed (a no-op after :meth:`commit`)."""
+        if not self._file.closed:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        with contextlib.suppress(OSError):
+            self.temp.unlink()

@@ -133,36 +133,16 @@ def quantize(
     workers: WorkersOpt = None,
 ) -> None:
     """Quantize a checkpoint into a new compressed-tensors checkpoint."""
-    from qconvert.options import fuse_patterns, parse_overrides
-    from qconvert.pipeline import QuantizeRequest
+    from qconvert.options import quantize_request
     from qconvert.pipeline import quantize as run
-    from qconvert.schemes import get_scheme
-    from qconvert.writing import parse_size
 
-    request = QuantizeRequest(
-        model=model,
-        scheme=get_scheme(scheme, group_size),
-        output=output,
-        ignore=list(ignore or []),
-        targets=list(targets or []),
-        overrides=parse_overrides(list(override or []), overrides_file),  # type: ignore[arg-type]
-        fused_patterns=fuse_patterns(fuse) if fuse else None,
-        layout=layout,
-        max_shard_bytes=parse_size(max_shard_size),
-        overwrite=overwrite,
-        revision=revision,
-        dry_run=dry_run,
-        allow_requantize=allow_requantize,
-        fnuz=fnuz,
-        force_layout=force_layout,
-        show_progress=not quiet and not as_json,
-        resume=resume,
-        include_vision=include_vision,
-        keep_fused_experts=keep_fused_experts,
-        min_coverage=min_coverage,
-        device=device,
-        workers=workers,
-    )
+    # built by the code that builds every batch job's request too (qconvert.options)
+    request = quantize_request(model, dict(
+        scheme=scheme, output=output, group_size=group_size, ignore=ignore, targets=targets, override=override,
+        overrides_file=overrides_file, layout=layout, fuse=fuse, max_shard_size=max_shard_size, overwrite=overwrite,
+        revision=revision, dry_run=dry_run, allow_requantize=allow_requantize, fnuz=fnuz, force_layout=force_layout,
+        show_progress=not quiet and not as_json, resume=resume, include_vision=include_vision,
+        keep_fused_experts=keep_fused_experts, min_coverage=min_coverage, device=device, workers=workers))
 
     def notice(message: str) -> None:
         if not quiet:
@@ -570,23 +550,24 @@ def batch(
 
     from tqdm import tqdm
 
-    from qconvert.batch import Settings, load_jobs, run_local, summary_line
+    from qconvert.batch import Report, Settings, load_jobs, run_local, summary_line
     from qconvert.batch import exit_code as batch_exit_code
 
     started = time.perf_counter()
-    job_list = load_jobs(jobs_file, quantize_option_specs())
+    job_list = load_jobs(jobs_file, quantize_option_specs(), check_device=ray is None, dry_run=dry_run,
+                         report=report)
     settings = Settings(force=force, dry_run=dry_run, fail_fast=fail_fast)
     total = sum(len(job.outputs) for job in job_list)
     terminal = sys.stderr.isatty() and not quiet
-    bar = tqdm(total=total, unit="output", desc="batch", disable=not terminal, dynamic_ncols=True, leave=False)
     rows: list[dict] = []
-    sink = report.open("w") if report is not None else None
+    # an output like any other: written beside its place and renamed there at the end (qconvert.batch.Report)
+    sink = Report(report) if report is not None else None
+    bar = tqdm(total=total, unit="output", desc="batch", disable=not terminal, dynamic_ncols=True, leave=False)
 
     def emit(line: dict) -> None:
         text = json.dumps(line)
         if sink is not None:
-            sink.write(text + "\n")
-            sink.flush()
+            sink.write(text)
         if as_json:
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
@@ -598,11 +579,11 @@ def batch(
             bar.update()
             what = f"{line['status']:<7} {line['output']}"
             if line["status"] == "failed" and not quiet:
-                tqdm.write(f"error: {line['model']} {line['scheme']}: {line['error']}", file=sys.stderr)
+                tqdm.write(one_line(f"error: {line['model']} {line['scheme']}: {line['error']}"), file=sys.stderr)
             elif terminal:
                 detail = line.get("reason") or (f"{line['seconds']:.1f} s, {_human_bytes(line['bytes_in'])} -> "
                                                 f"{_human_bytes(line['bytes_out'])}")
-                tqdm.write(f"{what}  ({detail})", file=sys.stderr)
+                tqdm.write(one_line(f"{what}  ({detail})"), file=sys.stderr)
 
     try:
         if ray is not None:
@@ -613,10 +594,12 @@ def batch(
             run_local(job_list, settings, jobs or 1, on_rows)
         summary = summary_line(rows, len(job_list), time.perf_counter() - started, dry_run)
         emit(summary)
+        if sink is not None:
+            sink.commit()
     finally:
         bar.close()
         if sink is not None:
-            sink.close()
+            sink.abandon()
     counts = summary["summary"]
     if not as_json:
         out.print(f"batch: {counts['outputs']} outputs: {counts['ok']} ok, {counts['skipped']} skipped, "

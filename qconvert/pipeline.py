@@ -20,13 +20,21 @@ from qconvert import __version__
 from qconvert.architectures import facts_from_config
 from qconvert.checkpoint import Checkpoint, open_checkpoint, require_utf8_name, resolve_source
 from qconvert.conversions import OPS, ConvertOp, plan_conversion
-from qconvert.engine import ExecutionSettings, execute, execution_settings, report_stage, warm_up
+from qconvert.engine import (
+    ExecutionSettings,
+    execute,
+    execution_settings,
+    report_stage,
+    resolve_device,
+    warm_up,
+)
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.formats import Layout, NumberType
 from qconvert.numerics import require_finite_part
-from qconvert.planning import Plan, check_coverage, make_plan, module_of
+from qconvert.planning import Plan, check_coverage, compile_patterns, make_plan, module_of
 from qconvert.preflight import (
+    check_output_plan,
     check_plan,
     finish_shard,
     job_fingerprint,
@@ -106,6 +114,7 @@ class PreparedQuantize:
     started: float
     summary_extra: dict = field(default_factory=dict)  # what the summary adds (serves_in)
     settings: ExecutionSettings | None = None  # where and with how many workers to execute
+    needed_bytes: int = 0  # what the output takes on disk (batch checks the free space for all outputs at once)
 
 
 def quantize(request: QuantizeRequest, notice: Notice) -> dict:
@@ -129,11 +138,48 @@ def _quantize(request: QuantizeRequest, notice: Notice) -> dict:
                      **prepared.summary_extra)
 
 
+def check_request(request: QuantizeRequest, *, check_device: bool = True,
+                  blame: Callable[[str, BadInputError], Exception] | None = None) -> None:
+    """Every value of a request that can be checked without reading the model (``batch`` checks all its jobs
+    with it before any work). ``blame(param, error)``: see :func:`qconvert.options.quantize_request`;
+    ``check_device=False`` checks the device's spelling, not that this machine has it."""
+
+    def step(param: str, check: Callable[[], object]) -> None:
+        try:
+            check()
+        except BadInputError as exc:
+            if blame is None:
+                raise
+            raise blame(param, exc) from None
+
+    def layout() -> None:
+        if request.layout not in LAYOUTS:
+            raise BadInputError(f"--layout {request.layout!r}: choose from {', '.join(LAYOUTS)}")
+
+    def device() -> None:
+        name = str(request.device or "auto").strip().lower()
+        if check_device or not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+            resolve_device(request.device)
+
+    def coverage() -> None:
+        minimum = request.min_coverage
+        if minimum is not None and not 0 <= minimum <= 1:
+            raise BadInputError(f"--min-coverage {minimum}: must be a fraction between 0 and 1")
+
+    step("layout", layout)
+    step("workers", lambda: execution_settings("cpu", request.workers))
+    step("device", device)
+    step("min_coverage", coverage)
+    step("ignore", lambda: compile_patterns(request.ignore, "--ignore"))
+    step("targets", lambda: compile_patterns(request.targets, "--targets"))
+    step("override", lambda: compile_patterns([pattern for pattern, _ in request.overrides], "--override"))
+
+
 def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuantize:
-    """Everything of a quantize run before its first write: source, output check, plan, config, units."""
+    """Everything of a quantize run before its first write: source, output check, plan, config, units, and
+    every check of the output that needs no write (stray names, files to copy, free space)."""
     started = time.perf_counter()
-    if request.layout not in LAYOUTS:
-        raise BadInputError(f"--layout {request.layout!r}: choose from {', '.join(LAYOUTS)}")
+    check_request(request)
     request = replace(request, layout=Layout(request.layout))
     source = resolve_source(request.model, request.revision)
     target = (request.output or default_output(request.model, source, request.scheme.name)).expanduser()
@@ -196,8 +242,13 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
             units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize, casts)
     if request.fnuz:
         units = apply_fnuz(units)
+    # what write_checkpoint checks again before writing: here too, so that a dry run and each output of a
+    # batch are refused (a stray weight_scale, a file that would collide, no room) before any job writes
+    layout = layout_shards([unit.outputs for unit in units], request.max_shard_bytes)
+    needed = check_output_plan(checkpoint, units, target, layout, checkpoint.other_files, space=not request.dry_run)
     serving = [s.to_json() for s in serves_in(kinds, family, misaligned is not None)]
-    return PreparedQuantize(checkpoint, target, plan, config, units, started, {"serves_in": serving}, settings)
+    return PreparedQuantize(checkpoint, target, plan, config, units, started, {"serves_in": serving}, settings,
+                            needed)
 
 
 def _block_misaligned(plan: Plan, view: dict[str, TensorInfo], layout: str) -> tuple[str, tuple[int, ...]] | None:
@@ -338,8 +389,10 @@ def describe_stored(stored: dict[str, StoredLayer]) -> str:
 
 def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, quant_config: dict | None,
                      max_shard_bytes: int, show_progress: bool, notice: Notice, *, resume: bool = False,
-                     options: dict | None = None, settings: ExecutionSettings | None = None) -> list[str]:
-    """Execute ``units`` into a new checkpoint folder at ``target``, atomically.
+                     options: dict | None = None, settings: ExecutionSettings | None = None,
+                     finish: Callable[[Path], None] | None = None) -> list[str]:
+    """Execute ``units`` into a new checkpoint folder at ``target``, atomically. ``finish`` is called on the
+    complete temporary folder before it is renamed into place (batch records its fingerprint there).
 
     With ``resume``, the finished shards of a dead run of the same job (same input, options and layout)
     are kept, checked against their journaled sha256, and only the other shards are computed again."""
@@ -386,6 +439,8 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
             (out.path / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(checkpoint.root / rel, out.path / rel)  # follows hub-cache symlinks to the blobs
             bar.advance((checkpoint.root / rel).stat().st_size, tensors=0)
+        if finish is not None:
+            finish(out.path)
         out.commit()
     return names
 

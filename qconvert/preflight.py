@@ -55,6 +55,13 @@ def preflight_output(checkpoint: Checkpoint, units: list[Unit], target: Path, la
                f"{checkpoint.unlisted[0]}); transformers loads them, so they are written and indexed")
     for line in checkpoint.skipped_files:
         notice(line)
+    check_output_plan(checkpoint, units, target, layout, other_files)
+
+
+def check_output_plan(checkpoint: Checkpoint, units: list[Unit], target: Path, layout: list[list[TensorSpec]],
+                      other_files: list[Path], space: bool = True) -> int:
+    """The output's tensor names (no stray tensor under a name quantization writes), the files to copy
+    (readable, no collision) and, with ``space``, the free space; returns the bytes the output takes."""
     _check_names(units)
     planned = {Path(INDEX_NAME), Path(CONFIG_NAME)}
     for rel in other_files:
@@ -63,7 +70,31 @@ def preflight_output(checkpoint: Checkpoint, units: list[Unit], target: Path, la
         os.close(open_regular(checkpoint.root / rel))  # unreadable: refuse now, not after the work
     needed = sum(spec.nbytes for specs in layout for spec in specs)
     needed += sum((checkpoint.root / rel).stat().st_size for rel in other_files)
-    _check_space(target, needed)
+    if space:
+        _check_space(target, needed)
+    return needed
+
+
+def check_space_for(outputs: list[tuple[Path, int]]) -> None:
+    """Free space for several outputs written in one run (``batch``): the bytes of all outputs that land on
+    one file system against its free space, before any of them is written."""
+    by_device: dict[int, list[tuple[Path, int]]] = {}
+    for target, needed in outputs:
+        by_device.setdefault(_device_of(target), []).append((target, needed))
+    for group in by_device.values():
+        if len(group) > 1:
+            total = sum(needed for _, needed in group)
+            _check_space(group[0][0], total, f" (with {len(group) - 1} other outputs of this batch on it)")
+
+
+def _device_of(target: Path) -> int:
+    place = Path(os.path.abspath(target)).parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        return place.stat().st_dev
+    except OSError:
+        return -1
 
 
 def _check_names(units: list[Unit]) -> None:
@@ -81,7 +112,7 @@ def _check_names(units: list[Unit]) -> None:
     )
 
 
-def _check_space(target: Path, needed: int) -> None:
+def _check_space(target: Path, needed: int, others: str = "") -> None:
     place = Path(os.path.abspath(target)).parent
     while not place.exists() and place != place.parent:
         place = place.parent
@@ -92,7 +123,7 @@ def _check_space(target: Path, needed: int) -> None:
     margin = 1 << 20  # config, index and file-system overhead
     if needed + margin > free:
         raise BadInputError(
-            f"{target}: the output needs {_human(needed)} but {place} has only {_human(free)} free"
+            f"{target}: the output needs {_human(needed)}{others} but {place} has only {_human(free)} free"
         )
 
 

@@ -39,8 +39,8 @@ def _with_ancestors(path: Path) -> list[Path]:
     return [path, *path.parents]
 
 
-def check_output_location(source: Path, target: Path, overwrite: bool) -> None:
-    """Refuse outputs that would touch the input or silently replace existing work, and take the
+def check_output_location(source: Path, target: Path, overwrite: bool, lock: bool = True) -> None:
+    """Refuse outputs that would touch the input or silently replace existing work, and (``lock``) take the
     target's lock (released when the surrounding :func:`run_guard` ends).
 
     Places are compared by (device, inode), not by path: a bind mount, a link or another spelling on a
@@ -71,7 +71,8 @@ def check_output_location(source: Path, target: Path, overwrite: bool) -> None:
                 if _identity(Path(folder) / name) in source_ids and not (Path(folder) / name).is_symlink():
                     raise BadInputError(f"{target}: --overwrite would remove {Path(folder) / name}, which is "
                                         f"the input {source} or holds it")
-    _current_guard().hold(TargetLock(target))
+    if lock:
+        _current_guard().hold(TargetLock(target))
 
 
 def _name_max(folder: Path) -> int:
