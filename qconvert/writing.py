@@ -701,6 +701,9 @@ class OutputFolder:
                 self._commit_in_place()
             else:
                 self._commit_beside()
+        except OSError as exc:  # every move was undone: say so in one line
+            raise QConvertError(f"{self.target}: could not move the output into place ({exc.strerror or exc}); "
+                                "it was left as it was") from exc
         finally:
             if blocked:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
