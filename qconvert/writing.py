@@ -722,7 +722,8 @@ class OutputFolder:
             try:
                 # The retired output carries the lock: if this run dies before removing it, the next one
                 # knows it is dead.
-                os.rename(lock, self._retired / OWNER_LOCK)
+                with suppress(FileNotFoundError):
+                    os.rename(lock, self._retired / OWNER_LOCK)
                 self.path.rename(self.target)
             except BaseException:
                 with suppress(OSError):
@@ -752,7 +753,8 @@ class OutputFolder:
         try:
             if old:
                 self._retired.mkdir()
-                os.rename(lock, self._retired / OWNER_LOCK)
+                with suppress(FileNotFoundError):
+                    os.rename(lock, self._retired / OWNER_LOCK)
                 for name in old:
                     os.rename(self.target / name, self._retired / name)
                     moved_old.append(name)
@@ -775,9 +777,7 @@ class OutputFolder:
         _OUTCOME.append(f"the output was already complete at {self.target}" if not old else
                         f"the new output is complete at {self.target}, but the old one was being removed: "
                         f"delete {self._retired} yourself")
-        with suppress(FileNotFoundError):
-            lock.unlink()
-        os.rmdir(self.path)
+        shutil.rmtree(self.path, ignore_errors=True)  # empty but for the lock file (its flock held till release)
 
 
 def check_shard(path: Path, names: set[str]) -> None:
