@@ -8,6 +8,7 @@ target; the input's bytes unchanged; on success, the output's bytes equal a fres
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -15,6 +16,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -323,8 +326,6 @@ def test_resume_rewrites_what_the_journal_does_not_prove(model: Path, fresh: dic
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 def test_resume_refuses_a_mount_inside_the_partial(model: Path, template: Path, tmp_path: Path) -> None:
-    import subprocess
-
     partial = dead_partial(template, tmp_path)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(partial / "extra")], check=True)
     try:
@@ -781,3 +782,51 @@ def test_holding_the_lock_file_alone_counts_as_live(model: Path, template: Path,
     finally:
         _kill(pid)
         os.close(read_fd)
+
+
+# ---------------------------------------------------------------- the real thing: PID namespaces, SIGKILL
+
+
+def _in_namespace(*args: str | Path) -> subprocess.Popen:
+    """``python -m qconvert ARGS`` as PID 1 of a new PID namespace that still sees the host's /proc
+    (no --mount-proc): its /proc-derived token is the host's PID 1's, the same for every such run."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("QCONVERT_DEBUG", None)
+    return subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-m", "qconvert", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="PID namespaces need root")
+def test_sigkill_in_a_pid_namespace_then_a_rerun_in_another(tmp_path: Path) -> None:
+    from tests.conftest import build_linear_shards
+
+    model = build_linear_shards(tmp_path / "model", 1024)
+    (model / "README.md").write_text("readme\n")
+    args = ("--scheme", "rtn8", "--max-shard-size", "1MB")
+    reference = tmp_path / "reference"
+    assert run_cli("quantize", model, "-o", reference, *args).code == 0
+    before = tree_digest(model)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    proc = _in_namespace("quantize", model, "-o", out, *args)
+    deadline = time.monotonic() + 120
+    partial = None
+    while partial is None:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        for journal in work.glob(f".out.qconvert-*.partial/{writing.JOURNAL_NAME}"):
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(journal.read_text())["shards"]:
+                    partial = journal.parent
+        time.sleep(0.005)
+    [child] = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()  # PID 1 inside
+    os.kill(int(child), signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert partial.is_dir() and writing.Owner.parse(partial.name.split("qconvert-", 1)[1][:-8]).pid == 1
+    rerun = _in_namespace("quantize", model, "-o", out, *args, "--resume")
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert "reusing" in stderr
+    assert tree_digest(out) == tree_digest(reference) and tree_digest(model) == before
+    assert sorted(os.listdir(work)) == ["out"]
