@@ -708,10 +708,10 @@ def test_convert_resume_refuses_a_fifo_journal(quantized: Path, tmp_path: Path,
                    input_dir=quantized, before_input=before_input, place=tmp_path, before_place=before_place)
 
 
-def _batch(tmp_path: Path, model: Path, output: Path) -> CliResult:
+def _batch(tmp_path: Path, model: Path, output: Path, quiet: bool = True) -> CliResult:
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text(f"jobs:\n  - model: {model}\n    scheme: rtn8\n    output: {output}\n    max-shard-size: 100KB\n")
-    return run_cli("batch", jobs, "-q")
+    return run_cli("batch", jobs, *(["-q"] if quiet else []))
 
 
 def test_batch_into_an_empty_mount_point(model: Path, fresh: dict[str, str], tmp_path: Path,
@@ -743,9 +743,10 @@ def test_batch_failing_output_removes_its_parents_and_leaves_nothing(model: Path
     (tmp_path / "place").mkdir()
     before_input, before_place = tree_digest(model), snapshot(tmp_path / "place")
     monkeypatch.setattr(fanout, "_run_unit", crash)
-    result = _batch(tmp_path, model, tmp_path / "place" / "new" / "out")
-    assert fired and result.code != 0
-    assert tree_digest(model) == before_input and snapshot(tmp_path / "place") == before_place
+    result = _batch(tmp_path, model, tmp_path / "place" / "new" / "out", quiet=False)
+    assert fired
+    assert_refused(result, 1, "Input/output error", input_dir=model, before_input=before_input,
+                   place=tmp_path / "place", before_place=before_place)
 
 
 def test_batch_refuses_while_a_live_run_holds_the_partial(model: Path, tmp_path: Path) -> None:
@@ -753,11 +754,11 @@ def test_batch_refuses_while_a_live_run_holds_the_partial(model: Path, tmp_path:
     (tmp_path / "place").mkdir()
     pid, read_fd = _fork(_child_run(out, None, model))
     try:
-        _read_line(read_fd)
-        before_place = snapshot(tmp_path / "place")
-        result = _batch(tmp_path, model, out)
-        assert result.code == 2, result.stderr
-        assert snapshot(tmp_path / "place") == before_place
+        partial = _read_line(read_fd)
+        before_input, before_place = tree_digest(model), snapshot(tmp_path / "place")
+        line = assert_refused(_batch(tmp_path, model, out, quiet=False), 2, "another qconvert run", input_dir=model,
+                              before_input=before_input, place=tmp_path / "place", before_place=before_place)
+        assert partial in line
     finally:
         _kill(pid)
         os.close(read_fd)
