@@ -239,6 +239,8 @@ class TargetLock:
         for folder in created:
             try:
                 os.rmdir(folder)
+            except FileNotFoundError:
+                continue  # never made (mkdir failed below it) or already gone
             except OSError:
                 break
 
