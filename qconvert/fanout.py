@@ -356,5 +356,5 @@ def _abandon(output: Output) -> None:
     for shard in output._shard_files:
         shard.abort()
     if output._folder is not None:
-        shutil.rmtree(output._folder.path, ignore_errors=True)
+        output._folder.abandon()
         output._folder = None

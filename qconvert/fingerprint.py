@@ -45,7 +45,8 @@ def digest(files: list[list[object]], options: dict, version: str) -> str:
 
 
 # qconvert's own bookkeeping in an output folder: not part of what the output is.
-_BOOKKEEPING = (FINGERPRINT_NAME, ".qconvert-journal.json")  # the latter: --resume's journal, gone after the rename
+# The others: --resume's journal and the run's lock file in its partial folder, gone after the rename.
+_BOOKKEEPING = (FINGERPRINT_NAME, ".qconvert-journal.json", ".qconvert-owner.lock")
 
 
 def output_files(folder: Path) -> list[list[object]]:

@@ -7,7 +7,6 @@ before any data is written, so tensors land at their final offsets as soon as th
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -58,6 +57,7 @@ from qconvert.serving import (
 from qconvert.sources import StoredLayer, logical_view, rebuild_weight, stored_experts, stored_layers
 from qconvert.units import ExactCasts, Unit, apply_fnuz, exact_casts, quantize_units, shared_tensor_scales
 from qconvert.writing import (
+    INDEX_NAME,
     OutputFolder,
     check_output_location,
     layout_shards,
@@ -406,7 +406,10 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
     copy_bytes = sum((checkpoint.root / rel).stat().st_size for rel in other_files)
     total = sum(unit.input_bytes for unit in units) + copy_bytes
 
-    with OutputFolder(target, fingerprint, resume, notice) as out, Progress(total, len(units), show_progress) as bar:
+    planned = [*names, "config.json", *([INDEX_NAME] if len(layout) > 1 else []),
+               *(rel.as_posix() for rel in other_files)]  # every file it writes: --resume removes any other
+    with OutputFolder(target, fingerprint, resume, notice, planned) as out, \
+            Progress(total, len(units), show_progress) as bar:
         reused, units = reuse_finished(out, names, layout, units, bar, notice)
         shard_of: dict[str, ShardFile] = {}
         shards = []
@@ -435,9 +438,9 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
         else:
             config["quantization_config"] = quant_config
         write_json(out.path / "config.json", config)
-        for rel in other_files:
-            (out.path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(checkpoint.root / rel, out.path / rel)  # follows hub-cache symlinks to the blobs
+        for rel in other_files:  # journaled one by one: --resume keeps a copy only once it is proven whole
+            if not out.reusable_copy(rel.as_posix(), checkpoint.root / rel):
+                out.copy(rel.as_posix(), checkpoint.root / rel)  # follows hub-cache symlinks to the blobs
             bar.advance((checkpoint.root / rel).stat().st_size, tensors=0)
         if finish is not None:
             finish(out.path)

@@ -113,7 +113,7 @@ def _check_names(units: list[Unit]) -> None:
 
 
 def _check_space(target: Path, needed: int, others: str = "") -> None:
-    place = Path(os.path.abspath(target)).parent
+    place = Path(os.path.abspath(target))  # itself when it exists: an output filled in place (a mount point)
     while not place.exists() and place != place.parent:
         place = place.parent
     try:

@@ -315,13 +315,22 @@ def test_bind_mount_alias_of_the_input_is_never_removed(model: Path, tmp_path: P
 
 
 @pytest.mark.skipif(not ROOT, reason="mounting needs root")
-def test_output_that_is_a_mount_point_is_refused_up_front(model: Path, tmp_path: Path) -> None:
+def test_output_onto_a_mount_point_is_filled_in_place(model: Path, reference: dict[str, str], tmp_path: Path) -> None:
+    """A real mount point (a container volume) cannot be renamed onto: the output is written in a hidden
+    folder inside it and moved in file by file; with --overwrite, an old output there is replaced."""
     target = tmp_path / "out"
     target.mkdir()
     _mount("-t", "tmpfs", "-o", "size=64m", "tmpfs", str(target))
     try:
-        code, _, stderr = run_main(["quantize", str(model), "-o", str(target), "--overwrite"])
-        assert code == 2 and "mount point" in stderr and len(_lines(stderr)) == 1, stderr
+        code, _, stderr = run_main(["quantize", str(model), "-o", str(target), *ARGS])
+        assert code == 0, stderr
+        assert _tree(target) == reference and sorted(os.listdir(tmp_path)) == ["out"]
+        (target / "stale.txt").write_text("old")
+        code, _, stderr = run_main(["quantize", str(model), "-o", str(target), *ARGS])
+        assert code == 2 and len(_lines(stderr)) == 1 and "not empty" in stderr, stderr
+        code, _, stderr = run_main(["quantize", str(model), "-o", str(target), *ARGS, "--overwrite"])
+        assert code == 0, stderr
+        assert _tree(target) == reference and os.path.ismount(target)
     finally:
         subprocess.run(["umount", str(target)], check=True)
 
