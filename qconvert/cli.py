@@ -75,6 +75,10 @@ def quantize(
     group_size: Annotated[
         int | None, typer.Option("--group-size", help="Inputs per scale; -1 for one scale per channel.")
     ] = None,
+    algorithm: Annotated[
+        str, typer.Option("--algorithm", help="How scales are chosen: rtn (round to nearest, the reference "
+                          "tools' bytes) or search (per-group scale/zero search, never worse than rtn).")
+    ] = "rtn",
     ignore: Annotated[
         list[str] | None,
         typer.Option("--ignore", help="Leave a module unquantized: exact name or re:REGEX (repeatable)."),
@@ -141,11 +145,11 @@ def quantize(
 
     request = QuantizeRequest(
         model=model,
-        scheme=get_scheme(scheme, group_size),
+        scheme=get_scheme(scheme, group_size, algorithm),
         output=output,
         ignore=list(ignore or []),
         targets=list(targets or []),
-        overrides=parse_overrides(list(override or []), overrides_file),  # type: ignore[arg-type]
+        overrides=parse_overrides(list(override or []), overrides_file, algorithm),  # type: ignore[arg-type]
         fused_patterns=fuse_patterns(fuse) if fuse else None,
         layout=layout,
         max_shard_bytes=parse_size(max_shard_size),

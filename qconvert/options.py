@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 
-def parse_overrides(items: list[str], file: Path | None) -> list[tuple[str, object]]:
-    """``PATTERN=SCHEME`` pairs, from the command line first, then the file (one per line, # comments)."""
+def parse_overrides(items: list[str], file: Path | None, algorithm: str = "rtn") -> list[tuple[str, object]]:
+    """``PATTERN=SCHEME`` pairs, from the command line first, then the file (one per line, # comments).
+
+    ``SCHEME:ALGORITHM`` (``rtn4:search``) picks the algorithm for those modules; without one, a scheme takes the
+    run's ``algorithm`` where that applies to it, else rtn (``--algorithm search`` with an fp8 override)."""
     from qconvert.errors import BadInputError
     from qconvert.schemes import get_scheme
 
@@ -28,8 +32,17 @@ def parse_overrides(items: list[str], file: Path | None) -> list[tuple[str, obje
         pattern, sep, name = line.rpartition("=")
         if not sep or not pattern.strip() or not name.strip():
             raise BadInputError(f"--override {line!r}: expected PATTERN=SCHEME (SCHEME may be 'none')")
-        name = name.strip()
-        overrides.append((pattern.strip(), None if name == "none" else get_scheme(name)))
+        name, colon, chosen = name.strip().partition(":")
+        if name == "none":
+            overrides.append((pattern.strip(), None))
+            continue
+        if colon:
+            scheme = get_scheme(name, algorithm=chosen)
+        else:
+            scheme = get_scheme(name)
+            with contextlib.suppress(BadInputError):  # the run's algorithm has no candidates for this scheme: rtn
+                scheme = scheme.with_algorithm(algorithm)
+        overrides.append((pattern.strip(), scheme))
     return overrides
 
 
