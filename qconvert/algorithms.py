@@ -37,8 +37,9 @@ __all__ = ["ALGORITHMS", "applies_to", "group_sse", "parse_algorithm", "search_a
 ALGORITHMS = tuple(a.value for a in Algorithm)
 
 # Fixed a priori (not tuned on any quality figure): the usual clipping range of data-free scale searches.
-SYMMETRIC_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)
-ASYMMETRIC_SHRINK = (1.0, 0.9, 0.8)
+SYMMETRIC_SHRINK = {4: (0.95, 0.9, 0.85, 0.8), 8: (0.995, 0.99, 0.98, 0.97)}
+ASYMMETRIC_SHRINK = {4: ((0.9, 0.9), (0.8, 0.8), (1.0, 0.85), (0.85, 1.0)),
+                     8: ((0.99, 0.99), (0.98, 0.98), (1.0, 0.985), (0.985, 1.0))}
 NVFP4_TARGETS = (6.0, 4.0)  # what a block's amax maps to: E2M1's largest value (RTN), or 4
 
 
@@ -57,18 +58,50 @@ def applies_to(args: QuantArgs, format_name: str) -> bool:
 
 
 def group_sse(rebuilt: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """``[..., G]`` float32 sum of squared differences over the last dimension, by a fixed pairwise tree (halves
-    added element-wise, zero-padded to a power of two), so the result is the same on every device."""
+    """``[..., G]`` float32 sum of squared differences over the last dimension, by a fixed pairwise tree (see
+    :func:`_tree_sum`), so the result is the same on every device."""
     diff = rebuilt.to(torch.float32) - original.to(torch.float32)
-    squares = diff * diff
-    width = squares.shape[-1]
+    return _tree_sum((diff * diff).movedim(-1, 0).contiguous())
+
+
+def _tree_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over dimension 0 by halves added element-wise (zero-padded to a power of two): a fixed order, unlike
+    ``sum()``, whose reduction order differs between devices; contiguous halves keep every add vectorised."""
+    width = values.shape[0]
     full = 1 << max(0, width - 1).bit_length()
     if full != width:
-        squares = torch.nn.functional.pad(squares, (0, full - width))
-    while squares.shape[-1] > 1:
-        half = squares.shape[-1] // 2
-        squares = squares[..., :half] + squares[..., half:]
-    return squares[..., 0]
+        values = torch.cat([values, values.new_zeros(full - width, *values.shape[1:])])
+    while values.shape[0] > 1:
+        half = values.shape[0] // 2
+        values = values[:half] + values[half:]
+    return values[0]
+
+
+class _Workspace:
+    """A band's groups, group-major (``[g, R, G]``: a group's elements along the leading dimension, so per-group
+    scales broadcast over it and the tree sum adds contiguous halves), its float32 copy, and the buffers every
+    candidate reuses (no allocation, so no page faults, per candidate)."""
+
+    def __init__(self, groups: torch.Tensor) -> None:
+        self.major = groups.permute(2, 0, 1).contiguous()
+        self.wide = self.major.to(torch.float32)
+        self.codes = torch.empty_like(self.major)
+        width = self.major.shape[0]
+        self.width = width
+        self.diff = self.wide.new_zeros(1 << max(0, width - 1).bit_length(), *self.major.shape[1:])
+
+    def error(self, rebuilt: torch.Tensor) -> torch.Tensor:
+        """Per group float32 squared error of ``rebuilt`` (group-major) against the original, summed by halves
+        added element-wise (a fixed order, unlike ``sum()``, whose reduction order differs between devices)."""
+        diff = self.diff
+        diff[: self.width].copy_(rebuilt).sub_(self.wide).square_()
+        rows = diff.shape[0]
+        while rows > 1:
+            rows //= 2
+            diff[:rows].add_(diff[rows : 2 * rows])
+        # The zero tail past the group (up to a power of two) is never written: every half written is a leading
+        # one, which the tail (in the upper half) is not part of.
+        return diff[0].clone()
 
 
 def _keep_better(err: torch.Tensor, best_err: torch.Tensor, *pairs: tuple[torch.Tensor, torch.Tensor]
@@ -78,13 +111,12 @@ def _keep_better(err: torch.Tensor, best_err: torch.Tensor, *pairs: tuple[torch.
     return torch.where(better, err, best_err), [torch.where(better, cand, best) for cand, best in pairs]
 
 
-def _symmetric_error(groups: torch.Tensor, scales: torch.Tensor, num_bits: int) -> torch.Tensor:
+def _symmetric_error(work: _Workspace, scales: torch.Tensor, num_bits: int) -> torch.Tensor:
     # quantize_tiles' arithmetic (division in the weight dtype, clamp, round half to even), then the reader's
     # rebuild (code * scale in the scale dtype).
     qmin, qmax = int_range(num_bits)
-    expanded = scales.unsqueeze(-1)
-    codes = torch.div(groups, expanded).clamp_(qmin, qmax).round_()
-    return group_sse(codes * expanded, groups)
+    codes = torch.div(work.major, scales, out=work.codes).clamp_(qmin, qmax).round_()
+    return work.error(codes.mul_(scales))
 
 
 def search_symmetric(block: torch.Tensor, tile: tuple[int, int], num_bits: int) -> torch.Tensor:
@@ -93,45 +125,40 @@ def search_symmetric(block: torch.Tensor, tile: tuple[int, int], num_bits: int) 
     rows, in_features = block.shape
     groups = block.reshape(rows, in_features // tile[1], tile[1])
     amax = groups.abs().amax(dim=-1)
+    work = _Workspace(groups)
     divisor = scale_divisor("int", num_bits)
     best = scales_from_amax(amax, divisor, block.dtype)
-    best_err = _symmetric_error(groups, best, num_bits)
-    wide = amax.to(torch.float32)
-    for factor in SYMMETRIC_SHRINK[1:]:
-        scales = scales_from_amax(wide * torch.tensor(factor, dtype=torch.float32, device=wide.device), divisor,
-                                  block.dtype)
-        best_err, (best,) = _keep_better(_symmetric_error(groups, scales, num_bits), best_err, (scales, best))
+    best_err = _symmetric_error(work, best, num_bits)
+    wide_amax = amax.to(torch.float32)
+    for factor in SYMMETRIC_SHRINK[num_bits]:
+        shrunk = wide_amax * torch.tensor(factor, dtype=torch.float32, device=wide_amax.device)
+        scales = scales_from_amax(shrunk, divisor, block.dtype)
+        best_err, (best,) = _keep_better(_symmetric_error(work, scales, num_bits), best_err, (scales, best))
     return best
 
 
-def _asymmetric_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, num_bits: int
-                      ) -> torch.Tensor:
+def _asymmetric_error(work: _Workspace, scales: torch.Tensor, zeros: torch.Tensor, num_bits: int) -> torch.Tensor:
     # quantize_asymmetric then dequantize_asymmetric, kept in the weight dtype (codes are integers, exact there).
     qmin, qmax = int_range(num_bits)
-    expanded, shift = scales.unsqueeze(-1), zeros.unsqueeze(-1).to(groups.dtype)
-    codes = torch.div(groups, expanded)
-    codes += shift
-    codes = codes.clamp_(qmin, qmax).round_()
-    return group_sse((codes - shift) * expanded, groups)
+    shift = zeros.to(work.major.dtype)
+    codes = torch.div(work.major, scales, out=work.codes).add_(shift).clamp_(qmin, qmax).round_()
+    return work.error(codes.sub_(shift).mul_(scales))
 
 
 def search_asymmetric(groups: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, num_bits: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scales, int8 zero points)`` of groups ``[rows, G, g]`` chosen among the asymmetric min/max parameters of
-    ``(min * a, max * b)`` for every pair of :data:`ASYMMETRIC_SHRINK` ((1, 1), RTN's, first)."""
+    ``(min * a, max * b)`` for the pairs of :data:`ASYMMETRIC_SHRINK` (after (1, 1), RTN's, first)."""
+    work = _Workspace(groups)
     best_scales, best_zeros = asymmetric_qparams(mins, maxs, num_bits)
-    best_err = _asymmetric_error(groups, best_scales, best_zeros, num_bits)
+    best_err = _asymmetric_error(work, best_scales, best_zeros, num_bits)
     low, high = mins.to(torch.float32), maxs.to(torch.float32)
-    for a in ASYMMETRIC_SHRINK:
-        for b in ASYMMETRIC_SHRINK:
-            if a == b == 1.0:
-                continue
-            fa = torch.tensor(a, dtype=torch.float32, device=low.device)
-            fb = torch.tensor(b, dtype=torch.float32, device=low.device)
-            scales, zeros = asymmetric_qparams((low * fa).to(mins.dtype), (high * fb).to(maxs.dtype), num_bits)
-            err = _asymmetric_error(groups, scales, zeros, num_bits)
-            best_err, (best_scales, best_zeros) = _keep_better(err, best_err, (scales, best_scales),
-                                                               (zeros, best_zeros))
+    for a, b in ASYMMETRIC_SHRINK[num_bits]:
+        fa = torch.tensor(a, dtype=torch.float32, device=low.device)
+        fb = torch.tensor(b, dtype=torch.float32, device=low.device)
+        scales, zeros = asymmetric_qparams((low * fa).to(mins.dtype), (high * fb).to(maxs.dtype), num_bits)
+        err = _asymmetric_error(work, scales, zeros, num_bits)
+        best_err, (best_scales, best_zeros) = _keep_better(err, best_err, (scales, best_scales), (zeros, best_zeros))
     return best_scales, best_zeros
 
 

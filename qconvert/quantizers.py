@@ -389,7 +389,7 @@ def quantize_and_pack_asymmetric(
     packed = torch.empty(
         out_features, packed_columns(in_features, num_bits), dtype=torch.int32, device=weight.device
     )
-    rows = max(1, band_elements(weight, 1 << 18) // max(1, in_features))
+    rows = max(1, band_elements(weight, 1 << 19) // max(1, in_features))
     for start in range(0, out_features, rows):
         band = weight[start : start + rows]
         groups = band.reshape(band.shape[0], in_features // group, group)
