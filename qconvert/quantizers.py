@@ -364,12 +364,18 @@ def dequantize_asymmetric(codes: torch.Tensor, scales: torch.Tensor, zero_points
 def pack_zero_points(zero_points: torch.Tensor, num_bits: int) -> torch.Tensor:
     """int8 zero points ``[out, groups]`` → int32 ``[ceil(out * b / 32), groups]``: packed along the *output*
     dimension (compressed-tensors' ``pack_to_int32(zp, b, packed_dim=0)``), offset and padded as weights are."""
-    return pack_int32(zero_points.t().contiguous(), num_bits).t().contiguous()
+    return pack_int32(_transposed(zero_points), num_bits).t().contiguous()
+
+
+def _transposed(matrix: torch.Tensor) -> torch.Tensor:
+    """A fresh row-major copy of ``matrix.t()``: ``.t().contiguous()`` of a one-column matrix returns the same
+    storage with a stride of 1 on its single row, which byte views along the row refuse."""
+    return torch.empty(matrix.shape[1], matrix.shape[0], dtype=matrix.dtype, device=matrix.device).copy_(matrix.t())
 
 
 def unpack_zero_points(packed: torch.Tensor, num_bits: int, out_features: int) -> torch.Tensor:
     """Inverse of :func:`pack_zero_points`: int32 ``[words, groups]`` → int8 ``[out, groups]``."""
-    return unpack_int32(packed.t().contiguous(), num_bits, out_features).t().contiguous()
+    return unpack_int32(_transposed(packed), num_bits, out_features).t().contiguous()
 
 
 def quantize_and_pack_asymmetric(

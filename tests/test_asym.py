@@ -98,13 +98,13 @@ def test_zero_points_pack_as_compressed_tensors_does() -> None:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
     torch.manual_seed(0)
-    for bits, rows in ((4, 37), (4, 256), (8, 13), (8, 128)):
+    for bits, rows, groups in ((4, 37, 3), (4, 256, 1), (8, 13, 1), (8, 128, 3)):  # 1 group: per channel
         low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        zeros = torch.randint(low, high + 1, (rows, 3), dtype=torch.int8)
+        zeros = torch.randint(low, high + 1, (rows, groups), dtype=torch.int8)
         packed = pack_zero_points(zeros, bits)
         assert torch.equal(packed, pack_to_int32(zeros, bits, packed_dim=0)), (bits, rows)
         assert torch.equal(unpack_zero_points(packed, bits, rows), zeros)
-        assert torch.equal(unpack_from_int32(packed, bits, torch.Size((rows, 3)), packed_dim=0), zeros)
+        assert torch.equal(unpack_from_int32(packed, bits, torch.Size((rows, groups)), packed_dim=0), zeros)
 
 
 @pytest.mark.parametrize("algorithm", ["rtn", "search"])
