@@ -11,14 +11,28 @@ and the search's extra cost per linear parameter.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_speed import REPO, generate_checkpoint, run_measured
+
+
+def run_timed(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds user + system, peak RSS MiB) of one whole process: on a shared machine the CPU
+    time is the steadier figure."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 LINEAR_PARAMS = 16 * (2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632)  # q, o; k, v; gate, up, down
 
@@ -38,19 +52,22 @@ def main() -> None:
         for scheme, algorithm in runs:
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=True)
-            runs[(scheme, algorithm)].append(run_measured(
+            runs[(scheme, algorithm)].append(run_timed(
                 [sys.executable, "-m", "qconvert", "quantize", str(ckpt), "-s", scheme, "--algorithm", algorithm,
                  "-o", str(out), "--quiet"]))
-    wall = {k: statistics.median(s for s, _ in v) for k, v in runs.items()}
-    rss = {k: max(r for _, r in v) for k, v in runs.items()}
-    base = wall[("rtn4", "rtn")]
-    print(f"median of {args.repeats}; rtn4 (rtn) = {base:.2f} s")
-    print("| scheme | algorithm | wall (s) | peak RSS (MiB) | / rtn4 | / same scheme rtn | extra ns per parameter |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    wall = {k: statistics.median(s for s, _, _ in v) for k, v in runs.items()}
+    cpu = {k: statistics.median(c for _, c, _ in v) for k, v in runs.items()}
+    rss = {k: max(r for _, _, r in v) for k, v in runs.items()}
+    base, base_cpu = wall[("rtn4", "rtn")], cpu[("rtn4", "rtn")]
+    print(f"median of {args.repeats}; rtn4 (rtn) = {base:.2f} s wall, {base_cpu:.2f} s CPU; {os.cpu_count()} cores")
+    print("| scheme | algorithm | wall (s) | CPU (s) | peak RSS (MiB) | wall / rtn4 | CPU / rtn4 | extra CPU ns per "
+          "parameter |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for (scheme, algorithm), seconds in wall.items():
-        extra = (seconds - wall[(scheme, "rtn")]) / LINEAR_PARAMS * 1e9
-        print(f"| {scheme} | {algorithm} | {seconds:.2f} | {rss[(scheme, algorithm)]:.0f} | {seconds / base:.2f}x | "
-              f"{seconds / wall[(scheme, 'rtn')]:.2f}x | {extra:.1f} |")
+        extra = (cpu[(scheme, algorithm)] - cpu[(scheme, "rtn")]) / LINEAR_PARAMS * 1e9
+        used = cpu[(scheme, algorithm)]
+        print(f"| {scheme} | {algorithm} | {seconds:.2f} | {used:.2f} | {rss[(scheme, algorithm)]:.0f} "
+              f"| {seconds / base:.2f}x | {used / base_cpu:.2f}x | {extra:.1f} |")
 
 
 if __name__ == "__main__":
