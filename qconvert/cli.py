@@ -75,6 +75,10 @@ def quantize(
     group_size: Annotated[
         int | None, typer.Option("--group-size", help="Inputs per scale; -1 for one scale per channel.")
     ] = None,
+    algorithm: Annotated[
+        str, typer.Option("--algorithm", help="How scales are chosen: rtn (round to nearest, the reference "
+                          "tools' bytes) or search (per-group scale/zero search, never worse than rtn).")
+    ] = "rtn",
     ignore: Annotated[
         list[str] | None,
         typer.Option("--ignore", help="Leave a module unquantized: exact name or re:REGEX (repeatable)."),
@@ -142,7 +146,8 @@ def quantize(
         overrides_file=overrides_file, layout=layout, fuse=fuse, max_shard_size=max_shard_size, overwrite=overwrite,
         revision=revision, dry_run=dry_run, allow_requantize=allow_requantize, fnuz=fnuz, force_layout=force_layout,
         show_progress=not quiet and not as_json, resume=resume, include_vision=include_vision,
-        keep_fused_experts=keep_fused_experts, min_coverage=min_coverage, device=device, workers=workers))
+        keep_fused_experts=keep_fused_experts, min_coverage=min_coverage, device=device, workers=workers,
+        algorithm=algorithm))
 
     def notice(message: str) -> None:
         if not quiet:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from qconvert.errors import BadInputError
-from qconvert.formats import Layout, WeightFormat
+from qconvert.formats import Algorithm, Layout, WeightFormat
 from qconvert.formats.tiled import BlockwiseInt8
 from qconvert.safetensors_io import TensorSpec
 from qconvert.schemes import Scheme
@@ -90,6 +90,24 @@ def _with_fused_names(schemes_by_module: dict[str, Scheme | None]) -> dict[str, 
     return result
 
 
+ALGORITHM_KEY = "qconvert_algorithm"  # how scales were chosen; absent: round-to-nearest everywhere
+
+
+def _algorithm_entry(schemes_by_module: dict[str, Scheme]) -> dict:
+    """``{"qconvert_algorithm": "search"}`` when every quantized layer used one algorithm other than rtn;
+    ``{"qconvert_algorithm": {"search": [modules]}}`` (the others rtn) when they differ; nothing when all are
+    rtn, so the config stays field for field llm-compressor's. Readers ignore unknown keys (compressed-tensors'
+    ``QuantizationConfig`` has ``extra="ignore"``); ``qconvert inspect`` shows it."""
+    by_module = {m: s.args.algorithm for m, s in schemes_by_module.items() if s is not None}
+    used = set(by_module.values())
+    if used <= {Algorithm.RTN}:
+        return {}
+    if len(used) == 1:
+        return {ALGORITHM_KEY: used.pop().value}
+    return {ALGORITHM_KEY: {a.value: sorted(m for m, b in by_module.items() if b is a)
+                            for a in sorted(used - {Algorithm.RTN}, key=lambda a: a.value)}}
+
+
 def quantization_config(schemes_by_module: dict[str, Scheme], ignore: list[str],
                         layout: Layout | str = Layout.COMPRESSED_TENSORS, extra_groups: dict | None = None) -> dict:
     """The config block for the layers as planned: one group, or one group per scheme (mixed).
@@ -138,4 +156,5 @@ def quantization_config(schemes_by_module: dict[str, Scheme], ignore: list[str],
         "ignore": ignore,
         "transform_config": {},
         "config_groups": groups,
+        **_algorithm_entry(schemes_by_module),
     }

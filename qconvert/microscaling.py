@@ -157,18 +157,21 @@ def nvfp4_global_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape(1)
 
 
-def nvfp4_block_scales(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+def nvfp4_block_scales(amax: torch.Tensor, global_scale: torch.Tensor, target: float = FP4_E2M1_MAX) -> torch.Tensor:
     """e4m3 scales of 16-input blocks: ``global * (amax / 6)``, ``amax / 6`` in the weight's dtype and the product
-    in float32, clamped to e4m3's range; a zero scale becomes e4m3's eps (0.125), as compressed-tensors stores it."""
-    wide = global_scale.to(torch.float32) * (amax / torch.tensor(FP4_E2M1_MAX, dtype=amax.dtype, device=amax.device))
+    in float32, clamped to e4m3's range; a zero scale becomes e4m3's eps (0.125), as compressed-tensors stores it.
+    ``target``: what amax maps to (6, round-to-nearest; the search also tries 4, see qconvert.algorithms)."""
+    wide = global_scale.to(torch.float32) * (amax / torch.tensor(target, dtype=amax.dtype, device=amax.device))
     scales = wide.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     zero = scales.to(torch.float32) == 0
     return torch.where(zero, torch.tensor(0.125, dtype=torch.float8_e4m3fn, device=scales.device), scales)
 
 
-def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor, search: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed [out, in/2] uint8, scales [out, in/16] e4m3)`` of ``weight`` under ``global_scale``: each code is
-    ``x / (scale / global)`` (float32) rounded to E2M1."""
+    ``x / (scale / global)`` (float32) rounded to E2M1. ``search``: each block's scale chosen by
+    :func:`qconvert.algorithms.search_nvfp4_scales` ("four over six") instead of amax / 6."""
     out_features, in_features = weight.shape
     if in_features % 16:
         raise ValueError(f"input size {in_features} is not a multiple of the group size 16")
@@ -178,7 +181,13 @@ def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor) -> tuple[to
     rows = max(1, _band_rows(weight))
     for first in range(0, out_features, rows):
         band = weight[first : first + rows]
-        band_scales = nvfp4_block_scales(group_amax(band, 16), global_scale)
+        amax = group_amax(band, 16)
+        if search:
+            from qconvert.algorithms import search_nvfp4_scales
+
+            band_scales = search_nvfp4_scales(band.reshape(*amax.shape, 16), amax, global_scale)
+        else:
+            band_scales = nvfp4_block_scales(amax, global_scale)
         scales[first : first + rows] = band_scales
         multiplier = (band_scales.to(torch.float32) / global_scale).unsqueeze(-1)  # broadcast over the 16 inputs
         quotient = band.reshape(*band_scales.shape, 16) / multiplier

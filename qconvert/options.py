@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +15,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def parse_overrides(items: list[str], file: Path | None) -> list[tuple[str, object]]:
-    """``PATTERN=SCHEME`` pairs, from the command line first, then the file (one per line, # comments)."""
+def parse_overrides(items: list[str], file: Path | None, algorithm: str = "rtn") -> list[tuple[str, object]]:
+    """``PATTERN=SCHEME`` pairs, from the command line first, then the file (one per line, # comments).
+
+    ``SCHEME:ALGORITHM`` (``rtn4:search``) picks the algorithm for those modules; without one, a scheme takes the
+    run's ``algorithm`` where that applies to it, else rtn (``--algorithm search`` with an fp8 override)."""
     from qconvert.errors import BadInputError
     from qconvert.schemes import get_scheme
 
@@ -36,8 +40,17 @@ def parse_overrides(items: list[str], file: Path | None) -> list[tuple[str, obje
         pattern, sep, name = line.rpartition("=")
         if not sep or not pattern.strip() or not name.strip():
             raise BadInputError(f"--override {line!r}: expected PATTERN=SCHEME (SCHEME may be 'none')")
-        name = name.strip()
-        overrides.append((pattern.strip(), None if name == "none" else get_scheme(name)))
+        name, colon, chosen = name.strip().partition(":")
+        if name == "none":
+            overrides.append((pattern.strip(), None))
+            continue
+        if colon:
+            scheme = get_scheme(name, algorithm=chosen)
+        else:
+            scheme = get_scheme(name)
+            with contextlib.suppress(BadInputError):  # the run's algorithm has no candidates for this scheme: rtn
+                scheme = scheme.with_algorithm(algorithm)
+        overrides.append((pattern.strip(), scheme))
     return overrides
 
 
@@ -63,7 +76,7 @@ QUANTIZE_DEFAULTS: dict[str, object] = {
     "overrides_file": None, "layout": "compressed-tensors", "fuse": None, "max_shard_size": "5GB",
     "overwrite": False, "revision": None, "dry_run": False, "allow_requantize": False, "fnuz": False,
     "force_layout": False, "show_progress": True, "resume": False, "include_vision": False,
-    "keep_fused_experts": False, "min_coverage": None, "device": "auto", "workers": None,
+    "keep_fused_experts": False, "min_coverage": None, "device": "auto", "workers": None, "algorithm": "rtn",
 }
 
 
@@ -95,13 +108,13 @@ def quantize_request(model: str, params: dict[str, object], *, check_device: boo
     override = list(p["override"] or [])  # type: ignore[call-overload]
     request = QuantizeRequest(
         model=model,
-        scheme=step("group_size" if p["group_size"] is not None else "scheme",
-                    lambda: get_scheme(p["scheme"], p["group_size"])),  # type: ignore[arg-type]
+        scheme=step("algorithm" if p["algorithm"] != "rtn" else "group_size" if p["group_size"] is not None
+                    else "scheme", lambda: get_scheme(p["scheme"], p["group_size"], p["algorithm"])),  # type: ignore
         output=p["output"],  # type: ignore[arg-type]
         ignore=list(p["ignore"] or []),  # type: ignore[call-overload]
         targets=list(p["targets"] or []),  # type: ignore[call-overload]
         overrides=step("override" if override else "overrides_file",
-                       lambda: parse_overrides(override, p["overrides_file"])),  # type: ignore[arg-type]
+                       lambda: parse_overrides(override, p["overrides_file"], p["algorithm"])),  # type: ignore
         fused_patterns=step("fuse", lambda: fuse_patterns(list(p["fuse"])) if p["fuse"] else None),  # type: ignore
         layout=p["layout"],  # type: ignore[arg-type]
         max_shard_bytes=step("max_shard_size", lambda: parse_size(p["max_shard_size"])),  # type: ignore[arg-type]

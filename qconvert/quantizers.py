@@ -20,15 +20,20 @@ import torch
 __all__ = [
     "ACTIVATION_INT8_DIVISOR",
     "FP8_E4M3_MAX",
+    "asymmetric_qparams",
     "dequantize_activation_groups",
+    "dequantize_asymmetric",
     "dequantize_tiles",
     "e4m3fn_to_e4m3fnuz",
     "fake_quant_static_int8",
     "int_range",
     "pack_int32",
+    "pack_zero_points",
     "packed_columns",
     "quantize_activation_groups",
+    "quantize_and_pack_asymmetric",
     "quantize_and_pack_symmetric",
+    "quantize_asymmetric",
     "quantize_tiled",
     "quantize_tiles",
     "scale_divisor",
@@ -36,6 +41,7 @@ __all__ = [
     "tile_scales",
     "tile_shape",
     "unpack_int32",
+    "unpack_zero_points",
 ]
 
 
@@ -281,7 +287,7 @@ def _offset_codes(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
 
 
 def quantize_and_pack_symmetric(
-    weight: torch.Tensor, num_bits: int, group_size: int
+    weight: torch.Tensor, num_bits: int, group_size: int, choose: object = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed int32 [out, words], scales [out, groups])`` of a symmetric int quantization with one
     scale per ``group_size`` inputs (``-1``: per output channel).
@@ -289,6 +295,7 @@ def quantize_and_pack_symmetric(
     :func:`tile_scales` → :func:`quantize_tiles` → :func:`pack_int32` over blocks of rows, so each
     block's intermediates stay in cache and no full-size temporary exists (about 8x faster on CPU
     than whole-tensor passes, bit-identical). Groups never straddle rows (seed 003's defect).
+    ``choose(block, tile, num_bits)`` picks a block's scales instead of amax / ((2**b - 1) / 2) (the search).
     """
     out_features, in_features = weight.shape
     tile = tile_shape(weight.shape, "channel" if group_size == -1 else "group", group_size)
@@ -301,7 +308,9 @@ def quantize_and_pack_symmetric(
     shared = _shared_tile_amax(weight, tile)
     for start in range(0, out_features, rows):
         block = weight[start : start + rows]
-        if shared is None:
+        if choose is not None:
+            block_scales = choose(block, tile, num_bits)  # type: ignore[operator]
+        elif shared is None:
             block_scales = tile_scales(block, tile, divisor)
         else:
             block_scales = scales_from_amax(shared[start : start + rows], divisor, weight.dtype)
@@ -309,6 +318,97 @@ def quantize_and_pack_symmetric(
         codes = quantize_tiles(block, block_scales, tile, "int", num_bits)
         packed[start : start + rows] = pack_int32(codes, num_bits)
     return packed, scales
+
+
+def asymmetric_qparams(mins: torch.Tensor, maxs: torch.Tensor, num_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scales, zero points int8)`` of groups with these min and max values, as compressed-tensors computes them
+    (``calculate_qparams``, asymmetric int), every step in the weight's dtype:
+
+    * the range is widened to include 0; ``scale = (max - min) / (2**b - 1)``;
+    * ``zero = clamp(qmin - min / scale, qmin, qmax)`` rounded half to even; a zero scale becomes the dtype's eps
+      *after* the zero point is taken, so an all-zero group's zero point is 0/0, which the reference casts to
+      int8 0 on the CPU: we write 0 on every device (any zero point rebuilds that group's zeros exactly).
+    """
+    dtype, device = mins.dtype, mins.device
+    qmin, qmax = int_range(num_bits)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    mins, maxs = torch.minimum(mins, zero), torch.maximum(maxs, zero)
+    # 0-d tensors on the weight's device: a true division on every device (see scales_from_amax).
+    span = torch.tensor(float(qmax - qmin), dtype=dtype, device=device)
+    scales = (maxs - mins) / span
+    low = torch.tensor(float(qmin), dtype=dtype, device=device)
+    zero_points = torch.clamp(low - mins / scales, low, torch.tensor(float(qmax), dtype=dtype, device=device))
+    scales = scales.masked_fill_(scales == 0, torch.finfo(dtype).eps)
+    zero_points = zero_points.nan_to_num_(nan=0.0).round_().to(torch.int8)
+    return scales, zero_points
+
+
+def quantize_asymmetric(groups: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                        num_bits: int) -> torch.Tensor:
+    """int8 codes of ``groups`` ``[..., G, g]`` for per-group ``scales`` and int8 ``zero_points`` ``[..., G]``:
+    ``clamp(x / scale + zero, qmin, qmax)`` rounded half to even, the division and the addition in the
+    weight's dtype (compressed-tensors' ``quantize``)."""
+    qmin, qmax = int_range(num_bits)
+    q = torch.div(groups, scales.unsqueeze(-1))
+    q += zero_points.unsqueeze(-1).to(groups.dtype)
+    return q.clamp_(qmin, qmax).round_().to(torch.int8)
+
+
+def dequantize_asymmetric(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+    """``(code - zero) * scale`` per group ``[..., G, g]``, in the scale dtype (compressed-tensors' ``dequantize``:
+    the difference is an exact integer, so only the product rounds)."""
+    dtype = scales.dtype
+    return (codes.to(dtype) - zero_points.unsqueeze(-1).to(dtype)) * scales.unsqueeze(-1)
+
+
+def pack_zero_points(zero_points: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """int8 zero points ``[out, groups]`` → int32 ``[ceil(out * b / 32), groups]``: packed along the *output*
+    dimension (compressed-tensors' ``pack_to_int32(zp, b, packed_dim=0)``), offset and padded as weights are."""
+    return pack_int32(_transposed(zero_points), num_bits).t().contiguous()
+
+
+def _transposed(matrix: torch.Tensor) -> torch.Tensor:
+    """A fresh row-major copy of ``matrix.t()``: ``.t().contiguous()`` of a one-column matrix returns the same
+    storage with a stride of 1 on its single row, which byte views along the row refuse."""
+    return torch.empty(matrix.shape[1], matrix.shape[0], dtype=matrix.dtype, device=matrix.device).copy_(matrix.t())
+
+
+def unpack_zero_points(packed: torch.Tensor, num_bits: int, out_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_zero_points`: int32 ``[words, groups]`` → int8 ``[out, groups]``."""
+    return unpack_int32(_transposed(packed), num_bits, out_features).t().contiguous()
+
+
+def quantize_and_pack_asymmetric(
+    weight: torch.Tensor, num_bits: int, group_size: int, choose: object = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(packed int32 [out, words], scales [out, groups], packed zero points)`` of an asymmetric int
+    quantization with one scale and zero point per ``group_size`` inputs (``-1``: per output channel), over
+    bands of rows. ``choose(groups, mins, maxs, num_bits)`` picks each group's ``(scales, zero points)``;
+    None: min/max round-to-nearest (:func:`asymmetric_qparams`), compressed-tensors' bytes.
+    """
+    out_features, in_features = weight.shape
+    group = in_features if group_size == -1 else group_size
+    if in_features % group:
+        raise ValueError(f"input size {in_features} is not a multiple of the group size {group}")
+    scales = torch.empty(out_features, in_features // group, dtype=weight.dtype, device=weight.device)
+    zeros = torch.empty(out_features, in_features // group, dtype=torch.int8, device=weight.device)
+    packed = torch.empty(
+        out_features, packed_columns(in_features, num_bits), dtype=torch.int32, device=weight.device
+    )
+    rows = max(1, band_elements(weight, 1 << 19) // max(1, in_features))
+    for start in range(0, out_features, rows):
+        band = weight[start : start + rows]
+        groups = band.reshape(band.shape[0], in_features // group, group)
+        mins, maxs = groups.amin(dim=-1), groups.amax(dim=-1)
+        if choose is None:
+            band_scales, band_zeros = asymmetric_qparams(mins, maxs, num_bits)
+        else:
+            band_scales, band_zeros = choose(groups, mins, maxs, num_bits)  # type: ignore[operator]
+        scales[start : start + rows] = band_scales
+        zeros[start : start + rows] = band_zeros
+        codes = quantize_asymmetric(groups, band_scales, band_zeros, num_bits).reshape(band.shape)
+        packed[start : start + rows] = pack_int32(codes, num_bits)
+    return packed, scales, pack_zero_points(zeros, num_bits)
 
 
 def unpack_int32(packed: torch.Tensor, num_bits: int, in_features: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 A scheme is a row: a name, the quantization arguments (:class:`~qconvert.formats.QuantArgs`), the on-disk format
 that stores them (a registered :class:`~qconvert.formats.WeightFormat`), and the activation quantization engines
-run. How scales are chosen (the algorithm) is not part of a scheme: every scheme here is round-to-nearest.
+run. How scales are chosen (the algorithm: ``rtn`` or ``search``, :mod:`qconvert.algorithms`) is a separate axis,
+carried in the arguments (:meth:`Scheme.with_algorithm`); every scheme defaults to round-to-nearest.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from qconvert.errors import BadInputError
-from qconvert.formats import NumberType, QuantArgs, ScaleDtype, Strategy, WeightFormat
+from qconvert.formats import Algorithm, NumberType, QuantArgs, ScaleDtype, Strategy, WeightFormat
 from qconvert.formats.base import describe_grouping, describe_number
 from qconvert.formats.microscaled import MXFP4, MXFP8, NVFP4
 from qconvert.formats.tiled import FloatQuantized, IntQuantized, PackQuantized
@@ -28,7 +29,7 @@ def _activations(number: NumberType, strategy: str, group_size: int | None = Non
 
 @dataclass(frozen=True)
 class Scheme:
-    """Symmetric weight quantization in one on-disk format, with optional dynamic activation quantization."""
+    """Weight quantization in one on-disk format, with optional dynamic activation quantization."""
 
     name: str
     args: QuantArgs
@@ -55,8 +56,28 @@ class Scheme:
         return self.args.block
 
     @property
+    def algorithm(self) -> Algorithm:
+        return self.args.algorithm
+
+    @property
     def label(self) -> str:
-        return f"{describe_number(self.args)} {describe_grouping(self.args)}"
+        label = f"{describe_number(self.args)} {describe_grouping(self.args)}"
+        return label if self.algorithm is Algorithm.RTN else f"{label}, {self.algorithm.value}"
+
+    def with_algorithm(self, algorithm: Algorithm | str | None) -> Scheme:
+        """``--algorithm``: how this scheme's scales are chosen; ``search`` only where it has candidates."""
+        from qconvert.algorithms import applies_to, parse_algorithm
+
+        if algorithm is None:
+            return self
+        chosen = parse_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
+        if chosen is self.algorithm:
+            return self
+        if chosen is not Algorithm.RTN and not applies_to(self.args, self.format.name):
+            usable = ", ".join(s.name for s in SCHEMES.values() if applies_to(s.args, s.format.name))
+            raise BadInputError(f"--algorithm {chosen.value} does not apply to scheme {self.name} ({self.label}); "
+                                f"it applies to: {usable}")
+        return dataclasses.replace(self, args=dataclasses.replace(self.args, algorithm=chosen))
 
     def with_group_size(self, group_size: int | None) -> Scheme:
         """``--group-size``: only for the weight-only int group schemes; -1 means one scale per channel."""
@@ -84,8 +105,8 @@ class Scheme:
 
 
 def _int(bits: int, strategy: Strategy, group_size: int | None = None,
-         block: tuple[int, int] | None = None) -> QuantArgs:
-    return QuantArgs(NumberType.INT, bits, strategy, group_size, block)
+         block: tuple[int, int] | None = None, symmetric: bool = True) -> QuantArgs:
+    return QuantArgs(NumberType.INT, bits, strategy, group_size, block, symmetric)
 
 
 def _fp8(strategy: Strategy, block: tuple[int, int] | None = None) -> QuantArgs:
@@ -100,6 +121,10 @@ SCHEMES: dict[str, Scheme] = {
                "int4 symmetric round-to-nearest, one scale per 128 inputs, 8 values per int32", "W4A16"),
         Scheme("rtn8", _int(8, Strategy.GROUP, 128), PackQuantized.instance(),
                "int8 symmetric round-to-nearest, one scale per 128 inputs, 4 values per int32", "W8A16"),
+        Scheme("int4-asym", _int(4, Strategy.GROUP, 128, symmetric=False), PackQuantized.instance(),
+               "int4 asymmetric: a scale and an int zero point per 128 inputs, 8 values per int32", "W4A16_ASYM"),
+        Scheme("int8-asym", _int(8, Strategy.GROUP, 128, symmetric=False), PackQuantized.instance(),
+               "int8 asymmetric: a scale and an int zero point per 128 inputs, 4 values per int32", "W8A16_ASYM"),
         Scheme("int8-block", _int(8, Strategy.BLOCK, block=BLOCK), IntQuantized.instance(),
                "int8 weights, one scale per 128x128 block; int8 activations per token per 128 channels",
                "INT8_BLOCK", _activations(_INT, "group", 128)),
@@ -129,9 +154,9 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
-def get_scheme(name: str, group_size: int | None = None) -> Scheme:
+def get_scheme(name: str, group_size: int | None = None, algorithm: Algorithm | str | None = None) -> Scheme:
     try:
         scheme = SCHEMES[name]
     except KeyError:
         raise BadInputError(f"unknown scheme {name!r} (choose from: {', '.join(SCHEMES)})") from None
-    return scheme.with_group_size(group_size)
+    return scheme.with_group_size(group_size).with_algorithm(algorithm)

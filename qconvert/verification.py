@@ -116,7 +116,8 @@ def _weight_tensors(layer: StoredLayer, reader: TensorReader, device: torch.devi
     return {leaf: reader.read(info).to(device) for leaf, info in layer.parts.items() if leaf != "weight_shape"}
 
 
-def weight_error_bound(original: torch.Tensor, scales_full: torch.Tensor, layer: StoredLayer) -> torch.Tensor:
+def weight_error_bound(original: torch.Tensor, scales_full: torch.Tensor, layer: StoredLayer,
+                       zeros_full: torch.Tensor | None = None) -> torch.Tensor:
     """Largest error round-to-nearest may leave on each element, given the stored scale.
 
     The converter computes ``v' = w / s`` rounded to the weight dtype (relative error ≤ u), clamps it
@@ -137,6 +138,14 @@ def weight_error_bound(original: torch.Tensor, scales_full: torch.Tensor, layer:
         qmax = FP8_E4M3_MAX
         exponent = torch.floor(torch.log2((v * (1 + u)).clamp_min(2.0**-30))).clamp(min=-6)
         step = torch.pow(2.0, exponent - 3)
+    elif zeros_full is not None:
+        # Asymmetric int: the code is round(clamp(w / s + z)), the addition rounded in the weight dtype too, and
+        # clipping is against [qmin - z, qmax - z].
+        qmin, qmax = (float(b) for b in int_range(layer.num_bits))
+        shifted = w / s + zeros_full.to(torch.float64)
+        clip = torch.maximum(shifted - qmax, qmin - shifted)
+        rounding = u * v + u * (shifted.abs() + u * v)
+        return s * (rounding + torch.maximum(torch.full_like(v, 0.5), clip)) * (1 + 1e-9) + 1e-30
     else:
         qmax = float(int_range(layer.num_bits)[1])
         step = torch.ones_like(v)
@@ -270,7 +279,7 @@ def _compare_original(result: LayerResult, layer: StoredLayer, tensors: dict[str
     codes, scales_full = layer.format.codes_and_scales(layer, tensors)
     dequantized = codes.to(torch.float64) * scales_full.to(torch.float64)
     error = (original_weight.to(torch.float64) - dequantized).abs()
-    allowed = weight_error_bound(original_weight, scales_full, layer)
+    allowed = weight_error_bound(original_weight, scales_full, layer, layer.format.zero_points_full(layer, tensors))
     ratio = error / allowed
     result.weight_bound_ratio = ratio.nan_to_num(nan=math.inf).max().item()
     result.weight_violations = int((~(ratio <= 1)).sum().item())  # NaN (a NaN scale or code) counts

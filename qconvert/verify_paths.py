@@ -21,6 +21,7 @@ from qconvert.quantizers import (
     fake_quant_static_int8,
     quantize_activation_groups,
     unpack_int32,
+    unpack_zero_points,
 )
 
 if TYPE_CHECKING:
@@ -104,17 +105,22 @@ def packed_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], device: to
     input_scale, output_scale = tensors.get("input_scale"), tensors.get("output_scale")
     bits = layer.num_bits
     codes = unpack_int32(tensors["weight_packed"], bits, k)
+    packed_zeros = tensors.get("weight_zero_point")
+    zeros = None if packed_zeros is None else unpack_zero_points(packed_zeros, bits, layer.shape[0])
     # The kernel rounds each dequantized weight to the scale dtype before its bf16/fp16 dot, as
     # compressed-tensors does when it rebuilds the weight; the reference uses those same values.
     ref_dtype = torch.float64 if device.type == "cpu" else torch.float32
-    weight_ref = _exact_weight(codes, scales, layer, layer.dtype).to(ref_dtype)
+    if zeros is None:
+        weight_ref = _exact_weight(codes, scales, layer, layer.dtype).to(ref_dtype)
+    else:  # (code - zero) * scale rounded to the scale dtype, exactly as compressed-tensors rebuilds it
+        weight_ref = layer.format.rebuild(layer, tensors).to(ref_dtype)
     gamma = k * _U32  # float32 accumulation over K products of exact (bf16 x bf16) terms
     wna8o8 = input_scale is not None or output_scale is not None
 
     def run_packed(x: torch.Tensor, bias: torch.Tensor | None) -> KernelRun:
         x_in = kernels.fake_quant_static_int8(x, input_scale) if input_scale is not None else x
         out = kernels.packed_gemm(x_in, tensors["weight_packed"], scales, bits, k, bias=bias,
-                                  out_dtype=torch.float32)
+                                  out_dtype=torch.float32, zero_points=zeros)
         exact = True
         if input_scale is not None:
             exact = torch.equal(x_in.cpu(), fake_quant_static_int8(x.cpu(), input_scale.cpu()))
@@ -126,7 +132,8 @@ def packed_path(layer: StoredLayer, tensors: dict[str, torch.Tensor], device: to
                                  fake_quant_static_int8(y.cpu(), output_scale.cpu()))
         return KernelRun(out, x_in, None, k, exact, weight_ref, gamma)
 
-    name = f"W{bits}A16 packed GEMM (Triton)" + (" + static int8 fake-quant (wNa8o8)" if wna8o8 else "")
+    kind = "" if zeros is None else " asymmetric"
+    name = f"W{bits}A16{kind} packed GEMM (Triton)" + (" + static int8 fake-quant (wNa8o8)" if wna8o8 else "")
     activation = "int8 static fake-quant" if input_scale is not None else str(layer.dtype).removeprefix("torch.")
     return KernelPath(name, activation, run_packed)
 

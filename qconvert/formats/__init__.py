@@ -5,7 +5,7 @@ Importing this package registers every format; recognition on read tries them in
 
 # Registering: defining a format class registers it (the more specific readers first).
 from qconvert.formats import microscaled, tiled  # noqa: F401
-from qconvert.formats.args import Layout, NumberType, QuantArgs, ScaleDtype, Strategy
+from qconvert.formats.args import Algorithm, Layout, NumberType, QuantArgs, ScaleDtype, Strategy
 from qconvert.formats.base import (
     ACTIVATION_LEAVES,
     FORMATS,
@@ -21,6 +21,7 @@ __all__ = [
     "ACTIVATION_LEAVES",
     "FORMATS",
     "WEIGHT_LEAVES",
+    "Algorithm",
     "Layout",
     "NumberType",
     "QuantArgs",

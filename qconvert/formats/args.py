@@ -9,7 +9,7 @@ group exactly as ``QuantizationArgs.model_dump`` writes it (and so llm-compresso
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -55,6 +55,13 @@ class ScaleDtype(str, Enum):
                 ScaleDtype.E4M3: torch.float8_e4m3fn, ScaleDtype.E8M0: torch.uint8}[self]
 
 
+class Algorithm(str, Enum):
+    """How each group's scale (and zero point) is chosen: an axis independent of the on-disk format."""
+
+    RTN = "rtn"  # min/max (amax) scales, round to nearest: the reference tools' bytes
+    SEARCH = "search"  # the (scale, zero) per group that reconstructs the weight best, RTN's among the candidates
+
+
 class Layout(str, Enum):
     """Whose spelling a checkpoint's quantized layers use."""
 
@@ -74,6 +81,9 @@ class QuantArgs:
     symmetric: bool = True
     scale_dtype: ScaleDtype = ScaleDtype.WEIGHT
     global_scale: bool = False  # one float32 multiplier per tensor above the group scales (NVFP4)
+    # Not part of what is stored: two layers that differ only in how their scales were chosen hold the same
+    # format, so equality (a stored layer matching a scheme, fused parts sharing one) ignores it.
+    algorithm: Algorithm = field(default=Algorithm.RTN, compare=False)
 
     @property
     def grouped(self) -> bool:

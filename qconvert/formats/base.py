@@ -170,6 +170,10 @@ class WeightFormat:
         stored (``verify --original`` checks each element against round-to-nearest's bound with them)."""
         raise NotImplementedError
 
+    def zero_points_full(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Each element's zero point ``[out, in]`` for asymmetric layers (None: symmetric, the default)."""
+        return None
+
     def copies_as(self, other: WeightFormat) -> bool:
         """Whether a layer stored in this format is, copied, a layer of ``other``."""
         return other is self
@@ -212,8 +216,9 @@ class WeightFormat:
 
 
 def describe_number(args: QuantArgs) -> str:
-    return {NumberType.INT: f"int{args.num_bits}", NumberType.FP8_E4M3: "fp8",
-            NumberType.FP4_E2M1: "fp4"}[args.number]
+    number = {NumberType.INT: f"int{args.num_bits}", NumberType.FP8_E4M3: "fp8",
+              NumberType.FP4_E2M1: "fp4"}[args.number]
+    return number if args.symmetric else f"{number} asymmetric"
 
 
 def describe_grouping(args: QuantArgs, tile: tuple[int, int] | None = None) -> str:
@@ -234,12 +239,16 @@ def recognise(module: str, parts: dict[str, TensorInfo], context: ReadContext) -
         raise BadInputError(f"{first.file.name}: {module} holds both weight and weight_packed; a layer is stored "
                             "in one layout")
     quantized = "weight_scale" in parts and ("weight" in parts or "weight_packed" in parts)
-    if quantized and "weight_zero_point" in parts:  # no format reads zero points yet: never rebuild as symmetric
-        first = next(iter(parts.values()))
-        raise BadInputError(f"{first.file.name}: {module} is asymmetric (weight_zero_point); not supported")
     for fmt in FORMATS.values():
         layer = fmt.recognise(module, parts, context)
         if layer is not None:
-            return layer
-    return None
+            break
+    else:
+        layer = None
+    # Zero points only some formats read (pack-quantized): never rebuild an asymmetric layer as symmetric.
+    if quantized and "weight_zero_point" in parts and (layer is None or layer.args.symmetric):
+        first = next(iter(parts.values()))
+        raise BadInputError(f"{first.file.name}: {module} is asymmetric (weight_zero_point); "
+                            f"{layer.format.name if layer else 'its format'} with zero points is not supported")
+    return layer
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from qconvert.errors import BadInputError
-from qconvert.formats.args import NumberType, QuantArgs, ScaleDtype, Strategy
+from qconvert.formats.args import Algorithm, NumberType, QuantArgs, ScaleDtype, Strategy
 from qconvert.formats.base import Cast, CastLosses, ReadContext, StoredLayer, WeightFormat
 from qconvert.formats.tiled import FloatQuantized
 from qconvert.microscaling import (
@@ -163,7 +163,7 @@ class NVFP4(_Microscaled):
     def compress(self, prefix: str, weight: torch.Tensor, args: QuantArgs,
                  shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         global_scale = shared if shared is not None else nvfp4_global_scale(weight.abs().amax(), weight.dtype)
-        packed, scales = quantize_nvfp4(weight, global_scale.to(weight.device))
+        packed, scales = quantize_nvfp4(weight, global_scale.to(weight.device), args.algorithm is Algorithm.SEARCH)
         return {f"{prefix}.weight_packed": packed, f"{prefix}.weight_scale": scales,
                 f"{prefix}.weight_global_scale": global_scale.reshape(1).to(weight.device)}
 

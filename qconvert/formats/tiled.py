@@ -11,24 +11,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import ClassVar
 
 import torch
 
 from qconvert.errors import BadInputError
-from qconvert.formats.args import NumberType, QuantArgs, ScaleDtype, Strategy
+from qconvert.formats.args import Algorithm, NumberType, QuantArgs, ScaleDtype, Strategy
 from qconvert.formats.base import ReadContext, StoredLayer, WeightFormat
 from qconvert.quantizers import (
     FP8_E4M3_MAX,
     band_elements,
+    dequantize_asymmetric,
     dequantize_tiles,
     packed_columns,
+    quantize_and_pack_asymmetric,
     quantize_and_pack_symmetric,
     quantize_tiled,
     scale_divisor,
     scales_from_amax,
     unpack_int32,
+    unpack_zero_points,
 )
 from qconvert.safetensors_io import TensorInfo, TensorReader, TensorSpec
 from qconvert.verify_paths import KernelPath, packed_path, scaled_path
@@ -103,31 +107,48 @@ def tiled_codes_and_scales(layer: StoredLayer, codes: torch.Tensor, scales: torc
 
 
 class PackQuantized(WeightFormat):
-    """int4/int8 codes packed into int32 words, one scale per group of inputs or per channel (W4A16/W8A16)."""
+    """int4/int8 codes packed into int32 words, one scale per group of inputs or per channel (W4A16/W8A16), and for
+    asymmetric schemes (W4A16_ASYM/W8A16_ASYM) an int zero point per group, packed along the output dimension."""
 
     name = "pack-quantized"
     number = NumberType.INT
 
     def specs(self, prefix: str, shape: tuple[int, int], dtype: torch.dtype, args: QuantArgs) -> list[TensorSpec]:
         out_features, in_features = shape
-        return [
+        specs = [
             TensorSpec(f"{prefix}.weight_packed", torch.int32,
                        (out_features, packed_columns(in_features, args.num_bits))),
             TensorSpec(f"{prefix}.weight_scale", dtype, args.scale_shape(shape)),
             TensorSpec(f"{prefix}.weight_shape", torch.int64, (2,)),
         ]
+        if not args.symmetric:
+            groups = args.scale_shape(shape)[-1]
+            specs.append(TensorSpec(f"{prefix}.weight_zero_point", torch.int32,
+                                    (packed_columns(out_features, args.num_bits), groups)))
+        return specs
 
     def compress(self, prefix: str, weight: torch.Tensor, args: QuantArgs,
                  shared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if shared is not None:
             raise ValueError("pack-quantized layers compute their own group scales")
+        from qconvert.algorithms import search_asymmetric, search_symmetric
+
         group = -1 if args.strategy is Strategy.CHANNEL else args.group_size
-        packed, scales = quantize_and_pack_symmetric(weight, args.num_bits, group)  # type: ignore[arg-type]
+        search = args.algorithm is Algorithm.SEARCH
+        tensors: dict[str, torch.Tensor] = {}
+        if args.symmetric:
+            packed, scales = quantize_and_pack_symmetric(weight, args.num_bits, group,  # type: ignore[arg-type]
+                                                         search_symmetric if search else None)
+        else:
+            packed, scales, zeros = quantize_and_pack_asymmetric(weight, args.num_bits, group,  # type: ignore[arg-type]
+                                                                 search_asymmetric if search else None)
+            tensors[f"{prefix}.weight_zero_point"] = zeros
         return {f"{prefix}.weight_packed": packed, f"{prefix}.weight_scale": scales,
-                f"{prefix}.weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
+                f"{prefix}.weight_shape": torch.tensor(weight.shape, dtype=torch.int64), **tensors}
 
     def largest_code(self, args: QuantArgs) -> float:
-        return float(1 << (args.num_bits - 1))
+        # Asymmetric codes minus their zero point reach 2**b - 1 in magnitude.
+        return float(1 << (args.num_bits - 1)) if args.symmetric else float((1 << args.num_bits) - 1)
 
     def recognise(self, module: str, parts: dict[str, TensorInfo], context: ReadContext) -> StoredLayer | None:
         values, scale = parts.get("weight_packed"), parts.get("weight_scale")
@@ -143,16 +164,49 @@ class PackQuantized(WeightFormat):
                                 f"{bits}-bit values of shape {[out_features, in_features]}")
         shape = (out_features, in_features)
         args, tile = stated_or_inferred(shape, scale, stated, context.block, NumberType.INT, bits)
+        zero_point = parts.get("weight_zero_point")
+        if zero_point is not None:
+            groups = scale.shape[-1] if len(scale.shape) == 2 else 1
+            expected = (packed_columns(out_features, bits), groups)
+            if zero_point.dtype != torch.int32 or tuple(zero_point.shape) != expected:
+                raise BadInputError(f"{zero_point.file.name}: {module}.weight_zero_point is {zero_point.dtype} "
+                                    f"{list(zero_point.shape)}; {bits}-bit zero points of {out_features} rows and "
+                                    f"{groups} groups are int32 {list(expected)}")
+            args = dataclasses.replace(args, symmetric=False)
+        elif stated is not None and not stated.symmetric:
+            raise BadInputError(f"{values.file.name}: {module}: the config states symmetric: false but the layer "
+                                "has no weight_zero_point")
         return StoredLayer(module, self, parts, shape, scale.dtype, args, tile)
+
+    def _zero_points(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """int8 ``[out, groups]`` zero points of an asymmetric layer (None: symmetric)."""
+        packed = tensors.get("weight_zero_point")
+        return None if packed is None else unpack_zero_points(packed, layer.num_bits, layer.shape[0])
 
     def rebuild(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         values = unpack_int32(tensors["weight_packed"], layer.num_bits, layer.shape[1])
-        return rebuild_tiled(layer, values, tensors["weight_scale"])
+        zeros = self._zero_points(layer, tensors)
+        if zeros is None:
+            return rebuild_tiled(layer, values, tensors["weight_scale"])
+        out_features, in_features = layer.shape
+        scales = tensors["weight_scale"].reshape(out_features, -1)
+        groups = values.reshape(out_features, scales.shape[1], in_features // scales.shape[1])
+        return dequantize_asymmetric(groups, scales, zeros).reshape(layer.shape).to(layer.dtype)
 
     def codes_and_scales(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         codes = unpack_int32(tensors["weight_packed"], layer.num_bits, layer.shape[1])
+        zeros = self.zero_points_full(layer, tensors)
+        if zeros is not None:  # the code a value is multiplied by is the stored one minus its zero point
+            codes = codes.to(torch.int16) - zeros
         return tiled_codes_and_scales(layer, codes, tensors["weight_scale"])
+
+    def zero_points_full(self, layer: StoredLayer, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        zeros = self._zero_points(layer, tensors)
+        return None if zeros is None else zeros.to(torch.int16).repeat_interleave(layer.tile[1], dim=1)
+
+    def same_codes(self, layer: StoredLayer, args: QuantArgs) -> bool:
+        return layer.args.symmetric == args.symmetric and super().same_codes(layer, args)
 
     def kernel_path(self, layer: StoredLayer, tensors: dict[str, torch.Tensor], config: dict | None,
                     device: torch.device) -> KernelPath:

@@ -44,9 +44,9 @@ def _signed_values(shifted, BITS: tl.constexpr):
 
 @triton.jit
 def _packed_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, GROUP, K_SPLIT,
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, M, N, K, GROUP, K_SPLIT,
     stride_xm, stride_wn, stride_sn, stride_cm, stride_cs,
-    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ZP: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
     SCALE_PER_WORD: tl.constexpr, UNPACK_BY_DOTS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -69,6 +69,7 @@ def _packed_gemm_kernel(
     shifts = tl.arange(0, PER_WORD) * BITS
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k_start // PER_WORD + offs_w)[None, :]
     s_ptrs = s_ptr + offs_n * stride_sn
+    z_ptrs = z_ptr + offs_n * stride_sn  # zero points (float32, laid out as the scales)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
@@ -82,9 +83,15 @@ def _packed_gemm_kernel(
             k_word = k0 + offs_w * PER_WORD
             scale = tl.load(s_ptrs[:, None] + k_word[None, :] // GROUP, mask=n_ok[:, None] & (k_word < K)[None, :],
                             other=0.0).to(tl.float32)
+            if HAS_ZP:
+                zero = tl.load(z_ptrs[:, None] + k_word[None, :] // GROUP,
+                               mask=n_ok[:, None] & (k_word < K)[None, :], other=0.0)
         else:
             scale = tl.load(s_ptrs + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None] + tl.zeros(
                 (1, WORDS), dtype=tl.float32)
+            if HAS_ZP:
+                zero = tl.load(z_ptrs + k0 // GROUP, mask=n_ok, other=0.0)[:, None] + tl.zeros((1, WORDS),
+                                                                                             dtype=tl.float32)
         if UNPACK_BY_DOTS:
             for i in tl.static_range(PER_WORD):
                 if EVEN_K:
@@ -92,7 +99,10 @@ def _packed_gemm_kernel(
                 else:
                     x = tl.load(x_ptrs + i, mask=m_ok[None, :] & (offs_w * PER_WORD + i < k_end - k0)[:, None],
                                 other=0.0)
-                w = cast_rne(_signed_values(words >> (i * BITS), BITS) * scale, s_ptr.dtype.element_ty)
+                values = _signed_values(words >> (i * BITS), BITS)
+                if HAS_ZP:  # code - zero is an exact integer in float32, so the product rounds once, as the reader's
+                    values = values - zero
+                w = cast_rne(values * scale, s_ptr.dtype.element_ty)
                 acc = _dot(w.to(x_ptr.dtype.element_ty), x, acc, DOT_FP32)
         else:
             if EVEN_K:
@@ -100,6 +110,8 @@ def _packed_gemm_kernel(
             else:
                 x = tl.load(x_ptrs_k, mask=m_ok[None, :] & (offs_k < k_end - k0)[:, None], other=0.0)
             values = _signed_values(words[:, :, None] >> shifts[None, None, :], BITS)
+            if HAS_ZP:
+                values = values - zero[:, :, None]
             w = cast_rne(values * scale[:, :, None], s_ptr.dtype.element_ty)
             acc = _dot(tl.reshape(w.to(x_ptr.dtype.element_ty), (BLOCK_N, BLOCK_K)), x, acc, DOT_FP32)
             x_ptrs_k += BLOCK_K
@@ -110,9 +122,10 @@ def _packed_gemm_kernel(
 
 def packed_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, num_bits: int, in_features: int,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                config: TileConfig | None = None) -> torch.Tensor:
+                config: TileConfig | None = None, zero_points: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ dequant(packed)^T``: ``packed [N, ceil(K*b/32)]`` int32, ``scales [N, G]`` with one
-    scale per ``K/G`` inputs (``G = 1``: per channel). Output in ``out_dtype`` (default: ``x``'s)."""
+    scale per ``K/G`` inputs (``G = 1``: per channel). Output in ``out_dtype`` (default: ``x``'s).
+    ``zero_points``: the unpacked int8 ``[N, G]`` zero points of an asymmetric layer (value = (code - zero) * scale)."""
     if num_bits not in (4, 8):
         raise ValueError(f"packed weights of {num_bits} bits are not supported (4 or 8)")
     n = packed.shape[0]
@@ -125,6 +138,9 @@ def packed_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, num
     group = k if groups == 1 else k // groups
     if groups > 1 and group * groups != k:
         raise ValueError(f"{groups} scale groups do not divide {k} inputs")
+    z = None if zero_points is None else zero_points.reshape(n, -1).to(torch.float32).contiguous()
+    if z is not None and z.shape != s.shape:
+        raise ValueError(f"zero points {list(z.shape)} do not match scales {list(s.shape)}")
     rows = x.reshape(-1, k)
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     m = rows.shape[0]
@@ -143,9 +159,11 @@ def packed_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, num
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
     _packed_gemm_kernel[grid](
-        rows, packed.contiguous(), s, bias if bias is not None else s, target, m, n, k, group, per_split,
+        rows, packed.contiguous(), s, z if z is not None else s, bias if bias is not None else s, target, m, n, k,
+        group, per_split,
         rows.stride(0), packed.stride(0), s.stride(0), target.stride(-2), target.stride(0) if splits > 1 else 0,
-        BITS=num_bits, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, DOT_FP32=interpreting(),
+        BITS=num_bits, HAS_BIAS=bias is not None, HAS_ZP=z is not None, EVEN_K=k % block_k == 0,
+        DOT_FP32=interpreting(),
         SCALE_PER_WORD=groups > 1 and group % block_k != 0, UNPACK_BY_DOTS=by_dots, SPLIT_K=splits,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
