@@ -20,12 +20,13 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import qconvert
 from qconvert import __version__
 from qconvert.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERNAL, QConvertError, one_line
-from qconvert.writing import interrupt_outcome
+from qconvert.scheme_catalog import NAMES as SCHEME_NAMES
 
 try:  # Typer >= 0.25 vendors click; its usage errors derive from TyperException
     from typer import TyperException as UsageError
@@ -68,7 +69,8 @@ def _emit_json(data: object) -> None:
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="Model folder, or a Hugging Face hub id.")],
-    scheme: Annotated[str, typer.Option("--scheme", "-s", help="Scheme name (see `qconvert schemes`).")] = "rtn4",
+    scheme: Annotated[str, typer.Option("--scheme", "-s", help=f"Scheme: {', '.join(SCHEME_NAMES)} "
+                                        "(`qconvert schemes` says what each writes and where it loads).")] = "rtn4",
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Output folder (default: MODEL-SCHEME beside the input).")
     ] = None,
@@ -384,31 +386,34 @@ def _print_verify(report: object, ordered: object) -> None:
 
 @app.command()
 def schemes(as_json: JsonOpt = False) -> None:
-    """List the schemes, what each one writes, and which engines load it (tested by `make engines`)."""
-    from qconvert.schemes import SCHEMES
-    from qconvert.serving import FAMILIES, SERVES, output_kind, serving_for
+    """List the schemes (what -s takes), what each one writes and which engines load it (tested by
+    `make engines`), then the output variants other flags make of them."""
+    from qconvert.scheme_catalog import CATALOG
+    from qconvert.serving import FAMILIES, SERVES, output_kind, serving_for, variant_recipe
 
-    rows = [
-        {"name": s.name, "label": s.label, "type": s.args.number.config_type, "number": s.args.number.value,
-         "bits": s.num_bits, "strategy": s.strategy.value, "group_size": s.group_size,
-         "block": list(s.block) if s.block else None, "format": s.format.config_format(),
-         "input_activations": s.activations, "summary": s.summary,
-         "serves_in": {family: [e.to_json() for e in serving_for(output_kind(s.name), family)]
-                       for family in FAMILIES}}
-        for s in SCHEMES.values()
-    ]
-    extra = {kind: [e.to_json() for e in entries] for kind, entries in SERVES.items() if kind not in SCHEMES}
+    rows = [{**row, "serves_in": {family: [e.to_json() for e in serving_for(output_kind(row["name"]), family)]
+                                  for family in FAMILIES}} for row in CATALOG]
+    names = {row["name"] for row in CATALOG}
+    extra = {kind: [e.to_json() for e in entries] for kind, entries in SERVES.items() if kind not in names}
+    variants = [{"name": kind, "made_by": variant_recipe(kind),
+                 "serves_in": {family: [e.to_json() for e in serving_for(kind, family)] for family in FAMILIES}}
+                for kind in extra]
     if as_json:
-        _emit_json({"schemes": rows, "other_outputs": extra})
+        _emit_json({"schemes": rows, "other_outputs": extra, "variants": variants})
         return
-    table = Table()
+    table = Table(title="schemes (qconvert quantize -s NAME)", title_justify="left")
     for column in ("scheme", "weights", "format", "what it writes", "loads in (other families where they differ)"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["label"], row["format"], row["summary"], _serving_text(row["serves_in"]))
-    for kind in extra:
-        table.add_row(kind, "", "", "", _serving_text({f: [e.to_json() for e in serving_for(kind, f)]
-                                                       for f in FAMILIES}))
+        table.add_row(escape(row["name"]), escape(row["label"]), escape(row["format"]), escape(row["summary"]),
+                      escape(_serving_text(row["serves_in"])))
+    out.print(table)
+    table = Table(title="output variants (not schemes: made by other flags)", title_justify="left")
+    for column in ("variant", "made by", "loads in (other families where they differ)"):
+        table.add_column(column)
+    for variant in variants:
+        table.add_row(escape(variant["name"]), escape(variant["made_by"]),
+                      escape(_serving_text(variant["serves_in"])))
     out.print(table)
 
 
@@ -441,6 +446,13 @@ def _root(
     ] = False,
 ) -> None:
     pass
+
+
+def interrupt_outcome() -> str:
+    """What an interrupt left on disk. Read from :mod:`qconvert.writing` only if a command loaded it (it
+    imports torch): a command that never did cannot have written anything."""
+    writing = sys.modules.get("qconvert.writing")
+    return writing.interrupt_outcome() if writing is not None else "no output was left behind"
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:
