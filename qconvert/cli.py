@@ -40,7 +40,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+# Not on a terminal: 200 columns, unless COLUMNS says otherwise (rich reads it).
+out = Console(highlight=False, soft_wrap=True,
+              width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # names are printed as they are
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document on stdout.")]
@@ -188,18 +190,17 @@ def quantize(
 
 
 def _print_plan(summary: dict) -> None:
-    table = Table(title=f"plan for {summary['input']} -> {summary['output']} (dry run, nothing written)",
+    table = Table(title=escape(f"plan for {summary['input']} -> {summary['output']} (dry run, nothing written)"),
                   title_justify="left")
-    for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"),
-                            ("bytes before", "right"), ("bytes after", "right")):
+    for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"), ("bytes before", "right"),
+                            ("bytes after", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for layer in summary["layers"]:
-        table.add_row(layer["module"], f"{layer['scheme']} ({layer['label']})", "x".join(map(str, layer["shape"])),
-                      _human_bytes(layer["bytes_before"]), _human_bytes(layer["bytes_after"]))
-    for skipped in summary.get("skipped", []):
-        table.add_row(skipped["module"], f"unquantized: {skipped['reason']}", "x".join(map(str, skipped["shape"])),
-                      "", "")
-    out.print(table)
+    rows = [[layer["module"], f"{layer['scheme']} ({layer['label']})", "x".join(map(str, layer["shape"])),
+             _human_bytes(layer["bytes_before"]), _human_bytes(layer["bytes_after"])] for layer in summary["layers"]]
+    rows += [[skipped["module"], f"unquantized: {skipped['reason']}", "x".join(map(str, skipped["shape"])), "", ""]
+             for skipped in summary.get("skipped", [])]
+    _add_rows(table, rows)
+    out.print(table, soft_wrap=False)  # soft wrap would keep every cell on one line
     out.print(
         f"{summary['quantized_layers']} layers quantized; {_human_bytes(summary['bytes_before'])} -> "
         f"{_human_bytes(summary['bytes_after'])} ({summary['compression_ratio']:.2f}x); "
@@ -282,14 +283,7 @@ def inspect_cmd(
     if as_json:
         _emit_json(report)
         return
-    table = Table(title=f"{report['path']}  [{report['format']}]", title_justify="left")
-    for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"),
-                            ("stored as", "left"), ("bytes", "right")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for layer in report["layers"]:
-        table.add_row(layer["module"], layer["scheme"], "x".join(map(str, layer["shape"])),
-                      layer["stored"], _human_bytes(layer["bytes"]))
-    out.print(table)
+    out.print(inspect_table(report), soft_wrap=False)
     t = report["totals"]
     bits = f"{t['bits_per_weight']:.2f} bits per quantized weight" if t["bits_per_weight"] else "no quantized layers"
     out.print(
@@ -298,6 +292,56 @@ def inspect_cmd(
         f"({t['compression_ratio']:.2f}x); {bits}",
         markup=False,
     )
+
+
+def _natural(name: str) -> list:
+    """Sort key that orders layer 2 before layer 10 (module names compared piece by piece)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+
+
+def _fit_columns(table: Table, rows: list[list[str]]) -> None:
+    """Give ``table``'s columns widths that fit the terminal with the first (layer) column shrunk last.
+
+    rich shrinks the widest column first, which cuts every layer name (``model.layers.0.mlp…``): a cut name
+    is no name at all. So the other columns wrap at their spaces first, down to their longest word; only then
+    is the layer column narrowed, and its names folded onto more lines, never cut. ``rows`` are the cells as
+    printed (before markup escaping). The table loses its outer edge for the space."""
+    table.show_edge = False
+    table.columns[0].overflow = "fold"
+    texts = [[column.header for column in table.columns], *rows]  # type: ignore[list-item]
+    natural = [max(len(str(row[i])) for row in texts) for i in range(len(table.columns))]
+    floor = [max((len(word) for row in texts for word in str(row[i]).split()), default=1)
+             for i in range(len(table.columns))]
+    floor[0] = min(natural[0], 16)
+    widths = list(natural)
+    room = out.width - 3 * len(widths) + 1  # a space each side of every cell, a rule between columns
+    while sum(widths) > room:  # narrow the widest other column that can still wrap, one character at a time
+        shrinkable = [i for i in range(1, len(widths)) if widths[i] > floor[i]] or ([0] if widths[0] > floor[0] else [])
+        if not shrinkable:
+            break
+        widest = max(shrinkable, key=lambda i: widths[i])
+        widths[widest] -= 1
+    for column, width in zip(table.columns, widths, strict=True):
+        column.width = width
+
+
+def inspect_table(report: dict) -> Table:
+    """``inspect``'s table; its rows in module order (layer 2 before layer 10) whatever the scheme wrote first.
+    Every text from the checkpoint is escaped: rich would read ``[compressed-tensors ...]`` as markup."""
+    table = Table(title=escape(f"{report['path']}  [{report['format']}]"), title_justify="left")
+    for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"), ("stored as", "left"),
+                            ("bytes", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    rows = [[layer["module"], layer["scheme"], "x".join(map(str, layer["shape"])), layer["stored"],
+             _human_bytes(layer["bytes"])] for layer in sorted(report["layers"], key=lambda x: _natural(x["module"]))]
+    _add_rows(table, rows)
+    return table
+
+
+def _add_rows(table: Table, rows: list[list[str]]) -> None:
+    for row in rows:
+        table.add_row(*map(escape, row))
+    _fit_columns(table, rows)
 
 
 @app.command()
@@ -356,32 +400,35 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _print_verify(report: object, ordered: object) -> None:
     with_original = report.original is not None
-    table = Table(title=f"verify {report.path} on {report.device}, tokens {','.join(map(str, report.tokens))}")
+    table = Table(title=escape(f"verify {report.path} on {report.device}, tokens {','.join(map(str, report.tokens))}"))
     for column in ("layer", "scheme", "kernel path", "kernel ratio", "rel err", "ok"):
         table.add_column(column, justify="right" if column in ("kernel ratio", "rel err") else "left")
     if with_original:
         for column in ("weight SNR dB", "output SNR dB", "weight bound"):
             table.add_column(column, justify="right")
+    rows = []
     for layer in ordered:
         row = [layer.module, layer.scheme, layer.path, _fmt(layer.kernel_ratio, ".3f"),
                _fmt(layer.kernel_rel_error, ".1e"), "PASS" if layer.ok else "FAIL"]
         if with_original:
             row += [_fmt(layer.weight_snr_db, ".1f"), _fmt(layer.output_snr_db, ".1f"),
                     _fmt(layer.weight_bound_ratio, ".3f")]
-        table.add_row(*row)
-    out.print(table)
+        rows.append(row)
+    _add_rows(table, rows)
+    out.print(table, soft_wrap=False)  # soft wrap would keep every cell on one line
     failed = [layer for layer in report.layers if not layer.ok]
     for layer in failed:
         why = "; ".join(layer.notes) or f"kernel ratio {layer.kernel_ratio:.3g} > 1"
-        out.print(f"FAIL {layer.module}: {why}")
+        out.print(f"FAIL {layer.module}: {why}", markup=False)
     summary = f"{len(report.layers) - len(failed)}/{len(report.layers)} layers pass"
     if with_original and report.layers:
         worst = min(report.layers, key=lambda layer: layer.output_snr_db)
         summary += f"; worst output SNR {worst.output_snr_db:.1f} dB ({worst.module})"
-    out.print(summary)
+    out.print(summary, markup=False)
     if report.not_verified:
         out.print(f"note: {len(report.not_verified)} per-expert tensors in vLLM's gpt-oss spelling (e.g. "
-                  f"{report.not_verified[0]}) are not verified: qconvert verify reads compressed-tensors layers only")
+                  f"{report.not_verified[0]}) are not verified: qconvert verify reads compressed-tensors layers only",
+                  markup=False)
 
 
 @app.command()
@@ -407,14 +454,14 @@ def schemes(as_json: JsonOpt = False) -> None:
     for row in rows:
         table.add_row(escape(row["name"]), escape(row["label"]), escape(row["format"]), escape(row["summary"]),
                       escape(_serving_text(row["serves_in"])))
-    out.print(table)
+    out.print(table, soft_wrap=False)  # soft wrap would keep every cell on one line
     table = Table(title="output variants (not schemes: made by other flags)", title_justify="left")
     for column in ("variant", "made by", "loads in (other families where they differ)"):
         table.add_column(column)
     for variant in variants:
         table.add_row(escape(variant["name"]), escape(variant["made_by"]),
                       escape(_serving_text(variant["serves_in"])))
-    out.print(table)
+    out.print(table, soft_wrap=False)  # soft wrap would keep every cell on one line
 
 
 def _serving_text(by_family: dict[str, list[dict]]) -> str:

@@ -84,3 +84,61 @@ def test_scheme_option_given_a_variant_names_its_flags(tiny_llama: Path, tmp_pat
     assert result.code == 2
     (line,) = result.stderr_lines
     assert "output variant" in line and flags in line, line
+
+
+# --- 3. inspect: the format in the title, whole layer names at 80 columns, one row order -----------------------
+
+@pytest.fixture
+def narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's console as an 80-column terminal's."""
+    from rich.console import Console
+
+    from qconvert import cli
+
+    monkeypatch.setattr(cli, "out", Console(highlight=False, soft_wrap=True, width=80))
+
+
+def _table_lines(text: str) -> list[str]:
+    """The table's rows that start a layer (a row's continuation lines, of wrapped cells, have no name)."""
+    return [line for line in text.splitlines() if "│" in line and line.split("│")[0].strip()]
+
+
+def test_inspect_shows_the_format_and_whole_names_at_80_columns(tiny_llama: Path, tmp_path: Path,
+                                                                 narrow_terminal: None) -> None:
+    assert run_cli("quantize", tiny_llama, "-s", "rtn4", "-o", tmp_path / "o", "-q").code == 0
+    result = run_cli("inspect", tmp_path / "o")
+    assert result.code == 0, result.stderr
+    assert "[compressed-tensors pack-quantized]" in result.stdout  # the title (wrapped at 80 with a long path)
+    lines = result.stdout.splitlines()[:-1]  # the totals line is one soft-wrapped line
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    first_cells = [line.split("│")[0].strip() for line in _table_lines(result.stdout)]
+    modules = [layer["module"] for layer in json.loads(run_cli("inspect", tmp_path / "o", "--json").stdout)["layers"]]
+    assert sorted(first_cells) == sorted(modules)  # each name whole on its line, none cut to "model.layers.0.mlp…"
+
+
+def test_inspect_escapes_markup_in_names(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"model.[bold]x[/bold].weight": torch.zeros(4, 4, dtype=torch.bfloat16)},
+              str(tmp_path / "model.safetensors"))
+    result = run_cli("inspect", tmp_path / "model.safetensors")
+    assert result.code == 0 and "model.[bold]x[/bold]" in result.stdout, result.stdout
+
+
+def test_inspect_rows_in_one_order_whatever_the_scheme(tiny_llama: Path, tmp_path: Path) -> None:
+    orders = []
+    for scheme in ("rtn4", "fp8", "nvfp4"):
+        assert run_cli("quantize", tiny_llama, "-s", scheme, "-o", tmp_path / scheme, "-q").code == 0
+        text = run_cli("inspect", tmp_path / scheme).stdout
+        orders.append([line.split("│")[0].strip() for line in _table_lines(text)])
+    assert orders[0] == orders[1] == orders[2]
+    assert orders[0].index("model.layers.0.mlp.down_proj") < orders[0].index("model.layers.1.mlp.down_proj")
+
+
+def test_inspect_json_unchanged(tiny_llama: Path, tmp_path: Path) -> None:
+    """--json is the report as inspect_path builds it (order and keys), untouched by the table's sorting."""
+    from qconvert.inspection import inspect_path
+
+    assert run_cli("quantize", tiny_llama, "-s", "fp8", "-o", tmp_path / "o", "-q").code == 0
+    assert json.loads(run_cli("inspect", tmp_path / "o", "--json").stdout) == inspect_path(str(tmp_path / "o"))
