@@ -137,6 +137,7 @@ def quantize(
     workers: WorkersOpt = None,
 ) -> None:
     """Quantize a checkpoint into a new compressed-tensors checkpoint."""
+    from qconvert.errors import BadInputError
     from qconvert.options import fuse_patterns, parse_overrides
     from qconvert.pipeline import QuantizeRequest
     from qconvert.pipeline import quantize as run
@@ -172,7 +173,15 @@ def quantize(
         if not quiet:
             err.print(one_line(message), markup=False)
 
-    summary = run(request, notice)
+    try:
+        summary = run(request, notice)
+    except BadInputError as exc:
+        planned = getattr(exc, "plan_summary", None)  # a dry run refused by --min-coverage: show its plan first
+        if planned is not None and as_json:
+            _emit_json(planned)
+        elif planned is not None:
+            _print_plan(planned)
+        raise
     if as_json:
         _emit_json(summary)
         return
@@ -264,6 +273,9 @@ def convert(
     summary = run(request, lambda message: None if quiet else err.print(one_line(message), markup=False))
     if as_json:
         _emit_json(summary)
+        return
+    if summary.get("unchanged"):
+        out.print(f"nothing written: --op {op} would change nothing ({summary['unchanged']})", markup=False)
         return
     out.print(f"wrote {summary['output']}: --op {op} on {len(summary['converted'])} layers, "
               f"{_human_bytes(summary['bytes_before'])} -> {_human_bytes(summary['bytes_after'])}, "

@@ -138,8 +138,10 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
     source = resolve_source(request.model, request.revision)
     target = (request.output or default_output(request.model, source, request.scheme.name)).expanduser()
     settings = execution_settings(request.device, request.workers)
+    # A dry run makes every check the run would make before writing (without the lock file), so that it
+    # fails, with the same exit code, where the run would.
+    check_output_location(source, target, request.overwrite, lock=not request.dry_run)
     if not request.dry_run:
-        check_output_location(source, target, request.overwrite)
         warm_up(settings)
     checkpoint = open_checkpoint(source)
     with TensorReader() as reader:
@@ -147,7 +149,13 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
         view = logical_view(checkpoint, stored)
         plan = make_plan(replace(checkpoint, tensors=view), request.scheme, request.ignore, request.targets,
                          request.overrides, request.include_vision, request.keep_fused_experts)
-        check_coverage(plan, request.min_coverage)
+        refusal = None
+        try:
+            check_coverage(plan, request.min_coverage)
+        except BadInputError as exc:
+            if not request.dry_run:
+                raise
+            refusal = exc  # a dry run shows the plan the message points to, then fails as the run would
         family = family_of(checkpoint.config, split_experts=bool(plan.splits))
         fused_patterns = plan.facts.fused_patterns if request.fused_patterns is None else request.fused_patterns
         check_plan(plan, view, stored)
@@ -188,6 +196,15 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
     if request.fnuz:
         units = apply_fnuz(units)
     serving = [s.to_json() for s in serves_in(kinds, family, misaligned is not None)]
+    if request.dry_run:
+        if refusal is not None:
+            refusal.plan_summary = summarize(  # type: ignore[attr-defined]
+                checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True,
+                serves_in=serving)
+            raise refusal
+        # What write_checkpoint checks before its first write: output names, files to copy, free space.
+        layout = layout_shards([unit.outputs for unit in units], request.max_shard_bytes)
+        preflight_output(checkpoint, units, target, layout, checkpoint.other_files, notice)
     return PreparedQuantize(checkpoint, target, plan, config, units, started, {"serves_in": serving}, settings)
 
 
@@ -262,6 +279,9 @@ def _convert(request: ConvertRequest, notice: Notice) -> dict:
                                fused_patterns, request.dtype)
     for note in plan.notes:
         notice(note)
+    if plan.unchanged:  # the output would equal the input: write nothing (exit 0; the CLI says so)
+        return summarize(checkpoint, [], None, [], time.perf_counter() - started, op=request.op.value,
+                         converted=[], unchanged=plan.unchanged)
     shards = write_checkpoint(checkpoint, plan.units, target, plan.config, request.max_shard_bytes,
                               request.show_progress, notice, resume=request.resume, options=job_options(request),
                               settings=settings)

@@ -142,3 +142,39 @@ def test_inspect_json_unchanged(tiny_llama: Path, tmp_path: Path) -> None:
 
     assert run_cli("quantize", tiny_llama, "-s", "fp8", "-o", tmp_path / "o", "-q").code == 0
     assert json.loads(run_cli("inspect", tmp_path / "o", "--json").stdout) == inspect_path(str(tmp_path / "o"))
+
+
+# --- 6. no-op conversions and dry runs that pass where the run would fail --------------------------------------
+
+def test_shared_scale_on_an_already_shared_output_writes_nothing(tiny_llama: Path, tmp_path: Path) -> None:
+    assert run_cli("quantize", tiny_llama, "-s", "fp8-tensor", "-o", tmp_path / "ft", "-q").code == 0
+    result = run_cli("convert", tmp_path / "ft", "--op", "shared-scale", "-o", tmp_path / "ss")
+    assert result.code == 0, result.stderr
+    assert "nothing written" in result.stdout and "already share one scale" in result.stdout
+    assert not (tmp_path / "ss").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ft"]
+    data = json.loads(run_cli("convert", tmp_path / "ft", "--op", "shared-scale", "-o", tmp_path / "ss",
+                              "--json").stdout)
+    assert data["output"] is None and data["converted"] == [] and data["unchanged"]
+
+
+def test_dry_run_fails_where_the_run_would(tiny_llama: Path, tmp_path: Path) -> None:
+    """The output exists (no --overwrite): the run exits 2 before writing, and so must its dry run."""
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("work of a day")
+    real = run_cli("quantize", tiny_llama, "-o", tmp_path / "o")
+    dry = run_cli("quantize", tiny_llama, "-o", tmp_path / "o", "--dry-run")
+    assert real.code == dry.code == 2
+    assert real.stderr_lines[-1] == dry.stderr_lines[-1] and "--overwrite" in dry.stderr_lines[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no lock file left by the dry run
+    assert run_cli("quantize", tiny_llama, "-o", tmp_path / "o", "--dry-run", "--overwrite").code == 0
+
+
+def test_dry_run_refused_by_min_coverage_still_prints_its_plan(tiny_llama: Path, tmp_path: Path) -> None:
+    result = run_cli("quantize", tiny_llama, "-o", tmp_path / "o", "--dry-run", "--min-coverage", "0.9",
+                     "--ignore", "re:.*mlp.*", env={"COLUMNS": "200"})
+    assert result.code == 2
+    assert "below --min-coverage" in result.stderr_lines[-1]
+    assert "model.layers.0.mlp.down_proj" in result.stdout and "unquantized" in result.stdout  # the plan
+    as_json = run_cli("quantize", tiny_llama, "-o", tmp_path / "o", "--dry-run", "--min-coverage", "0.9",
+                      "--ignore", "re:.*mlp.*", "--json")
+    assert as_json.code == 2 and json.loads(as_json.stdout)["dry_run"] is True
