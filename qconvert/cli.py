@@ -367,8 +367,10 @@ def verify(
                                  "cpu runs the Triton kernels in the interpreter: small checkpoints only.")
     ] = None,
     tokens: Annotated[
-        str, typer.Option("--tokens", help="Token counts (GEMM M) to run, comma-separated.")
-    ] = "1,16,128",
+        str | None, typer.Option("--tokens", help="Token counts (GEMM M) to run, comma-separated (default: "
+                                 f"{GPU_TOKENS} on a GPU; {CPU_TOKENS} on the CPU, where Triton's interpreter takes "
+                                 "seconds per layer and token count).")
+    ] = None,
     layers: Annotated[
         str | None, typer.Option("--layers", help="Only layers whose module name matches this regex (re.search).")
     ] = None,
@@ -388,22 +390,58 @@ def verify(
         os.environ["TRITON_INTERPRET"] = "1"
     from qconvert.verification import parse_tokens, resolve_device
 
-    token_counts = parse_tokens(tokens)
     target = resolve_device(device)
-    from tqdm import tqdm
-
+    token_counts = parse_tokens(tokens or (GPU_TOKENS if target.type == "cuda" else CPU_TOKENS))
     from qconvert.verification import verify as run_verify
     from qconvert.verification import worst_first
 
-    bar = tqdm(desc="verify", unit="layer", disable=quiet or as_json or not sys.stderr.isatty(), leave=False)
-    report = run_verify(path, original, target, token_counts, layers, on_layer=lambda _: bar.update())
-    bar.close()
+    progress = _VerifyProgress(enabled=not (quiet or as_json))
+    report = run_verify(path, original, target, token_counts, layers, on_layer=progress.layer, on_start=progress.start)
+    progress.close()
     if as_json:
         _emit_json(report.to_json())
     else:
         _print_verify(report, worst_first(report.layers))
     if not report.ok:
         raise typer.Exit(EXIT_FAILURE)
+
+
+GPU_TOKENS, CPU_TOKENS = "1,16,128", "1"
+
+
+class _VerifyProgress:
+    """verify's progress on stderr: a bar with a total and an ETA on a terminal, else one plain line per layer
+    (a CI log shows the run advancing instead of minutes of silence)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.terminal = enabled, sys.stderr.isatty()
+        self.total, self.done, self.bar = 0, 0, None
+        self.started = 0.0
+
+    def start(self, total: int) -> None:
+        import time
+
+        self.total, self.started = total, time.perf_counter()
+        if self.enabled and self.terminal:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="verify", unit="layer", leave=False, dynamic_ncols=True)
+
+    def layer(self, result: object) -> None:
+        import time
+
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+        elif self.enabled:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / self.done * (self.total - self.done)
+            print(one_line(f"verify: {self.done}/{self.total} layers, {elapsed:.0f} s, about {eta:.0f} s left "
+                           f"({getattr(result, 'module', '')})"), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -89,9 +89,10 @@ class QuantizeRequest:
 
 
 def default_output(model: str, source: Path, suffix: str) -> Path:
-    if Path(model).expanduser().exists():
-        return source.parent / f"{source.name}-{suffix}"
-    return Path.cwd() / f"{model.rstrip('/').split('/')[-1]}-{suffix}"
+    """Beside the input where a user would look for it, else ``./NAME-SUFFIX`` (see :mod:`qconvert.naming`)."""
+    from qconvert.naming import default_output as choose
+
+    return choose(model, source, suffix)
 
 
 @dataclass

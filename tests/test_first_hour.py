@@ -4,6 +4,7 @@ commands that neither do nothing silently nor pass when the run would fail, and 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,54 @@ def test_dry_run_refused_by_min_coverage_still_prints_its_plan(tiny_llama: Path,
     as_json = run_cli("quantize", tiny_llama, "-o", tmp_path / "o", "--dry-run", "--min-coverage", "0.9",
                       "--ignore", "re:.*mlp.*", "--json")
     assert as_json.code == 2 and json.loads(as_json.stdout)["dry_run"] is True
+
+
+# --- 7. defaults: where outputs go, {name}, verify on the CPU ---------------------------------------------------
+
+def test_default_output_of_an_installed_model_is_in_the_working_folder(minilm_dir: Path, tmp_path: Path) -> None:
+    """The demo's model lives in site-packages: its output goes to ./all-MiniLM-L6-v2-rtn4, not beside it."""
+    assert "site-packages" in minilm_dir.parts or "dist-packages" in minilm_dir.parts
+    result = run_cli("quantize", minilm_dir, "--dry-run", "--json", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["output"] == str(tmp_path / "all-MiniLM-L6-v2-rtn4")
+
+
+def test_default_output_beside_a_users_own_folder(tiny_llama: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "my-llama"))
+    result = run_cli("quantize", model, "-s", "fp8", "--dry-run", "--json", cwd=tmp_path)
+    assert json.loads(result.stdout)["output"] == str(tmp_path / "my-llama-fp8")
+
+
+def test_default_output_from_a_hub_cache_snapshot(tiny_llama: Path, tmp_path: Path) -> None:
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-chat" / "snapshots" / ("ab" * 20)
+    shutil.copytree(tiny_llama, snapshot)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli("quantize", snapshot, "--dry-run", "--json", cwd=work)
+    assert json.loads(result.stdout)["output"] == str(work / "tiny-chat-rtn4")
+
+
+def test_batch_name_is_the_models_own_name(minilm_dir: Path, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"defaults:\n  output: \"{tmp_path}/{{name}}-{{scheme}}\"\njobs:\n  - model: {minilm_dir}\n"
+                    "    scheme: rtn4\n")
+    result = run_cli("batch", jobs, "--dry-run", "--json")
+    assert result.code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if '"output"' in line]
+    assert rows and rows[0]["output"] == str(tmp_path / "all-MiniLM-L6-v2-rtn4")
+
+
+def test_verify_on_cpu_reports_progress_with_a_total_off_a_terminal(tiny_llama: Path, tmp_path: Path) -> None:
+    """Not on a terminal: one plain line per layer with its count, the total and the time left; the CPU default
+    token count keeps a tiny model's verify short."""
+    assert run_cli("quantize", tiny_llama, "-s", "rtn4", "-o", tmp_path / "o", "-q").code == 0
+    result = run_cli("verify", tmp_path / "o", "--device", "cpu", "--layers", r"layers\.0\.self_attn\.[qk]_proj")
+    assert result.code == 0, result.stderr
+    lines = [line for line in result.stderr_lines if line.startswith("verify: ")]
+    assert [line.split(",")[0] for line in lines] == ["verify: 1/2 layers", "verify: 2/2 layers"]
+    assert all("s left" in line for line in lines)
+    assert re.search(r"tokens 1(?![,\d])", result.stdout), result.stdout  # the CPU default: M = 1 only
