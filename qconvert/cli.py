@@ -677,6 +677,7 @@ def batch(
 
     from qconvert.batch import Settings, load_jobs, run_local, summary_line
     from qconvert.batch import exit_code as batch_exit_code
+    from qconvert.errors import BadInputError
 
     started = time.perf_counter()
     job_list = load_jobs(jobs_file, quantize_option_specs())
@@ -685,7 +686,13 @@ def batch(
     terminal = sys.stderr.isatty() and not quiet
     bar = tqdm(total=total, unit="output", desc="batch", disable=not terminal, dynamic_ncols=True, leave=False)
     rows: list[dict] = []
-    sink = report.open("w") if report is not None else None
+    sink = None
+    if report is not None:
+        try:  # its folder is made as an output's is (a CI job's `--report build/report.jsonl`)
+            report.parent.mkdir(parents=True, exist_ok=True)
+            sink = report.open("w")
+        except OSError as exc:
+            raise BadInputError(f"--report {report}: cannot write it ({exc.strerror})") from None
 
     def emit(line: dict) -> None:
         text = json.dumps(line)

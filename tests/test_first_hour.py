@@ -230,3 +230,30 @@ def test_verify_on_cpu_reports_progress_with_a_total_off_a_terminal(tiny_llama: 
     assert [line.split(",")[0] for line in lines] == ["verify: 1/2 layers", "verify: 2/2 layers"]
     assert all("s left" in line for line in lines)
     assert re.search(r"tokens 1(?![,\d])", result.stdout), result.stdout  # the CPU default: M = 1 only
+
+
+# --- 9. the CI example: a workflow that installs qconvert and runs batch on a job file -----------------------
+
+def test_example_workflow_runs_its_job_file(minilm_dir: Path, tmp_path: Path) -> None:
+    import shlex
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    workflow = yaml.safe_load((REPO / "examples" / "ci.yml").read_text())
+    steps = workflow["jobs"]["quantize"]["steps"]
+    script = "\n".join(step.get("run", "") for step in steps)
+    assert "pip install ." in script  # installs this repository, not a placeholder URL
+    (batch_line,) = [line for line in script.splitlines() if line.strip().startswith("qconvert batch")]
+    args = shlex.split(batch_line)[1:]
+    assert (REPO / args[1]).is_file()  # the job file it names exists
+    # Its other steps, as they run in CI: the job file names the model through a link.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "all-MiniLM-L6-v2").symlink_to(minilm_dir)
+    result = run_cli(*[str(REPO / a) if a == args[1] else a for a in args], cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "build" / "report.jsonl").read_text().splitlines()]
+    assert lines[-1]["summary"]["ok"] == 2
+    assert sorted(p.name for p in (tmp_path / "build" / "quantized").iterdir()) == [
+        "all-MiniLM-L6-v2-fp8", "all-MiniLM-L6-v2-rtn4"]
