@@ -2,8 +2,8 @@
 
 Each entry was observed by the conformance tier (``tests/engines/``, ``make engines``), which runs the
 engines' own config parsing and weight loaders on checkpoints we write and fails when an engine and this
-table disagree. ``qconvert schemes``, the ``serves_in`` field of ``quantize --json`` and the README's
-"loads in" column are all made from it.
+table disagree. ``qconvert schemes``, the ``serves_in`` field of ``quantize --json`` and the "loads in" table
+of docs/schemes.md are all made from it.
 
 An output *kind* is a scheme, optionally with a layout (``int8-block@sglang``) or the ``convert`` op that
 produced it (``fp8+fnuz``). Several entries for one engine give the method it picks from each minimum GPU
@@ -267,7 +267,7 @@ def servers_missing(kinds: list[str], family: str = "llama", block_misaligned: b
 
 
 def markdown_table() -> str:
-    """The README's "loads in" table, made from :data:`SERVES` (a test keeps the README equal to it)."""
+    """The "loads in" table of docs/schemes.md, made from :data:`SERVES` (a test keeps the page equal to it)."""
 
     def cell(kind: str, family: str) -> str:
         parts = []
@@ -283,25 +283,50 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def schemes_table() -> str:
+    """The README's short schemes table: each scheme, its weights and activations, the format it writes and the
+    engines that load it for Llama-family models from the lowest capability (docs/schemes.md has the rest)."""
+    from qconvert.scheme_catalog import CATALOG
+
+    names = {"vllm": "vLLM", "sglang": "SGLang", "transformers": "transformers"}
+    lines = ["| scheme | weights | activations (dynamic) | written as | loads in (Llama-family) |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in CATALOG:
+        lowest: dict[str, int | None] = {}
+        for s in serving_for(row["name"]):
+            if s.engine.value in names and s.engine.value not in lowest:
+                lowest[s.engine.value] = s.min_capability
+        loads = ", ".join(f"{names[e]}{f' sm{c}+' if c else ''}" for e, c in lowest.items()) or "qconvert verify"
+        act = row["input_activations"]
+        number = {"float": "fp"}.get(act["type"], act["type"]) if act else ""
+        activations = "–" if not act else (f"{number}{act['num_bits']} per token"
+                                           + (f" per {act['group_size']} channels" if act.get("group_size") else ""))
+        lines.append(f"| `{row['name']}` | {row['label']} | {activations} | `{row['format']}` | {loads} |")
+    return "\n".join(lines) + "\n"
+
+
 README_MARKERS = ("<!-- serving-table -->\n", "<!-- /serving-table -->")
+SCHEMES_MARKERS = ("<!-- schemes-table -->\n", "<!-- /schemes-table -->")
 
 
 def readme_with_table(readme: str) -> str:
-    """``readme`` with the text between :data:`README_MARKERS` replaced by :func:`markdown_table`."""
-    start, end = README_MARKERS
-    head, _, rest = readme.partition(start)
-    _, _, tail = rest.partition(end)
-    return f"{head}{start}{markdown_table()}{end}{tail}"
+    """``readme`` with the text between each pair of markers it holds replaced by its table: :data:`README_MARKERS`
+    by :func:`markdown_table` (docs/schemes.md), :data:`SCHEMES_MARKERS` by :func:`schemes_table` (README.md)."""
+    for (start, end), make in ((README_MARKERS, markdown_table), (SCHEMES_MARKERS, schemes_table)):
+        if start in readme:
+            head, _, rest = readme.partition(start)
+            _, _, tail = rest.partition(end)
+            readme = f"{head}{start}{make()}{end}{tail}"
+    return readme
 
 
-if __name__ == "__main__":  # python -m qconvert.serving [README.md]: print the table, or write it into the README
+if __name__ == "__main__":  # python -m qconvert.serving [PAGE.md ...]: print the table, or write the tables in pages
     import sys
     from pathlib import Path
 
-    if len(sys.argv) > 1:
-        path = Path(sys.argv[1])
+    for path in map(Path, sys.argv[1:]):
         path.write_text(readme_with_table(path.read_text()))
-    else:
+    if len(sys.argv) == 1:
         print(markdown_table(), end="")
 
 

@@ -257,3 +257,40 @@ def test_example_workflow_runs_its_job_file(minilm_dir: Path, tmp_path: Path) ->
     assert lines[-1]["summary"]["ok"] == 2
     assert sorted(p.name for p in (tmp_path / "build" / "quantized").iterdir()) == [
         "all-MiniLM-L6-v2-fp8", "all-MiniLM-L6-v2-rtn4"]
+
+
+# --- 8. the README: short, self-contained, its tables made from the code --------------------------------------
+
+def test_readme_is_short_and_names_nothing_outside_the_repository() -> None:
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = page.read_text()
+        assert not re.search(r"\.\./shared|(?<![\w.])/(work|root|home|tmp|opt)/", text), page.name
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):  # relative links resolve, inside the clone
+            resolved = (page.parent / target).resolve()
+            assert resolved.exists() and resolved.is_relative_to(REPO.resolve()), f"{page.name}: {target}"
+
+
+def test_readme_schemes_table_is_made_from_the_code() -> None:
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    assert serving.SCHEMES_MARKERS[0] in readme
+    assert readme == serving.readme_with_table(readme), "run: python -m qconvert.serving README.md docs/schemes.md"
+
+
+def test_reference_documents_every_option() -> None:
+    """docs/reference.md restates the options: every option of every command must appear there."""
+    import typer
+
+    from qconvert.cli import app
+    from tests.conftest import REPO
+
+    reference = (REPO / "docs" / "reference.md").read_text()
+    missing = [f"{name} {option}" for name, command in typer.main.get_command(app).commands.items()
+               for param in command.params for option in param.opts
+               if option.startswith("--") and not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", reference)]
+    assert not missing, missing
