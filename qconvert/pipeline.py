@@ -24,6 +24,7 @@ from qconvert.engine import ExecutionSettings, execute, execution_settings, repo
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.formats import Layout, NumberType
+from qconvert.model_card import write_model_card
 from qconvert.numerics import require_finite_part
 from qconvert.planning import Plan, check_coverage, make_plan, module_of
 from qconvert.preflight import (
@@ -396,6 +397,7 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
             (out.path / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(checkpoint.root / rel, out.path / rel)  # follows hub-cache symlinks to the blobs
             bar.advance((checkpoint.root / rel).stat().st_size, tensors=0)
+        write_model_card(out.path, checkpoint.root, config)
         out.commit()
     return names
 

@@ -294,3 +294,30 @@ def test_reference_documents_every_option() -> None:
                for param in command.params for option in param.opts
                if option.startswith("--") and not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", reference)]
     assert not missing, missing
+
+
+# --- the model card written into every output ------------------------------------------------------------------
+
+def test_every_output_carries_a_model_card(tiny_llama: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "tiny-chat"))
+    (model / "README.md").write_text("---\nlicense: mit\ntags: [chat]\n---\n# tiny-chat\nThe original text.\n")
+    assert run_cli("quantize", model, "-s", "fp8-block", "-o", tmp_path / "q", "-q").code == 0
+    card = (tmp_path / "q" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == "tiny-chat" and meta["license"] == "mit"
+    assert {"chat", "compressed-tensors", "fp8-block"} <= set(meta["tags"])
+    assert "qconvert quantize tiny-chat --scheme fp8-block" in card
+    assert "W8A16Fp8 from sm75" in card and "W8A8Fp8 from sm89" in card  # where it loads, per method
+    assert card.count("---\n") == 2 and card.rstrip().endswith("The original text.")  # the original below ours
+    assert (model / "README.md").read_text().startswith("---\nlicense: mit")  # the input untouched
+    # batch writes the same card (its outputs are byte for byte quantize's), convert one too
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"jobs:\n  - model: {model}\n    scheme: fp8-block\n    output: {tmp_path / 'b'}\n")
+    assert run_cli("batch", jobs, "-q").code == 0
+    assert (tmp_path / "b" / "README.md").read_text() == card
+    assert run_cli("convert", tmp_path / "q", "--op", "fnuz", "-o", tmp_path / "z", "-q").code == 0
+    assert "--scheme fp8-block --fnuz" in (tmp_path / "z" / "README.md").read_text()
