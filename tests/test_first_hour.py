@@ -321,3 +321,21 @@ def test_every_output_carries_a_model_card(tiny_llama: Path, tmp_path: Path) -> 
     assert (tmp_path / "b" / "README.md").read_text() == card
     assert run_cli("convert", tmp_path / "q", "--op", "fnuz", "-o", tmp_path / "z", "-q").code == 0
     assert "--scheme fp8-block --fnuz" in (tmp_path / "z" / "README.md").read_text()
+
+
+# --- 2. the llm-compressor parity tests never skip silently in CI ---------------------------------------------
+
+def test_parity_without_llm_compressor_fails_under_require(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reference python that cannot import llmcompressor: a skip for a developer, a failure in CI."""
+    from tests.conftest import run_llm_compressor
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'llmcompressor'\" >&2\nexit 77\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("QCONVERT_LLMC_PYTHON", str(fake))
+    monkeypatch.delenv("QCONVERT_REQUIRE_LLMC", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="llmcompressor"):
+        run_llm_compressor(tmp_path, {"W4A16": tmp_path / "out"})
+    monkeypatch.setenv("QCONVERT_REQUIRE_LLMC", "1")
+    with pytest.raises(pytest.fail.Exception, match="QCONVERT_REQUIRE_LLMC"):
+        run_llm_compressor(tmp_path, {"W4A16": tmp_path / "out"})
