@@ -46,7 +46,10 @@ $(VENV)/.setup-done: pyproject.toml Makefile | $(VENV)/bin/python
 $(LLMC_VENV)/.setup-done: Makefile
 	@test -x $(LLMC_PYTHON) || $(HOST_PYTHON) -m venv $(VENV_FLAGS) $(LLMC_VENV)
 	$(LLMC_PYTHON) -c "import torch" 2>/dev/null || $(LLMC_PYTHON) $(PIP) $(TORCH)
-	$(LLMC_PYTHON) $(PIP) compressed-tensors==0.20.1 'transformers>=4.45' accelerate loguru nvidia-ml-py pyyaml
+	@# llm-compressor out first, so that pip sees no pins of it to complain about while the others go in.
+	@$(LLMC_PYTHON) -m pip uninstall -q -y llmcompressor 2>/dev/null || true
+	$(LLMC_PYTHON) $(PIP) compressed-tensors==0.20.1 'transformers>=4.45' accelerate loguru nvidia-ml-py pyyaml \
+	  requests pillow numpy tqdm
 	$(LLMC_PYTHON) $(PIP) --no-deps llmcompressor==0.14.0.1
 	@touch $@
 
