@@ -410,18 +410,21 @@ GPU_TOKENS, CPU_TOKENS = "1,16,128", "1"
 
 
 class _VerifyProgress:
-    """verify's progress on stderr: a bar with a total and an ETA on a terminal, else one plain line per layer
-    (a CI log shows the run advancing instead of minutes of silence)."""
+    """verify's progress on stderr: a bar with a total and an ETA on a terminal, else a plain line with the count,
+    total and time left every few seconds (a CI log shows the run advancing instead of minutes of silence)."""
+
+    INTERVAL = 5.0  # seconds between plain lines
 
     def __init__(self, enabled: bool):
         self.enabled, self.terminal = enabled, sys.stderr.isatty()
         self.total, self.done, self.bar = 0, 0, None
-        self.started = 0.0
+        self.started = self.last = 0.0
 
     def start(self, total: int) -> None:
         import time
 
         self.total, self.started = total, time.perf_counter()
+        self.last = self.started
         if self.enabled and self.terminal:
             from tqdm import tqdm
 
@@ -434,7 +437,12 @@ class _VerifyProgress:
         if self.bar is not None:
             self.bar.update()
         elif self.enabled:
-            elapsed = time.perf_counter() - self.started
+            now = time.perf_counter()
+            # A line every few seconds and the last: a log that shows the run advancing, not one line per layer
+            # of a fast run (nor progress lines before the one error line of bad input found early).
+            if now - self.last < self.INTERVAL and self.done < self.total:
+                return
+            self.last, elapsed = now, now - self.started
             eta = elapsed / self.done * (self.total - self.done)
             print(one_line(f"verify: {self.done}/{self.total} layers, {elapsed:.0f} s, about {eta:.0f} s left "
                            f"({getattr(result, 'module', '')})"), file=sys.stderr, flush=True)

@@ -158,6 +158,9 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
             if not request.dry_run:
                 raise
             refusal = exc  # a dry run shows the plan the message points to, then fails as the run would
+
+            def notice(_message: str) -> None:  # and its error stays the one line on stderr
+                pass
         family = family_of(checkpoint.config, split_experts=bool(plan.splits))
         fused_patterns = plan.facts.fused_patterns if request.fused_patterns is None else request.fused_patterns
         check_plan(plan, view, stored)

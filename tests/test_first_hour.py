@@ -220,10 +220,14 @@ def test_batch_name_is_the_models_own_name(minilm_dir: Path, tmp_path: Path) -> 
     assert rows and rows[0]["output"] == str(tmp_path / "all-MiniLM-L6-v2-rtn4")
 
 
-def test_verify_on_cpu_reports_progress_with_a_total_off_a_terminal(tiny_llama: Path, tmp_path: Path) -> None:
-    """Not on a terminal: one plain line per layer with its count, the total and the time left; the CPU default
-    token count keeps a tiny model's verify short."""
+def test_verify_on_cpu_reports_progress_with_a_total_off_a_terminal(tiny_llama: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not on a terminal: plain lines with the count, the total and the time left (every INTERVAL seconds, and
+    the last); the CPU default token count keeps a tiny model's verify short."""
+    from qconvert import cli
+
     assert run_cli("quantize", tiny_llama, "-s", "rtn4", "-o", tmp_path / "o", "-q").code == 0
+    monkeypatch.setattr(cli._VerifyProgress, "INTERVAL", 0.0)  # a line per layer
     result = run_cli("verify", tmp_path / "o", "--device", "cpu", "--layers", r"layers\.0\.self_attn\.[qk]_proj")
     assert result.code == 0, result.stderr
     lines = [line for line in result.stderr_lines if line.startswith("verify: ")]
