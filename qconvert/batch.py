@@ -156,11 +156,11 @@ def _normalize_keys(mapping: dict, where: str, source: Path) -> dict:
 
 
 def model_name(model: str) -> str:
-    """``{name}``: the model folder's name, or the hub id's last part."""
-    path = Path(model).expanduser()
-    if path.exists():
-        return path.resolve().name
-    return model.rstrip("/").split("/")[-1]
+    """``{name}``: the model's own name (the folder's, or where that is generic such as ``model``, the hub
+    repository's or the model card's title; a hub id's last part): :func:`qconvert.naming.model_name`."""
+    from qconvert.naming import model_name as own_name
+
+    return own_name(model)
 
 
 def _expand(template: str, name: str, scheme: str) -> str:

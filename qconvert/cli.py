@@ -20,12 +20,13 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import qconvert
 from qconvert import __version__
 from qconvert.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERNAL, QConvertError, one_line
-from qconvert.writing import interrupt_outcome
+from qconvert.scheme_catalog import NAMES as SCHEME_NAMES
 
 try:  # Typer >= 0.25 vendors click; its usage errors derive from TyperException
     from typer import TyperException as UsageError
@@ -39,7 +40,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+# Not on a terminal: 200 columns, unless COLUMNS says otherwise (rich reads it).
+out = Console(highlight=False, soft_wrap=True,
+              width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # names are printed as they are
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document on stdout.")]
@@ -68,7 +71,8 @@ def _emit_json(data: object) -> None:
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="Model folder, or a Hugging Face hub id.")],
-    scheme: Annotated[str, typer.Option("--scheme", "-s", help="Scheme name (see `qconvert schemes`).")] = "rtn4",
+    scheme: Annotated[str, typer.Option("--scheme", "-s", help=f"Scheme: {', '.join(SCHEME_NAMES)} "
+                                        "(`qconvert schemes` says what each writes and where it loads).")] = "rtn4",
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Output folder (default: MODEL-SCHEME beside the input).")
     ] = None,
@@ -137,6 +141,7 @@ def quantize(
     workers: WorkersOpt = None,
 ) -> None:
     """Quantize a checkpoint into a new compressed-tensors checkpoint."""
+    from qconvert.errors import BadInputError
     from qconvert.options import quantize_request
     from qconvert.pipeline import quantize as run
 
@@ -153,7 +158,15 @@ def quantize(
         if not quiet:
             err.print(one_line(message), markup=False)
 
-    summary = run(request, notice)
+    try:
+        summary = run(request, notice)
+    except BadInputError as exc:
+        planned = getattr(exc, "plan_summary", None)  # a dry run refused by --min-coverage: show its plan first
+        if planned is not None and as_json:
+            _emit_json(planned)
+        elif planned is not None:
+            _print_plan(planned)
+        raise
     if as_json:
         _emit_json(summary)
         return
@@ -171,18 +184,17 @@ def quantize(
 
 
 def _print_plan(summary: dict) -> None:
-    table = Table(title=f"plan for {summary['input']} -> {summary['output']} (dry run, nothing written)",
+    table = Table(title=escape(f"plan for {summary['input']} -> {summary['output']} (dry run, nothing written)"),
                   title_justify="left")
-    for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"),
-                            ("bytes before", "right"), ("bytes after", "right")):
+    for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"), ("bytes before", "right"),
+                            ("bytes after", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for layer in summary["layers"]:
-        table.add_row(layer["module"], f"{layer['scheme']} ({layer['label']})", "x".join(map(str, layer["shape"])),
-                      _human_bytes(layer["bytes_before"]), _human_bytes(layer["bytes_after"]))
-    for skipped in summary.get("skipped", []):
-        table.add_row(skipped["module"], f"unquantized: {skipped['reason']}", "x".join(map(str, skipped["shape"])),
-                      "", "")
-    out.print(table)
+    rows = [[layer["module"], f"{layer['scheme']} ({layer['label']})", "x".join(map(str, layer["shape"])),
+             _human_bytes(layer["bytes_before"]), _human_bytes(layer["bytes_after"])] for layer in summary["layers"]]
+    rows += [[skipped["module"], f"unquantized: {skipped['reason']}", "x".join(map(str, skipped["shape"])), "", ""]
+             for skipped in summary.get("skipped", [])]
+    _add_rows(table, rows)
+    out.print(table, soft_wrap=False)  # soft wrap would keep every cell on one line
     out.print(
         f"{summary['quantized_layers']} layers quantized; {_human_bytes(summary['bytes_before'])} -> "
         f"{_human_bytes(summary['bytes_after'])} ({summary['compression_ratio']:.2f}x); "
@@ -247,6 +259,9 @@ def convert(
     if as_json:
         _emit_json(summary)
         return
+    if summary.get("unchanged"):
+        out.print(f"nothing written: --op {op} would change nothing ({summary['unchanged']})", markup=False)
+        return
     out.print(f"wrote {summary['output']}: --op {op} on {len(summary['converted'])} layers, "
               f"{_human_bytes(summary['bytes_before'])} -> {_human_bytes(summary['bytes_after'])}, "
               f"{summary['seconds']:.1f} s", markup=False)
@@ -265,17 +280,7 @@ def inspect_cmd(
     if as_json:
         _emit_json(report)
         return
-    from rich.markup import escape
-
-    # escaped: "[...]" in a path or a format's description would otherwise be read as rich markup and vanish
-    table = Table(title=escape(f"{report['path']}  [{report['format']}]"), title_justify="left")
-    for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"),
-                            ("stored as", "left"), ("bytes", "right")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for layer in report["layers"]:
-        table.add_row(layer["module"], layer["scheme"], "x".join(map(str, layer["shape"])),
-                      layer["stored"], _human_bytes(layer["bytes"]))
-    out.print(table)
+    out.print(inspect_table(report), soft_wrap=False)
     t = report["totals"]
     bits = f"{t['bits_per_weight']:.2f} bits per quantized weight" if t["bits_per_weight"] else "no quantized layers"
     ratio = "-" if t["compression_ratio"] is None else f"{t['compression_ratio']:.2f}"  # None: no tensor bytes
@@ -285,6 +290,56 @@ def inspect_cmd(
         f"({ratio}x); {bits}",
         markup=False,
     )
+
+
+def _natural(name: str) -> list:
+    """Sort key that orders layer 2 before layer 10 (module names compared piece by piece)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+
+
+def _fit_columns(table: Table, rows: list[list[str]]) -> None:
+    """Give ``table``'s columns widths that fit the terminal with the first (layer) column shrunk last.
+
+    rich shrinks the widest column first, which cuts every layer name (``model.layers.0.mlp…``): a cut name
+    is no name at all. So the other columns wrap at their spaces first, down to their longest word; only then
+    is the layer column narrowed, and its names folded onto more lines, never cut. ``rows`` are the cells as
+    printed (before markup escaping). The table loses its outer edge for the space."""
+    table.show_edge = False
+    table.columns[0].overflow = "fold"
+    texts = [[column.header for column in table.columns], *rows]  # type: ignore[list-item]
+    natural = [max(len(str(row[i])) for row in texts) for i in range(len(table.columns))]
+    floor = [max((len(word) for row in texts for word in str(row[i]).split()), default=1)
+             for i in range(len(table.columns))]
+    floor[0] = min(natural[0], 16)
+    widths = list(natural)
+    room = out.width - 3 * len(widths) + 1  # a space each side of every cell, a rule between columns
+    while sum(widths) > room:  # narrow the widest other column that can still wrap, one character at a time
+        shrinkable = [i for i in range(1, len(widths)) if widths[i] > floor[i]] or ([0] if widths[0] > floor[0] else [])
+        if not shrinkable:
+            break
+        widest = max(shrinkable, key=lambda i: widths[i])
+        widths[widest] -= 1
+    for column, width in zip(table.columns, widths, strict=True):
+        column.width = width
+
+
+def inspect_table(report: dict) -> Table:
+    """``inspect``'s table; its rows in module order (layer 2 before layer 10) whatever the scheme wrote first.
+    Every text from the checkpoint is escaped: rich would read ``[compressed-tensors ...]`` as markup."""
+    table = Table(title=escape(f"{report['path']}  [{report['format']}]"), title_justify="left")
+    for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"), ("stored as", "left"),
+                            ("bytes", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    rows = [[layer["module"], layer["scheme"], "x".join(map(str, layer["shape"])), layer["stored"],
+             _human_bytes(layer["bytes"])] for layer in sorted(report["layers"], key=lambda x: _natural(x["module"]))]
+    _add_rows(table, rows)
+    return table
+
+
+def _add_rows(table: Table, rows: list[list[str]]) -> None:
+    for row in rows:
+        table.add_row(*map(escape, row))
+    _fit_columns(table, rows)
 
 
 @app.command()
@@ -298,8 +353,10 @@ def verify(
                                  "cpu runs the Triton kernels in the interpreter: small checkpoints only.")
     ] = None,
     tokens: Annotated[
-        str, typer.Option("--tokens", help="Token counts (GEMM M) to run, comma-separated.")
-    ] = "1,16,128",
+        str | None, typer.Option("--tokens", help="Token counts (GEMM M) to run, comma-separated (default: "
+                                 f"{GPU_TOKENS} on a GPU; {CPU_TOKENS} on the CPU, where Triton's interpreter takes "
+                                 "seconds per layer and token count).")
+    ] = None,
     layers: Annotated[
         str | None, typer.Option("--layers", help="Only layers whose module name matches this regex (re.search).")
     ] = None,
@@ -319,16 +376,14 @@ def verify(
         os.environ["TRITON_INTERPRET"] = "1"
     from qconvert.verification import parse_tokens, resolve_device
 
-    token_counts = parse_tokens(tokens)
     target = resolve_device(device)
-    from tqdm import tqdm
-
+    token_counts = parse_tokens(tokens or (GPU_TOKENS if target.type == "cuda" else CPU_TOKENS))
     from qconvert.verification import verify as run_verify
     from qconvert.verification import worst_first
 
-    bar = tqdm(desc="verify", unit="layer", disable=quiet or as_json or not sys.stderr.isatty(), leave=False)
-    report = run_verify(path, original, target, token_counts, layers, on_layer=lambda _: bar.update())
-    bar.close()
+    progress = _VerifyProgress(enabled=not (quiet or as_json))
+    report = run_verify(path, original, target, token_counts, layers, on_layer=progress.layer, on_start=progress.start)
+    progress.close()
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -337,68 +392,120 @@ def verify(
         raise typer.Exit(EXIT_FAILURE)
 
 
+GPU_TOKENS, CPU_TOKENS = "1,16,128", "1"
+
+
+class _VerifyProgress:
+    """verify's progress on stderr: a bar with a total and an ETA on a terminal, else a plain line with the count,
+    total and time left every few seconds (a CI log shows the run advancing instead of minutes of silence)."""
+
+    INTERVAL = 5.0  # seconds between plain lines
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.terminal = enabled, sys.stderr.isatty()
+        self.total, self.done, self.bar = 0, 0, None
+        self.started = self.last = 0.0
+
+    def start(self, total: int) -> None:
+        import time
+
+        self.total, self.started = total, time.perf_counter()
+        self.last = self.started
+        if self.enabled and self.terminal:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="verify", unit="layer", leave=False, dynamic_ncols=True)
+
+    def layer(self, result: object) -> None:
+        import time
+
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+        elif self.enabled:
+            now = time.perf_counter()
+            # A line every few seconds and the last: a log that shows the run advancing, not one line per layer
+            # of a fast run (nor progress lines before the one error line of bad input found early).
+            if now - self.last < self.INTERVAL and self.done < self.total:
+                return
+            self.last, elapsed = now, now - self.started
+            eta = elapsed / self.done * (self.total - self.done)
+            print(one_line(f"verify: {self.done}/{self.total} layers, {elapsed:.0f} s, about {eta:.0f} s left "
+                           f"({getattr(result, 'module', '')})"), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def _print_verify(report: object, ordered: object) -> None:
     with_original = report.original is not None
-    table = Table(title=f"verify {report.path} on {report.device}, tokens {','.join(map(str, report.tokens))}")
+    table = Table(title=escape(f"verify {report.path} on {report.device}, tokens {','.join(map(str, report.tokens))}"))
     for column in ("layer", "scheme", "kernel path", "kernel ratio", "rel err", "ok"):
         table.add_column(column, justify="right" if column in ("kernel ratio", "rel err") else "left")
     if with_original:
         for column in ("weight SNR dB", "output SNR dB", "weight bound"):
             table.add_column(column, justify="right")
+    rows = []
     for layer in ordered:
         row = [layer.module, layer.scheme, layer.path, _fmt(layer.kernel_ratio, ".3f"),
                _fmt(layer.kernel_rel_error, ".1e"), "PASS" if layer.ok else "FAIL"]
         if with_original:
             row += [_fmt(layer.weight_snr_db, ".1f"), _fmt(layer.output_snr_db, ".1f"),
                     _fmt(layer.weight_bound_ratio, ".3f")]
-        table.add_row(*row)
-    out.print(table)
+        rows.append(row)
+    _add_rows(table, rows)
+    out.print(table, soft_wrap=False)  # soft wrap would keep every cell on one line
     failed = [layer for layer in report.layers if not layer.ok]
     for layer in failed:
         why = "; ".join(layer.notes) or f"kernel ratio {layer.kernel_ratio:.3g} > 1"
-        out.print(f"FAIL {layer.module}: {why}")
+        out.print(f"FAIL {layer.module}: {why}", markup=False)
     summary = f"{len(report.layers) - len(failed)}/{len(report.layers)} layers pass"
     if with_original and report.layers:
         worst = min(report.layers, key=lambda layer: layer.output_snr_db)
         summary += f"; worst output SNR {worst.output_snr_db:.1f} dB ({worst.module})"
-    out.print(summary)
+    out.print(summary, markup=False)
     if report.not_verified:
         out.print(f"note: {len(report.not_verified)} per-expert tensors in vLLM's gpt-oss spelling (e.g. "
-                  f"{report.not_verified[0]}) are not verified: qconvert verify reads compressed-tensors layers only")
+                  f"{report.not_verified[0]}) are not verified: qconvert verify reads compressed-tensors layers only",
+                  markup=False)
 
 
 @app.command()
 def schemes(as_json: JsonOpt = False) -> None:
-    """List the schemes, what each one writes, and which engines load it (tested by `make engines`)."""
-    from qconvert.schemes import SCHEMES
-    from qconvert.serving import FAMILIES, SERVES, output_kind, serving_for
+    """List the schemes (what -s takes), what each one writes and which engines load it (tested by
+    `make engines`), then the output variants other flags make of them."""
+    from qconvert.scheme_catalog import CATALOG
+    from qconvert.serving import FAMILIES, SERVES, output_kind, serving_for, variant_recipe
 
-    rows = [
-        {"name": s.name, "label": s.label, "type": s.args.number.config_type, "number": s.args.number.value,
-         "bits": s.num_bits, "strategy": s.strategy.value, "group_size": s.group_size,
-         "block": list(s.block) if s.block else None, "format": s.format.config_format(),
-         "input_activations": s.activations, "summary": s.summary,
-         "serves_in": {family: [e.to_json() for e in serving_for(output_kind(s.name), family)]
-                       for family in FAMILIES}}
-        for s in SCHEMES.values()
-    ]
-    extra = {kind: [e.to_json() for e in entries] for kind, entries in SERVES.items() if kind not in SCHEMES}
+    rows = [{**row, "serves_in": {family: [e.to_json() for e in serving_for(output_kind(row["name"]), family)]
+                                  for family in FAMILIES}} for row in CATALOG]
+    names = {row["name"] for row in CATALOG}
+    extra = {kind: [e.to_json() for e in entries] for kind, entries in SERVES.items() if kind not in names}
+    variants = [{"name": kind, "made_by": variant_recipe(kind),
+                 "serves_in": {family: [e.to_json() for e in serving_for(kind, family)] for family in FAMILIES}}
+                for kind in extra]
     if as_json:
-        _emit_json({"schemes": rows, "other_outputs": extra})
+        _emit_json({"schemes": rows, "other_outputs": extra, "variants": variants})
         return
-    table = Table()
+    table = Table(title="schemes (qconvert quantize -s NAME)", title_justify="left")
     for column in ("scheme", "weights", "format", "what it writes", "loads in (other families where they differ)"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["label"], row["format"], row["summary"], _serving_text(row["serves_in"]))
-    for kind in extra:
-        table.add_row(kind, "", "", "", _serving_text({f: [e.to_json() for e in serving_for(kind, f)]
-                                                       for f in FAMILIES}))
-    out.print(table)
+        table.add_row(escape(row["name"]), escape(row["label"]), escape(row["format"]), escape(row["summary"]),
+                      escape(_serving_text(row["serves_in"])))
+    out.print(table, soft_wrap=False)  # soft wrap would keep every cell on one line
+    table = Table(title="output variants (not schemes: made by other flags)", title_justify="left")
+    for column in ("variant", "made by", "loads in (other families where they differ)"):
+        table.add_column(column)
+    for variant in variants:
+        table.add_row(escape(variant["name"]), escape(variant["made_by"]),
+                      escape(_serving_text(variant["serves_in"])))
+    out.print(table, soft_wrap=False)  # soft wrap would keep every cell on one line
 
 
 def _serving_text(by_family: dict[str, list[dict]]) -> str:
@@ -430,6 +537,13 @@ def _root(
     ] = False,
 ) -> None:
     pass
+
+
+def interrupt_outcome() -> str:
+    """What an interrupt left on disk. Read from :mod:`qconvert.writing` only if a command loaded it (it
+    imports torch): a command that never did cannot have written anything."""
+    writing = sys.modules.get("qconvert.writing")
+    return writing.interrupt_outcome() if writing is not None else "no output was left behind"
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:

@@ -50,6 +50,7 @@ class ConversionPlan:
     config: dict | None  # the new quantization_config (None: remove it)
     notes: list[str] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)  # modules changed by the op
+    unchanged: str = ""  # why the op applies to the input but would change nothing (then nothing is written)
 
 
 def _zero_scales(reader: TensorReader, layers: dict[str, StoredLayer], tensors: dict[str, TensorInfo]) -> set[str]:
@@ -81,6 +82,8 @@ def plan_conversion(op: ConvertOp | str, tensors: dict[str, TensorInfo], layers:
     handled: set[str] = set()
     builder(plan, tensors, layers, reader, handled, fused_patterns=fused_patterns, dtype=dtype, zero=zero,
             experts=experts)
+    if not plan.converted and plan.unchanged:
+        return plan
     if not plan.converted:
         kinds = {layer.layout + ' ' + layer.label for layer in layers.values()} | (
             {"gpt-oss MXFP4 experts"} if experts else set())
@@ -139,9 +142,13 @@ def _shared_scale(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: 
     per_tensor = {m: layer for m, layer in layers.items()
                   if layer.strategy is Strategy.TENSOR and layer.values.dtype == torch.float8_e4m3fn
                   and isinstance(layer.format, FloatQuantized)}
+    already = []
     for group in fused_groups(sorted(per_tensor), fused_patterns):
         scales = {m: reader.read(per_tensor[m].scale) for m in group}  # tiny: one value each
         shared = torch.stack([s.reshape(()) for s in scales.values()]).max()
+        if all(torch.equal(s.reshape(()), shared) for s in scales.values()):
+            already.append(group[0])  # shares one scale already (qconvert's fp8-tensor does): copied as it is
+            continue
         for module in group:
             layer = per_tensor[module]
             values, scale = layer.values, layer.scale
@@ -160,6 +167,9 @@ def _shared_scale(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: 
                                               requantize))
             handled.update((values.name, scale.name))
             plan.converted.append(module)
+    if already and not plan.converted:
+        plan.unchanged = (f"all {len(already)} fused groups of per-tensor fp8 layers (e.g. {already[0]}'s) already "
+                          "share one scale, as qconvert's fp8-tensor writes them")
 
 
 def _pack(plan: ConversionPlan, tensors: dict[str, TensorInfo], layers: dict[str, StoredLayer],

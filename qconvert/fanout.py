@@ -31,6 +31,7 @@ import torch
 
 from qconvert import malloc_policy
 from qconvert.checkpoint import Checkpoint
+from qconvert.model_card import write_model_card
 from qconvert.quantizers import share_group_amax
 from qconvert.safetensors_io import ShardFile, TensorInfo, TensorReader
 from qconvert.units import Unit
@@ -342,6 +343,7 @@ def _finish(output: Output, notice: Notice) -> int:
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(checkpoint.root / rel, folder / rel)
             copied += (checkpoint.root / rel).stat().st_size
+        write_model_card(folder, checkpoint.root, config)  # as pipeline.write_checkpoint does
         if output.finish is not None:
             output.finish(folder)
         output._folder.commit()

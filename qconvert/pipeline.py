@@ -30,6 +30,7 @@ from qconvert.engine import (
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.formats import Layout, NumberType
+from qconvert.model_card import write_model_card
 from qconvert.numerics import require_finite_part
 from qconvert.planning import Plan, check_coverage, compile_patterns, make_plan, module_of
 from qconvert.preflight import (
@@ -97,9 +98,10 @@ class QuantizeRequest:
 
 
 def default_output(model: str, source: Path, suffix: str) -> Path:
-    if Path(model).expanduser().exists():
-        return source.parent / f"{source.name}-{suffix}"
-    return Path.cwd() / f"{model.rstrip('/').split('/')[-1]}-{suffix}"
+    """Beside the input where a user would look for it, else ``./NAME-SUFFIX`` (see :mod:`qconvert.naming`)."""
+    from qconvert.naming import default_output as choose
+
+    return choose(model, source, suffix)
 
 
 @dataclass
@@ -185,8 +187,10 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
     target = (request.output or default_output(request.model, source, request.scheme.name)).expanduser()
     require_utf8_name(target, "the output folder")
     settings = execution_settings(request.device, request.workers)
+    # A dry run makes every check the run would make before writing (without the lock file), so that it
+    # fails, with the same exit code, where the run would.
+    check_output_location(source, target, request.overwrite, lock=not request.dry_run)
     if not request.dry_run:
-        check_output_location(source, target, request.overwrite)
         warm_up(settings)
     checkpoint = open_checkpoint(source)
     with TensorReader() as reader:
@@ -195,7 +199,16 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
         view = logical_view(checkpoint, stored, experts)
         plan = make_plan(replace(checkpoint, tensors=view), request.scheme, request.ignore, request.targets,
                          request.overrides, request.include_vision, request.keep_fused_experts)
-        check_coverage(plan, request.min_coverage)
+        refusal = None
+        try:
+            check_coverage(plan, request.min_coverage)
+        except BadInputError as exc:
+            if not request.dry_run:
+                raise
+            refusal = exc  # a dry run shows the plan the message points to, then fails as the run would
+
+            def notice(_message: str) -> None:  # and its error stays the one line on stderr
+                pass
         family = family_of(checkpoint.config, split_experts=bool(plan.splits))
         fused_patterns = plan.facts.fused_patterns if request.fused_patterns is None else request.fused_patterns
         check_plan(plan, view, stored)
@@ -242,11 +255,17 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
             units, _ = quantize_units(view, plan, request.layout, stored, shared, request.allow_requantize, casts)
     if request.fnuz:
         units = apply_fnuz(units)
-    # what write_checkpoint checks again before writing: here too, so that a dry run and each output of a
-    # batch are refused (a stray weight_scale, a file that would collide, no room) before any job writes
-    layout = layout_shards([unit.outputs for unit in units], request.max_shard_bytes)
-    needed = check_output_plan(checkpoint, units, target, layout, checkpoint.other_files, space=not request.dry_run)
     serving = [s.to_json() for s in serves_in(kinds, family, misaligned is not None)]
+    if refusal is not None:  # a dry run refused by --min-coverage: its plan first (the CLI prints it), then the line
+        refusal.plan_summary = summarize(  # type: ignore[attr-defined]
+            checkpoint, units, target, [], time.perf_counter() - started, plan=plan, dry_run=True,
+            serves_in=serving)
+        raise refusal
+    # What write_checkpoint checks again before its first write, here too, so that a dry run fails where the run
+    # would, and each output of a batch is refused (a stray weight_scale, a file that would collide, no room)
+    # before any job writes.
+    layout = layout_shards([unit.outputs for unit in units], request.max_shard_bytes)
+    needed = check_output_plan(checkpoint, units, target, layout, checkpoint.other_files)
     return PreparedQuantize(checkpoint, target, plan, config, units, started, {"serves_in": serving}, settings,
                             needed)
 
@@ -324,6 +343,9 @@ def _convert(request: ConvertRequest, notice: Notice) -> dict:
                                fused_patterns, request.dtype, experts)
     for note in plan.notes:
         notice(note)
+    if plan.unchanged:  # the output would equal the input: write nothing (exit 0; the CLI says so)
+        return summarize(checkpoint, [], None, [], time.perf_counter() - started, op=request.op.value,
+                         converted=[], unchanged=plan.unchanged)
     shards = write_checkpoint(checkpoint, plan.units, target, plan.config, request.max_shard_bytes,
                               request.show_progress, notice, resume=request.resume, options=job_options(request),
                               settings=settings)
@@ -442,7 +464,8 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
             if not out.reusable_copy(rel.as_posix(), checkpoint.root / rel):
                 out.copy(rel.as_posix(), checkpoint.root / rel)  # follows hub-cache symlinks to the blobs
             bar.advance((checkpoint.root / rel).stat().st_size, tensors=0)
-        if finish is not None:
+        write_model_card(out.path, checkpoint.root, config)
+        if finish is not None:  # (batch's fingerprint: written last, after every other file)
             finish(out.path)
         out.commit()
     return names

@@ -158,5 +158,10 @@ def get_scheme(name: str, group_size: int | None = None, algorithm: Algorithm | 
     try:
         scheme = SCHEMES[name]
     except KeyError:
+        from qconvert.serving import SERVES, variant_recipe
+
+        if name in SERVES:  # an output variant `qconvert schemes` lists, which other flags make
+            raise BadInputError(f"{name!r} is an output variant, not a scheme: make it with "
+                                f"{variant_recipe(name)}") from None
         raise BadInputError(f"unknown scheme {name!r} (choose from: {', '.join(SCHEMES)})") from None
     return scheme.with_group_size(group_size).with_algorithm(algorithm)

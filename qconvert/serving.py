@@ -2,8 +2,8 @@
 
 Each entry was observed by the conformance tier (``tests/engines/``, ``make engines``), which runs the
 engines' own config parsing and weight loaders on checkpoints we write and fails when an engine and this
-table disagree. ``qconvert schemes``, the ``serves_in`` field of ``quantize --json`` and the README's
-"loads in" column are all made from it.
+table disagree. ``qconvert schemes``, the ``serves_in`` field of ``quantize --json`` and the "loads in" table
+of docs/schemes.md are all made from it.
 
 An output *kind* is a scheme, optionally with a layout (``int8-block@sglang``) or the ``convert`` op that
 produced it (``fp8+fnuz``). Several entries for one engine give the method it picks from each minimum GPU
@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
-from qconvert.architectures import ENGINE_FUSIONS
-from qconvert.formats.args import Layout
+# Nothing here imports torch (architectures and formats do, so they are imported where used): `qconvert
+# schemes` reads this table and must start in a fraction of a second.
+if TYPE_CHECKING:
+    from qconvert.formats.args import Layout
 
 
 class Engine(str, Enum):
@@ -51,9 +54,10 @@ class Serving:
         return data
 
     def describe(self) -> str:
+        """One phrase for a note: the engine, its version, the method and the capability it needs. The
+        families are left out: a note describes entries already chosen for the checkpoint's own family."""
         where = "" if self.min_capability is None else f" sm{self.min_capability}+"
-        families = "" if self.families == ("*",) else f" ({', '.join(self.families)} only)"
-        return f"{self.engine.value} {self.version} {self.method}{where}{families}"
+        return " ".join(part for part in (self.engine.value, self.version, f"{self.method}{where}") if part)
 
 
 def _vllm(method: str, capability: int, moe: str | None = None, **kw: object) -> Serving:
@@ -153,9 +157,11 @@ SERVES: dict[str, tuple[Serving, ...]] = {
 }
 
 
-def output_kind(scheme: str, layout: Layout | str = Layout.COMPRESSED_TENSORS, op: str | None = None) -> str:
-    layout = Layout(layout)
-    kind = scheme if layout is Layout.COMPRESSED_TENSORS else f"{scheme}@{layout.value}"
+def output_kind(scheme: str, layout: Layout | str = "compressed-tensors", op: str | None = None) -> str:
+    value = getattr(layout, "value", layout)  # a Layout or its value, read without importing formats (torch)
+    if value not in ("compressed-tensors", "sglang"):
+        raise ValueError(f"{value!r} is not a valid Layout")
+    kind = scheme if value == "compressed-tensors" else f"{scheme}@{value}"
     return f"{kind}+{op}" if op else kind
 
 
@@ -195,6 +201,8 @@ def family_of(config: dict | None, split_experts: bool = False) -> str:
 def fused_modules(modules: list[str]) -> dict[str, list[str]]:
     """The fused layers an engine builds from ``modules``: fused module name → its parts present here
     (every part of the engine's fusion, or none, in a well-formed checkpoint)."""
+    from qconvert.architectures import ENGINE_FUSIONS
+
     present = set(modules)
     fused: dict[str, list[str]] = {}
     for module in modules:
@@ -209,27 +217,48 @@ def fused_modules(modules: list[str]) -> dict[str, list[str]]:
 
 def serves_in(kinds: list[str], family: str = "llama", block_misaligned: bool = False) -> list[Serving]:
     """The engines that serve an output made of layers of every kind in ``kinds`` (a mixed-precision
-    checkpoint needs each kind served): per engine, the entry with the highest minimum capability.
+    checkpoint needs each kind served): per engine, one entry per method it picks, each with the lowest
+    capability at which it picks it, as the table prints them (fp8-block: vLLM W8A16Fp8 from sm75 and
+    W8A8Fp8 from sm89). A mixed checkpoint's entry at a capability joins what each kind picks there.
     ``block_misaligned``: some block-scheme layer is not whole blocks (see :func:`misaligned_layer`)."""
     result = []
     for engine in Engine:
         if block_misaligned and engine in (Engine.VLLM, Engine.SGLANG):
             continue
-        entries = []
-        for kind in kinds:
-            usable = [s for s in serving_for(kind, family) if s.engine == engine]
-            if not usable:
-                break
-            entries.append(max(usable, key=lambda s: s.min_capability or 0))
-        else:
-            if entries:
-                chosen = max(entries, key=lambda s: s.min_capability or 0)
-                if len(kinds) > 1:
-                    methods = sorted({e.method for e in entries})
-                    chosen = Serving(chosen.engine, chosen.version, " + ".join(methods), chosen.min_capability,
-                                     chosen.families, chosen.moe_method, chosen.note)
-                result.append(chosen)
+        capabilities = sorted({s.min_capability or 0 for kind in kinds for s in serving_for(kind, family)
+                               if s.engine == engine})
+        previous: tuple[str, ...] = ()
+        for capability in capabilities:
+            picks = [pick(kind, engine, capability or 10**6, family) if capability else
+                     next((s for s in serving_for(kind, family) if s.engine == engine and not s.min_capability),
+                          None) for kind in kinds]
+            if any(p is None for p in picks):
+                continue
+            methods = tuple(sorted({p.method for p in picks}))  # type: ignore[union-attr]
+            if methods == previous:
+                continue
+            previous = methods
+            first = picks[0]
+            assert first is not None
+            if len(kinds) == 1:
+                result.append(first)
+            else:
+                result.append(Serving(first.engine, first.version, " + ".join(methods), capability or None,
+                                      first.families, first.moe_method, first.note))
     return result
+
+
+def variant_recipe(kind: str) -> str:
+    """How to make the output variant ``kind`` (``int8-block@sglang``, ``fp8+fnuz``): the flags, in one phrase."""
+    scheme, _, op = kind.partition("+")
+    scheme, _, layout = scheme.partition("@")
+    if layout:
+        return f"qconvert quantize -s {scheme} --layout {layout}"
+    if op == "fnuz":
+        return f"qconvert quantize -s {scheme} --fnuz, or qconvert convert --op fnuz on a -s {scheme} output"
+    if op:
+        return f"qconvert convert --op {op} on a -s {scheme} output"
+    return f"qconvert quantize -s {scheme}"
 
 
 def servers_missing(kinds: list[str], family: str = "llama", block_misaligned: bool = False) -> bool:
@@ -238,7 +267,7 @@ def servers_missing(kinds: list[str], family: str = "llama", block_misaligned: b
 
 
 def markdown_table() -> str:
-    """The README's "loads in" table, made from :data:`SERVES` (a test keeps the README equal to it)."""
+    """The "loads in" table of docs/schemes.md, made from :data:`SERVES` (a test keeps the page equal to it)."""
 
     def cell(kind: str, family: str) -> str:
         parts = []
@@ -254,25 +283,50 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def schemes_table() -> str:
+    """The README's short schemes table: each scheme, its weights and activations, the format it writes and the
+    engines that load it for Llama-family models from the lowest capability (docs/schemes.md has the rest)."""
+    from qconvert.scheme_catalog import CATALOG
+
+    names = {"vllm": "vLLM", "sglang": "SGLang", "transformers": "transformers"}
+    lines = ["| scheme | weights | activations (dynamic) | written as | loads in (Llama-family) |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in CATALOG:
+        lowest: dict[str, int | None] = {}
+        for s in serving_for(row["name"]):
+            if s.engine.value in names and s.engine.value not in lowest:
+                lowest[s.engine.value] = s.min_capability
+        loads = ", ".join(f"{names[e]}{f' sm{c}+' if c else ''}" for e, c in lowest.items()) or "qconvert verify"
+        act = row["input_activations"]
+        number = {"float": "fp"}.get(act["type"], act["type"]) if act else ""
+        activations = "–" if not act else (f"{number}{act['num_bits']} per token"
+                                           + (f" per {act['group_size']} channels" if act.get("group_size") else ""))
+        lines.append(f"| `{row['name']}` | {row['label']} | {activations} | `{row['format']}` | {loads} |")
+    return "\n".join(lines) + "\n"
+
+
 README_MARKERS = ("<!-- serving-table -->\n", "<!-- /serving-table -->")
+SCHEMES_MARKERS = ("<!-- schemes-table -->\n", "<!-- /schemes-table -->")
 
 
 def readme_with_table(readme: str) -> str:
-    """``readme`` with the text between :data:`README_MARKERS` replaced by :func:`markdown_table`."""
-    start, end = README_MARKERS
-    head, _, rest = readme.partition(start)
-    _, _, tail = rest.partition(end)
-    return f"{head}{start}{markdown_table()}{end}{tail}"
+    """``readme`` with the text between each pair of markers it holds replaced by its table: :data:`README_MARKERS`
+    by :func:`markdown_table` (docs/schemes.md), :data:`SCHEMES_MARKERS` by :func:`schemes_table` (README.md)."""
+    for (start, end), make in ((README_MARKERS, markdown_table), (SCHEMES_MARKERS, schemes_table)):
+        if start in readme:
+            head, _, rest = readme.partition(start)
+            _, _, tail = rest.partition(end)
+            readme = f"{head}{start}{make()}{end}{tail}"
+    return readme
 
 
-if __name__ == "__main__":  # python -m qconvert.serving [README.md]: print the table, or write it into the README
+if __name__ == "__main__":  # python -m qconvert.serving [PAGE.md ...]: print the table, or write the tables in pages
     import sys
     from pathlib import Path
 
-    if len(sys.argv) > 1:
-        path = Path(sys.argv[1])
+    for path in map(Path, sys.argv[1:]):
         path.write_text(readme_with_table(path.read_text()))
-    else:
+    if len(sys.argv) == 1:
         print(markdown_table(), end="")
 
 

@@ -345,8 +345,10 @@ def parse_tokens(text: str) -> list[int]:
 
 def verify(path: str, original: str | None = None, device: torch.device | None = None,
            tokens: list[int] | None = None, layers: str | None = None,
-           on_layer: Callable[[LayerResult], None] | None = None) -> VerifyReport:
-    """Check every quantized layer of ``path`` (see the module docstring)."""
+           on_layer: Callable[[LayerResult], None] | None = None,
+           on_start: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check every quantized layer of ``path`` (see the module docstring); ``on_start`` is told how many
+    layers will be checked (a progress total), ``on_layer`` each result."""
     device = device or resolve_device(None)
     tokens = tokens or list(DEFAULT_TOKENS)
     checkpoint = open_checkpoint(resolve_source(path), ours_ok=True)  # its per-expert tensors: noted
@@ -365,6 +367,8 @@ def verify(path: str, original: str | None = None, device: torch.device | None =
         pair = (original_checkpoint, original_reader) if original_checkpoint is not None else None
         for layer in chosen:
             _refuse_transposed(layer, checkpoint)
+        if on_start is not None:
+            on_start(len(chosen))
         for layer in chosen:
             result = verify_layer(layer, checkpoint, reader, tokens, device, pair)
             report.layers.append(result)

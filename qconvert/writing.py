@@ -41,8 +41,10 @@ def _with_ancestors(path: Path) -> list[Path]:
 
 
 def check_output_location(source: Path, target: Path, overwrite: bool, lock: bool = True) -> None:
-    """Refuse outputs that would touch the input or silently replace existing work, and (``lock``) take the
-    target's lock (released when the surrounding :func:`run_guard` ends).
+    """Refuse outputs that would touch the input or silently replace existing work, and take the
+    target's lock (released when the surrounding :func:`run_guard` ends). ``lock=False`` (a dry run, which
+    writes nothing, not even the lock file; batch's up-front check of every output) checks instead that the
+    output's folder could be made.
 
     Places are compared by (device, inode), not by path: a bind mount, a link or another spelling on a
     case-insensitive file system reaches the same folder under a different name."""
@@ -69,8 +71,12 @@ def check_output_location(source: Path, target: Path, overwrite: bool, lock: boo
                 if _identity(Path(folder) / name) in source_ids and not (Path(folder) / name).is_symlink():
                     raise BadInputError(f"{target}: --overwrite would remove {Path(folder) / name}, which is "
                                         f"the input {source} or holds it")
-    if lock:
-        _current_guard().hold(TargetLock(target))
+    if not lock:
+        parent = next(p for p in _with_ancestors(Path(os.path.realpath(target)).parent) if p.exists())
+        if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+            raise BadInputError(f"{target}: cannot create the output there (Permission denied in {parent})")
+        return
+    _current_guard().hold(TargetLock(target))
 
 
 IN_PLACE_PREFIX = ".qconvert-"  # hidden names inside a target filled in place (partial, retired old output)

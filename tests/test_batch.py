@@ -62,7 +62,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> dict[s
     return {"llama": llama, "small": small, "broken": broken, "minilm": minilm_dir}
 
 
-MINILM = "model-w8a8-int8"  # {name} of the MiniLM package's folder, "model"
+MINILM = "all-MiniLM-L6-v2-w8a8-int8"  # {name} of the MiniLM package's folder "model": the model's own name
 
 JOBS = """
 defaults:

@@ -1,7 +1,7 @@
 """Summarise the conformance tier's own results (``build/engines/<engine>.json``) as a markdown table.
 
-``python tests/engines/summarize.py [RESULTS_DIR] [--readme README.md]`` prints the table, or writes it into
-the README between ``<!-- conformance-results -->`` markers, so the README's summary is the tests' data.
+``python tests/engines/summarize.py [RESULTS_DIR] [--readme docs/ci-and-testing.md]`` prints the table, or writes
+it into that page between ``<!-- conformance-results -->`` markers, so the documented summary is the tests' data.
 """
 
 from __future__ import annotations

@@ -159,8 +159,10 @@ def _expected(kind: str, family: str, capability: int) -> serving.Serving | None
         return serving.Serving(serving.Engine.SGLANG, harness.VERSION, "UnquantizedLinearMethod", None,
                                moe_method="UnquantizedFusedMoEMethod")
     if kind in MIXED_KINDS:
-        chosen = [s for s in serving.serves_in(MIXED_KINDS[kind], family) if s.engine == serving.Engine.SGLANG]
-        if not chosen or (chosen[0].min_capability or 0) > capability:
+        # serves_in gives one entry per method, each from its capability up: the GPU's is the last it meets.
+        chosen = [s for s in serving.serves_in(MIXED_KINDS[kind], family) if s.engine == serving.Engine.SGLANG
+                  and (s.min_capability or 0) <= capability][-1:]
+        if not chosen:
             return None
         return serving.Serving(chosen[0].engine, chosen[0].version, "|".join(
             sorted(chosen[0].method.split(" + "))), chosen[0].min_capability, moe_method=chosen[0].moe_method)
