@@ -280,6 +280,10 @@ def inspect_cmd(
     if as_json:
         _emit_json(report)
         return
+    # The title (path, then format) as plain lines: a table title is cut to the table's width, and a format's
+    # description (an unreadable method's, say) is longer than a narrow table.
+    out.print(report["path"], markup=False, highlight=False, overflow="fold")
+    out.print(f"[{report['format']}]", markup=False, highlight=False, overflow="fold")
     out.print(inspect_table(report), soft_wrap=False)
     t = report["totals"]
     bits = f"{t['bits_per_weight']:.2f} bits per quantized weight" if t["bits_per_weight"] else "no quantized layers"
@@ -324,9 +328,10 @@ def _fit_columns(table: Table, rows: list[list[str]]) -> None:
 
 
 def inspect_table(report: dict) -> Table:
-    """``inspect``'s table; its rows in module order (layer 2 before layer 10) whatever the scheme wrote first.
-    Every text from the checkpoint is escaped: rich would read ``[compressed-tensors ...]`` as markup."""
-    table = Table(title=escape(f"{report['path']}  [{report['format']}]"), title_justify="left")
+    """``inspect``'s table (its title, the path and format, is printed before it); its rows in module order
+    (layer 2 before layer 10) whatever the scheme wrote first. Every text from the checkpoint is escaped: rich
+    would read ``[compressed-tensors ...]`` as markup."""
+    table = Table()
     for column, justify in (("layer", "left"), ("scheme", "left"), ("shape", "right"), ("stored as", "left"),
                             ("bytes", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
@@ -377,7 +382,7 @@ def verify(
     from qconvert.verification import parse_tokens, resolve_device
 
     target = resolve_device(device)
-    token_counts = parse_tokens(tokens or (GPU_TOKENS if target.type == "cuda" else CPU_TOKENS))
+    token_counts = parse_tokens(tokens if tokens is not None else GPU_TOKENS if target.type == "cuda" else CPU_TOKENS)
     from qconvert.verification import verify as run_verify
     from qconvert.verification import worst_first
 

@@ -343,7 +343,7 @@ def _finish(output: Output, notice: Notice) -> int:
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(checkpoint.root / rel, folder / rel)
             copied += (checkpoint.root / rel).stat().st_size
-        write_model_card(folder, checkpoint.root, config)  # as pipeline.write_checkpoint does
+        write_model_card(folder, checkpoint.root, config, checkpoint.other_files)  # as write_checkpoint does
         if output.finish is not None:
             output.finish(folder)
         output._folder.commit()

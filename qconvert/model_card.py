@@ -26,8 +26,13 @@ def _base_model(source: Path) -> str:
     """The input as the Hub names it where we can tell (a cache snapshot of ``org/name``), else its name."""
     for part in reversed(source.resolve().parts):
         if part.startswith("models--"):
-            return "/".join(part.split("--")[1:])
-    return model_name(str(source))
+            return _printable("/".join(part.split("--")[1:]))
+    return _printable(model_name(str(source)))
+
+
+def _printable(name: str) -> str:
+    """A folder name as UTF-8 text: bytes that are not UTF-8 (legal in Linux names) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _schemes(qconfig: dict) -> list[str]:
@@ -100,10 +105,14 @@ def model_card(source: Path, config: dict, original: str | None) -> str | None:
     return card
 
 
-def write_model_card(folder: Path, source: Path, config: dict) -> None:
-    """Write the card into the output ``folder`` (its copy of the input's card, if any, goes below ours)."""
+def write_model_card(folder: Path, source: Path, config: dict, copied: list[Path]) -> None:
+    """Write the card into the output ``folder``. The input's own card goes below ours: the copy just made of it,
+    when ``copied`` (the input's files copied into the output) holds one; a card already in the folder otherwise
+    (a dead run's, adopted by ``--resume``) is not an input's and is replaced."""
     path = folder / CARD_NAME
-    original = path.read_text(errors="replace") if path.is_file() else None
+    original = path.read_text(errors="replace") if Path(CARD_NAME) in copied and path.is_file() else None
     card = model_card(source, config, original)
     if card is not None:
-        path.write_text(card)
+        path.write_text(_printable(card))  # (a non-UTF-8 folder name reaches the card as surrogates)
+    elif Path(CARD_NAME) not in copied:
+        path.unlink(missing_ok=True)

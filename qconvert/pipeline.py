@@ -30,7 +30,7 @@ from qconvert.engine import (
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
 from qconvert.formats import Layout, NumberType
-from qconvert.model_card import write_model_card
+from qconvert.model_card import CARD_NAME, write_model_card
 from qconvert.numerics import require_finite_part
 from qconvert.planning import Plan, check_coverage, compile_patterns, make_plan, module_of
 from qconvert.preflight import (
@@ -428,7 +428,7 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
     copy_bytes = sum((checkpoint.root / rel).stat().st_size for rel in other_files)
     total = sum(unit.input_bytes for unit in units) + copy_bytes
 
-    planned = [*names, "config.json", *([INDEX_NAME] if len(layout) > 1 else []),
+    planned = [*names, "config.json", CARD_NAME, *([INDEX_NAME] if len(layout) > 1 else []),
                *(rel.as_posix() for rel in other_files)]  # every file it writes: --resume removes any other
     with OutputFolder(target, fingerprint, resume, notice, planned) as out, \
             Progress(total, len(units), show_progress) as bar:
@@ -464,7 +464,7 @@ def write_checkpoint(checkpoint: Checkpoint, units: list[Unit], target: Path, qu
             if not out.reusable_copy(rel.as_posix(), checkpoint.root / rel):
                 out.copy(rel.as_posix(), checkpoint.root / rel)  # follows hub-cache symlinks to the blobs
             bar.advance((checkpoint.root / rel).stat().st_size, tensors=0)
-        write_model_card(out.path, checkpoint.root, config)
+        write_model_card(out.path, checkpoint.root, config, other_files)
         if finish is not None:  # (batch's fingerprint: written last, after every other file)
             finish(out.path)
         out.commit()

@@ -142,6 +142,10 @@ SERVES: dict[str, tuple[Serving, ...]] = {
                     note="vLLM quantizes activations to MXFP8 on sm100+ (FlashInfer) whatever the config says; "
                          "SGLang has no compressed-tensors MXFP8 linear scheme"),
               _TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),
+    # Zero points (W4A16_ASYM / W8A16_ASYM): transformers loads and qconvert verifies them (tests/test_asym.py);
+    # vLLM's and SGLang's WNA16 methods with zero points are not yet in the conformance tier, so not claimed here.
+    "int4-asym": (_TRANSFORMERS_DENSE, _QCONVERT),
+    "int8-asym": (_TRANSFORMERS_DENSE, _QCONVERT),
     # No engine accepts int8 weights with block scales through compressed-tensors.
     "int8-block": (_TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),
     # SGLang's blockwise_int8 reaches the scales only where the model's loader keeps `weight_scale_inv`.

@@ -9,6 +9,8 @@ stubs (kernel selection only: the capability query is patched, no kernel runs). 
   its global scale the float32 inverse of the release's ``weight_scale_2``;
 * ``convert --op dequantize`` (qconvert's reader) equals vLLM's own dequantization of what its ModelOpt loader
   loaded: ``dequantize_to_dtype`` (its NVFP4 emulation) and ``fp8 x weight_scale`` per fused shard.
+
+Run in the vLLM venv: ``make engines``; skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from qconvert.cli import main as qconvert_main
 from tests.engines import vllm_harness as harness
 from tests.engines.sources import build_vllm_source
 from tests.released_fixtures import read_tensors, to_modelopt_fp8, to_modelopt_nvfp4
+
+_REASON = harness.unavailable_reason()
+if _REASON:
+    pytest.skip(_REASON, allow_module_level=True)
 
 RESULTS: list[harness.Result] = []
 RELEASES = {"nvfp4": to_modelopt_nvfp4, "fp8": to_modelopt_fp8}
