@@ -187,11 +187,13 @@ def measure(ckpt: Path, work: Path, schemes: list[str], repeats: int, llmc_pytho
     if with_cp:
         commands["cp"] = (["sh", "-c", f"cp -r '{ckpt}' '{work / 'out-cp'}' && sync"], work / "out-cp")
     for scheme in schemes:
+        name, _, algorithm = scheme.partition(":")  # "rtn4:search": the scheme with --algorithm search
+        how = ["--algorithm", algorithm] if algorithm else []
         for device in devices:
             out = work / f"out-{scheme}-{device}"
-            commands[f"qconvert {scheme} {device}"] = ([*qconvert, "-s", scheme, "-o", str(out), "--device", device,
-                                                         *extra], out)
-        if llmc_python:
+            commands[f"qconvert {scheme} {device}"] = ([*qconvert, "-s", name, *how, "-o", str(out), "--device",
+                                                         device, *extra], out)
+        if llmc_python and not algorithm:
             out = work / f"out-{scheme}-llmc"
             commands[f"llmc {scheme} cuda"] = ([llmc_python, str(REPO / "benchmarks" / "llmc_reference.py"), str(ckpt),
                                                 str(out), "--scheme", scheme, "--device", "cuda", "--workers", "8",
@@ -258,7 +260,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "bench-work")
     parser.add_argument("--layers", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--repeats", type=int, nargs="+", default=[3, 1], help="per size, in --layers order")
-    parser.add_argument("--schemes", nargs="+", default=["rtn4", "fp8-block"])
+    parser.add_argument("--schemes", nargs="+", default=["rtn4", "fp8-block"],
+                        help="schemes to time; SCHEME:ALGORITHM (rtn4:search) adds --algorithm")
     parser.add_argument("--llmc-python", default=sys.executable, help="'' to skip llm-compressor")
     parser.add_argument("--no-cp", action="store_true")
     parser.add_argument("--deepseek", action="store_true")

@@ -180,3 +180,19 @@ def test_per_pattern_algorithm_is_recorded(tiny_llama: Path, tmp_path: Path) -> 
     assert result.code == 0, result.stderr
     entry = read_config(out)["quantization_config"]["qconvert_algorithm"]
     assert list(entry) == ["search"] and all(".self_attn." in m for m in entry["search"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", list(SEARCHED))
+def test_search_writes_the_cpu_bytes_on_cuda(heavy_tailed: Path, tmp_path: Path, scheme: str) -> None:
+    """The search's choice (a fixed-order sum per candidate) is the same on a GPU: byte-identical outputs."""
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        outputs[device] = tmp_path / device
+        result = run_cli("quantize", heavy_tailed, "-s", scheme, "--algorithm", "search", "--device", device,
+                         "-o", outputs[device], "-q")
+        assert result.code == 0, result.stderr
+    names = sorted(p.name for p in outputs["cpu"].iterdir())
+    assert names == sorted(p.name for p in outputs["cuda"].iterdir())
+    for name in names:
+        assert (outputs["cpu"] / name).read_bytes() == (outputs["cuda"] / name).read_bytes(), (scheme, name)
