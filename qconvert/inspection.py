@@ -57,7 +57,8 @@ def _describe(module: str, parts: dict[str, TensorInfo], stored: StoredLayer | N
         scale = stored.scale
         layout = stored.layout if stored.values.dtype != torch.float8_e4m3fnuz else f"{stored.layout} (e4m3fnuz)"
         statics = [leaf for leaf in ("input_scale", "output_scale") if leaf in parts]
-        extra = f" + static {'/'.join(statics)}" if statics else ""
+        extra = " + int32 zero points" if "weight_zero_point" in parts else ""
+        extra += f" + static {'/'.join(statics)}" if statics else ""
         return LayerReport(module, stored.label, layout, list(stored.shape),
                            f"{dtype_name(stored.values.dtype)} + {dtype_name(scale.dtype)} scales{extra}", total,
                            stored.shape[0] * stored.shape[1], stored.dtype.itemsize)
@@ -77,7 +78,7 @@ def checkpoint_format(checkpoint: Checkpoint, layers: list[LayerReport]) -> str:
     if isinstance(qconfig, dict):
         method = qconfig.get("quant_method")
         if method == "compressed-tensors":
-            return f"compressed-tensors {qconfig.get('format', '?')}{fnuz}"
+            return f"compressed-tensors {qconfig.get('format', '?')}{fnuz}{_algorithm(qconfig)}"
         if method == "fp8":
             block = qconfig.get("weight_block_size")
             return f"DeepSeek-style FP8 (block {'x'.join(map(str, block)) if block else '?'}, weight_scale_inv)"
@@ -89,6 +90,17 @@ def checkpoint_format(checkpoint: Checkpoint, layers: list[LayerReport]) -> str:
         return f"quantized, no quantization_config ({', '.join(sorted(quantized))})"
     dtypes = {layer.stored for layer in layers}
     return f"{'/'.join(sorted(dtypes)) or 'no layers'} (unquantized)"
+
+
+def _algorithm(qconfig: dict) -> str:
+    """How the scales were chosen, where qconvert recorded it (``--algorithm search``; rtn records nothing)."""
+    recorded = qconfig.get("qconvert_algorithm")
+    if isinstance(recorded, str):
+        return f", scales by {recorded}"
+    if isinstance(recorded, dict):
+        return "".join(f", scales by {name} on {len(modules)} layers (rtn elsewhere)"
+                       for name, modules in recorded.items() if isinstance(modules, list))
+    return ""
 
 
 def inspect_path(path: str) -> dict:

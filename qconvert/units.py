@@ -212,6 +212,19 @@ class ExactCasts:
                 "every other value is kept exactly")
 
 
+class _GroupReader:
+    """A reader that keeps what it read for one fused group's questions (its scales: small), then is dropped."""
+
+    def __init__(self, reader: TensorReader) -> None:
+        self._reader = reader
+        self._read: dict[str, torch.Tensor] = {}
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        if info.name not in self._read:
+            self._read[info.name] = self._reader.read(info)
+        return self._read[info.name]
+
+
 def exact_casts(plan: Plan, stored: dict[str, StoredLayer], reader: TensorReader, patterns: list[str],
                 allow_requantize: bool) -> ExactCasts:
     """Which stored layers are cast exactly (by group: a fused group casts only if all its parts can and their
@@ -229,10 +242,11 @@ def exact_casts(plan: Plan, stored: dict[str, StoredLayer], reader: TensorReader
         if any(layer.format is not fmt for layer in layers):
             continue
         scheme = plan.quantize[names[0]]
-        value = fmt.cast_shared(layers, reader, scheme.format) if len(names) > 1 else None
+        group_reader = _GroupReader(reader)  # the group's scales read once for both questions below
+        value = fmt.cast_shared(layers, group_reader, scheme.format) if len(names) > 1 else None
         if len(names) > 1 and value is None:
             continue  # no one value for the group: requantized (with consent), as any other input
-        losses = fmt.cast_losses(layers, reader, scheme.format, scheme.args)
+        losses = fmt.cast_losses(layers, group_reader, scheme.format, scheme.args)
         if losses is not None:
             if not allow_requantize:
                 first, target = layers[0], plan.quantize[names[0]].name

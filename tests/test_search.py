@@ -193,3 +193,19 @@ def test_search_writes_the_cpu_bytes_on_cuda(heavy_tailed: Path, tmp_path: Path,
                          "-o", outputs[device], "-q")
         assert result.code == 0, result.stderr
     assert tree_digest(outputs["cpu"]) == tree_digest(outputs["cuda"]), scheme
+
+
+def test_inspect_says_how_the_scales_were_chosen(tiny_llama: Path, tmp_path: Path) -> None:
+    """The algorithm recorded in the config, and the zero points, are what inspect shows (rtn shows nothing)."""
+    searched, partly, plain = tmp_path / "searched", tmp_path / "partly", tmp_path / "plain"
+    assert run_cli("quantize", tiny_llama, "-s", "int4-asym", "--algorithm", "search", "-o", searched, "-q").code == 0
+    assert run_cli("quantize", tiny_llama, "-s", "int4-asym", "--override", "re:.*mlp.*=int4-asym:search",
+                   "-o", partly, "-q").code == 0
+    assert run_cli("quantize", tiny_llama, "-s", "rtn4", "-o", plain, "-q").code == 0
+    reports = {name: json.loads(run_cli("inspect", folder, "--json").stdout)
+               for name, folder in (("searched", searched), ("partly", partly), ("plain", plain))}
+    assert reports["searched"]["format"].endswith(", scales by search")
+    assert "scales by search on 6 layers (rtn elsewhere)" in reports["partly"]["format"]
+    assert "scales by" not in reports["plain"]["format"]
+    assert all(layer["stored"].endswith("+ int32 zero points") for layer in reports["searched"]["layers"]
+               if layer["scheme"] != "bf16")
