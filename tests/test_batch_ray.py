@@ -4,6 +4,7 @@ same report, exit code and bytes as a local run. One batch run (a Ray cluster ta
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ defaults:
 jobs:
   - model: {llama}
     schemes: [rtn4, fp8-block]
-  - model: {missing}
+  - model: {damaged}
     scheme: rtn8
   - model: {minilm}
     scheme: rtn4
@@ -38,14 +39,18 @@ def rows_of(stdout: str) -> tuple[list[dict], dict]:
 @pytest.mark.slow
 def test_ray_local_matches_local_run(tmp_path: Path, minilm_dir: Path) -> None:
     llama = build_tiny_llama(tmp_path / "llama", max_shard_size="2MB", seed=3)
+    # A model whose last shard lost its tail: bad input found when its job is planned, a failed row in the report
+    # (a missing model would refuse the whole batch up front, before any job runs).
+    damaged = Path(shutil.copytree(llama, tmp_path / "damaged"))
+    shard = sorted(damaged.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])
     runs = {}
     for mode in ("here", "ray"):
         jobs = tmp_path / f"jobs-{mode}.yaml"
-        jobs.write_text(JOBS.format(out=tmp_path / mode, llama=llama, missing=tmp_path / "missing",
-                                    minilm=minilm_dir))
+        jobs.write_text(JOBS.format(out=tmp_path / mode, llama=llama, damaged=damaged, minilm=minilm_dir))
         args = ["batch", jobs, "--json", "--report", tmp_path / f"{mode}.jsonl"]
         result = run_cli(*args, *(["--ray", "local"] if mode == "ray" else []))
-        assert result.code == 2, result.stderr  # the missing model is bad input; the rest succeeds
+        assert result.code == 2, result.stderr  # the damaged model is bad input; the rest succeeds
         assert result.stdout == (tmp_path / f"{mode}.jsonl").read_text()
         runs[mode] = rows_of(result.stdout)
     (here_rows, here_summary), (ray_rows, ray_summary) = runs["here"], runs["ray"]
