@@ -74,7 +74,7 @@ slow: setup
 
 # The full architecture matrix (22 architectures x the schemes their loaders support); CI runs it.
 arch: setup
-	QCONVERT_REQUIRE_LLMC=1 $(PYTHON) -m pytest -q -p no:cacheprovider -m arch tests/test_architectures.py
+	QCONVERT_REQUIRE_LLMC=1 $(PYTHON) -m pytest -q -p no:cacheprovider -m arch tests/test_architectures.py tests/test_moe_plans.py tests/test_batch_parity.py
 
 # The engine conformance tier: the released vLLM and SGLang, each in its own venv outside the clone (built on
 # first use, reused after), run on what qconvert writes; results in $(ENGINES_REPORT), summarised as a table.

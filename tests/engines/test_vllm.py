@@ -75,7 +75,9 @@ CASES = [
     Case("fp8+fnuz", "fp8", op="fnuz"),
     Case("fp8-block+fnuz", "fp8-block", op="fnuz"),
     Case("fp8-tensor+fnuz", "fp8-tensor", op="fnuz"),
-    Case("fp8-tensor+shared-scale", "fp8-tensor", op="shared-scale"),
+    # (from scales that are not shared yet: on qconvert's own fp8-tensor output, which shares them, the op is a no-op
+    # that writes nothing)
+    Case("fp8-tensor+shared-scale", "fp8-tensor", ("--fuse", "^(NOMATCH)$"), op="shared-scale"),
     Case("fp8-block+dequantize", "fp8-block", op="dequantize"),
     Case("mixed:fp8-block,mlp=rtn4", "fp8-block", ("--override", "re:.*mlp.*=rtn4"),
          overrides=((MLP_KINDS, "rtn4"),)),
