@@ -20,20 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qconvert import cli
 from qconvert.batch import MAX_JOB_FILE_BYTES, MAX_JOB_FILE_DEPTH
-from tests.conftest import CliResult, build_tiny_llama, tree_digest
+from tests.conftest import build_tiny_llama, tree_digest
+from tests.test_batch import qconvert
 
 SHARD = "model.safetensors"
 DOWN = "model.layers.0.mlp.down_proj"
-
-
-def qconvert(capsys: pytest.CaptureFixture, *args: object) -> CliResult:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return CliResult(int(exit_info.value.code or 0), captured.out, captured.err)
 
 
 @pytest.fixture(scope="module")

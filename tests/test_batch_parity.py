@@ -14,24 +14,10 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from qconvert import cli
-from qconvert.fingerprint import FINGERPRINT_NAME
 from tests.arch_matrix import ALL_SCHEMES, CASES, ArchCase
-from tests.conftest import CliResult, tree_digest
+from tests.test_batch import output_digest, qconvert
 
 transformers = pytest.importorskip("transformers")
-
-
-def qconvert(capsys: pytest.CaptureFixture, *args: object) -> CliResult:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return CliResult(int(exit_info.value.code or 0), captured.out, captured.err)
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {name: digest for name, digest in tree_digest(folder).items() if name != FINGERPRINT_NAME}
 
 
 def assert_parity(capsys: pytest.CaptureFixture, source: Path, schemes: tuple[str, ...], root: Path,
@@ -55,9 +41,9 @@ def assert_parity(capsys: pytest.CaptureFixture, source: Path, schemes: tuple[st
         single = root / "single" / scheme
         done = qconvert(capsys, "quantize", source, "-s", scheme, "-o", single, "-q", *flags)
         assert done.code == 0, done.stderr
-        assert _digest(root / "fan" / scheme) == _digest(single), scheme
+        assert output_digest(root / "fan" / scheme) == output_digest(single), scheme
         if scheme in alone:
-            assert _digest(root / "alone" / scheme) == _digest(single), scheme
+            assert output_digest(root / "alone" / scheme) == output_digest(single), scheme
         singles[scheme] = single
     return singles
 
