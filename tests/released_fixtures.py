@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qconvert.formats import NumberType
 from qconvert.microscaling import quantize_mx, quantize_nvfp4
+from tests.conftest import read_tensors  # (stdlib, pytest and torch only: importable in the engine venvs)
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
@@ -21,14 +21,6 @@ EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 def excluded(tensors: dict[str, torch.Tensor]) -> list[str]:
     """What ModelOpt releases leave unquantized, named as they ship it: the output head and each MoE router."""
     return ["lm_head", *sorted(name.removesuffix(".weight") for name in tensors if name.endswith(".mlp.gate.weight"))]
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
 
 
 def to_mxfp4_release(bf16: Path, folder: Path) -> Path:
