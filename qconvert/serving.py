@@ -142,10 +142,18 @@ SERVES: dict[str, tuple[Serving, ...]] = {
                     note="vLLM quantizes activations to MXFP8 on sm100+ (FlashInfer) whatever the config says; "
                          "SGLang has no compressed-tensors MXFP8 linear scheme"),
               _TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),
-    # Zero points (W4A16_ASYM / W8A16_ASYM): transformers loads and qconvert verifies them (tests/test_asym.py);
-    # vLLM's and SGLang's WNA16 methods with zero points are not yet in the conformance tier, so not claimed here.
-    "int4-asym": (_TRANSFORMERS_DENSE, _QCONVERT),
-    "int8-asym": (_TRANSFORMERS_DENSE, _QCONVERT),
+    # Zero points (W4A16_ASYM / W8A16_ASYM). vLLM's WNA16 method registers weight_zero_point; its kernel chooser
+    # picks Marlin (uint4 with zero points) from sm75 and Machete at sm90, Humming where neither takes the
+    # layer (uint8 with zero points below sm90; Machete needs in % 64 == 0 and out % 128 == 0). Its MoE method
+    # loads int4 zero points (Marlin experts); no WNA16 MoE backend of vLLM takes int8 zero points.
+    "int4-asym": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE,
+                        note="vLLM kernels: Marlin sm75-89, Machete sm90 (Humming for shapes Machete refuses); "
+                             "MoE experts Marlin"),
+                  _TRANSFORMERS_DENSE, _QCONVERT),
+    "int8-asym": (_vllm("CompressedTensorsWNA16", 75, families=("llama",),
+                        note="vLLM kernels: Humming sm75-89, Machete sm90; no vLLM WNA16 MoE backend takes int8 "
+                             "zero points (DeepSeek refused)"),
+                  _TRANSFORMERS_DENSE, _QCONVERT),
     # No engine accepts int8 weights with block scales through compressed-tensors.
     "int8-block": (_TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),
     # SGLang's blockwise_int8 reaches the scales only where the model's loader keeps `weight_scale_inv`.

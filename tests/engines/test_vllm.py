@@ -69,6 +69,9 @@ CASES = [
     # weights vLLM computes with after its own post-load processing (NVFP4: one global scale per fused layer and
     # per expert's gate/up) must equal the checkpoint's (vllm_harness.check_postload).
     *(Case(s, s) for s in ("nvfp4", "mxfp4", "mxfp8")),
+    # Zero points (llm-compressor's W4A16_ASYM / W8A16_ASYM): vLLM registers weight_zero_point (dense) and
+    # w13/w2_weight_zero_point (experts), compared with the checkpoint's like every other parameter.
+    *(Case(s, s) for s in ("int4-asym", "int8-asym")),
     Case("int8-block@sglang", "int8-block", ("--layout", "sglang", "--force-layout")),
     Case("w8a8-int8+pack", "w8a8-int8", op="pack"),
     Case("int8-block+pack", "int8-block", op="pack"),
@@ -196,6 +199,33 @@ def test_vllm_loads_what_the_table_says(checkpoints: Checkpoints, case: Case, fa
     assert not wrong, f"{case.name} ({family}) sm{capability}: {wrong}"
 
 
+# What vLLM's own chooser picks on a CUDA GPU for the zero-point schemes (vllm_harness._on_gpu_first): the kernels
+# qconvert.serving's notes name. Llama's layers all suit Machete (in % 64 == 0, out % 128 == 0); DeepSeek's fused
+# q_a/kv_a layer (128 + 128 + 64 = 320 outputs) does not, and gets Humming, which vLLM ranks above Marlin at sm90.
+GPU_KERNELS = {
+    ("int4-asym", "llama", 80): {"qkv_proj": "MarlinLinearKernel", "down_proj": "MarlinLinearKernel"},
+    ("int4-asym", "llama", 90): {"qkv_proj": "MacheteLinearKernel", "down_proj": "MacheteLinearKernel"},
+    ("int4-asym", "deepseek", 90): {"fused_qkv_a_proj": "HummingLinearKernel", "o_proj": "MacheteLinearKernel",
+                                    "experts": "MARLIN (MarlinExperts)"},
+    ("int8-asym", "llama", 80): {"qkv_proj": "HummingLinearKernel", "down_proj": "HummingLinearKernel"},
+    ("int8-asym", "llama", 90): {"qkv_proj": "MacheteLinearKernel", "down_proj": "MacheteLinearKernel"},
+}
+
+
+@pytest.mark.parametrize(("kind", "family", "capability"), list(GPU_KERNELS))
+def test_vllm_gpu_kernels_for_zero_points(checkpoints: Checkpoints, kind: str, family: str, capability: int) -> None:
+    """The kernels vLLM's chooser picks on a GPU of that capability (the chooser is vLLM's; only the platform it
+    reads is CUDA, and Humming counts as installed, as in vLLM's CUDA wheel), and the zero points loaded."""
+    folder, refusal = checkpoints.get(next(c for c in CASES if c.name == kind), family)
+    assert folder is not None, refusal
+    result = harness.run_case(folder, family, kind, capability, checkpoints.model_config(folder))
+    assert result.loaded, result.problems
+    got = {layer: result.gpu_kernels.get(layer) for layer in GPU_KERNELS[(kind, family, capability)]}
+    assert got == GPU_KERNELS[(kind, family, capability)], result.gpu_kernels
+    # the zero points are vLLM parameters, compared with the checkpoint's like the rest (none left over)
+    assert any(name.endswith("weight_zero_point") for name in harness.loaded_parameters(folder, capability))
+
+
 @pytest.mark.parametrize("damage", ["drop", "rename", "widen"])
 def test_the_harness_sees_a_damaged_checkpoint(checkpoints: Checkpoints, tmp_path: Path, damage: str) -> None:
     """The loading checks can fail: a tensor left out, renamed to a name vLLM does not know, or stored in a wider
@@ -246,3 +276,23 @@ def test_the_postload_check_sees_unshared_nvfp4_global_scales(checkpoints: Check
     assert not result.loaded
     assert [p for p in result.problems if p.startswith("model.layers.1.self_attn.qkv_proj: after vLLM's")] \
         == result.problems, result.problems
+
+
+def test_the_harness_sees_a_missing_zero_point(checkpoints: Checkpoints, tmp_path: Path) -> None:
+    """vLLM registers weight_zero_point for int4-asym layers: one left out of the checkpoint is reported (vLLM's
+    parameter is never written), so the zero points compared in the conformance cases are the checkpoint's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, refusal = checkpoints.get(next(c for c in CASES if c.name == "int4-asym"), "llama")
+    assert folder is not None, refusal
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    shard = next(broken.glob("*.safetensors"))
+    tensors = load_file(shard)
+    del tensors["model.layers.1.self_attn.o_proj.weight_zero_point"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    result = harness.run_case(broken, "llama", "int4-asym", 80, harness.model_config(broken))
+    assert not result.loaded
+    assert any("o_proj.weight_zero_point" in problem for problem in result.problems), result.problems

@@ -15,14 +15,23 @@ What is patched, and why (nothing else):
   the CUDA capability under test (75, 80, 89, 90), so that the capability-dependent scheme choice
   (``_check_scheme_supported``, W8A8-FP8 versus the W8A16-FP8 fallback below sm89, the sm90-only paths) is the
   one a GPU of that capability gets.
-- Kernel selection: vLLM's own choosers run first (on this platform they pick its CPU kernels, e.g.
+- Kernel selection, WNA16 (int weights, bf16 activations; zero points too): vLLM's own choosers
+  (``choose_mp_linear_kernel`` for linear layers, ``select_wna16_moe_backend`` for MoE experts) are first asked
+  what they pick on a CUDA GPU of the capability under test: the platform's enum reads CUDA for that call and the
+  Humming kernels count as installed (``humming-kernels`` is a dependency of vLLM's CUDA wheel); nothing else of
+  the choosers is changed. That pick is recorded in ``Result.gpu_kernels`` (e.g. Marlin at sm80, Machete at sm90;
+  its own shape checks decide per layer); where they find nothing, vLLM's error is the case's result (vLLM does
+  not build the model on that GPU). MoE experts get the GPU's backend (it decides what vLLM's method checks in
+  ``create_weights``) with the stand-in experts class; linear layers keep the kernel of this CPU platform (next
+  item), whose constructor runs here (the parameters the scheme registers do not depend on the kernel).
+- Kernel selection, otherwise: vLLM's own choosers run first (on this platform they pick its CPU kernels, e.g.
   ``CPUWNA16LinearKernel``). Where they find none *on this machine*, ``choose_scaled_mm_linear_kernel`` and
   ``choose_mp_linear_kernel`` return the first of the platform's kernels whose ``can_implement`` accepts the
   layer (its CPU FP8 kernels refuse only because this CPU lacks AMX), else a stand-in class
   (``KernelNotRunHere``; below sm89 vLLM's W8A16-FP8 kernels exist for CUDA only: Marlin FP8, sm75+). The MoE
-  backend selectors for WNA16 and int8 experts, whose CPU backends cannot run here, fall back to Marlin and
-  Triton (the first backends vLLM's CUDA priority lists offer for NVIDIA sm80-sm90); those for NVFP4 and MXFP8
-  experts to Marlin. NVFP4 / MXFP4 / MXFP8 linear layers ask ``init_{nvfp4,mxfp4,mxfp8}_linear_kernel``, which
+  backend selector for int8 experts, whose CPU backends cannot run here, falls back to Triton (the first
+  backend vLLM's CUDA priority list offers for NVIDIA sm80-sm90); those for NVFP4 and MXFP8 experts to Marlin.
+  NVFP4 / MXFP4 / MXFP8 linear layers ask ``init_{nvfp4,mxfp4,mxfp8}_linear_kernel``, which
   finds nothing on this platform (its lists are CUDA / ROCm / XPU only), and get the stand-in. The kernel only
   matters after loading (repacking and matmuls), and no kernel runs in this tier (ModelOpt's NVFP4 / FP8 methods,
   for released checkpoints, get the same stand-ins through their module's names): what is compared with the
@@ -39,6 +48,7 @@ What is patched, and why (nothing else):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -54,7 +64,7 @@ CAPABILITIES = (75, 80, 89, 90)
 # the first pattern after the first load and the second after the second was written by no weight loader.
 _SENTINELS = (0x5A, 0xA5)
 
-_state: dict[str, Any] = {"capability": 90}
+_state: dict[str, Any] = {"capability": 90, "gpu_kernels": []}
 
 
 @dataclass
@@ -68,6 +78,9 @@ class Result:
     loaded: bool = False
     problems: list[str] = field(default_factory=list)
     kernels: dict[str, str] = field(default_factory=dict)  # layer kind → kernel vLLM chose on this CPU platform
+    # layer kind → what vLLM's own chooser picks on a CUDA GPU of this capability (WNA16 linear kernels, WNA16 MoE
+    # backends; see _on_gpu_first)
+    gpu_kernels: dict[str, str] = field(default_factory=dict)
     # After vLLM's own process_weights_after_loading, where it runs on a CPU (NVFP4, MXFP4, MXFP8 layers): the
     # weights vLLM computes with, dequantized, against the checkpoint's tensors decoded here ("" when not run).
     postload: str = ""
@@ -153,14 +166,14 @@ def _patch_kernel_choosers() -> None:
         return choose
 
     linear.choose_scaled_mm_linear_kernel = fallback(linear.choose_scaled_mm_linear_kernel)
-    linear.choose_mp_linear_kernel = fallback(linear.choose_mp_linear_kernel)
+    linear.choose_mp_linear_kernel = _on_gpu_first(linear.choose_mp_linear_kernel,
+                                                   fallback(linear.choose_mp_linear_kernel))
 
-    # MoE experts backends (WNA16, int8). On this CPU platform vLLM offers only its CPU backends, which cannot
-    # run here; where they refuse, fall back to the backend vLLM's CUDA priority list offers first for NVIDIA
-    # sm80-sm90 (Marlin for WNA16, Triton for int8: the weight layout a GPU would load), with the stand-in
-    # kernel class.
+    # MoE experts backends. WNA16: vLLM's own selector as on a CUDA GPU of the capability under test
+    # (_on_gpu_first). int8: on this CPU platform vLLM offers only its CPU backends, which cannot run here; where
+    # they refuse, fall back to the backend vLLM's CUDA priority list offers first for NVIDIA sm80-sm90 (Triton:
+    # the weight layout a GPU would load), with the stand-in kernel class.
     from vllm.model_executor.layers.fused_moe.oracle.int8 import Int8MoeBackend
-    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
         compressed_tensors_moe_w8a8_int8 as int8_moe,
     )
@@ -177,7 +190,7 @@ def _patch_kernel_choosers() -> None:
                 return backend, KernelNotRunHere
         return select
 
-    wna16_moe.select_wna16_moe_backend = moe_fallback(wna16_moe.select_wna16_moe_backend, WNA16MoEBackend.MARLIN)
+    wna16_moe.select_wna16_moe_backend = _on_gpu_first(wna16_moe.select_wna16_moe_backend, None)
     int8_moe.select_int8_moe_backend = moe_fallback(int8_moe.select_int8_moe_backend, Int8MoeBackend.TRITON)
     # NVFP4 and MXFP8 experts: Marlin, the first backend of vLLM's lists that serves NVIDIA sm80-sm90 (the
     # FlashInfer / CUTLASS / DeepGEMM ones before it are sm100+). MXFP4 experts need no fallback: vLLM's method
@@ -231,6 +244,66 @@ def _patch_kernel_choosers() -> None:
         setattr(modelopt, name, linear_fallback(getattr(modelopt, name)))
     modelopt.select_nvfp4_moe_backend = moe_fallback(modelopt.select_nvfp4_moe_backend, NvFp4MoeBackend.MARLIN)
     modelopt.select_fp8_moe_backend = moe_fallback(modelopt.select_fp8_moe_backend, Fp8MoeBackend.MARLIN)
+
+
+@contextlib.contextmanager
+def _as_on_a_gpu() -> Iterator[None]:
+    """vLLM's platform as its kernel choosers see a CUDA GPU of the capability under test: the platform's enum
+    (``is_cuda()``; ``get_device_capability`` is already the capability under test) and the Humming kernels
+    present (``humming-kernels`` is a dependency of vLLM's CUDA wheel; this CPU venv does not have it)."""
+    from vllm.model_executor.kernels.linear.mixed_precision import humming as linear_humming
+    from vllm.model_executor.layers.fused_moe.experts import fused_humming_moe as moe_humming
+    from vllm.platforms import PlatformEnum, current_platform
+
+    modules = (linear_humming, moe_humming)
+    saved = [module.has_humming for module in modules]
+    current_platform._enum = PlatformEnum.CUDA  # an instance attribute over CpuPlatform's class attribute
+    for module in modules:
+        module.has_humming = lambda: True
+    try:
+        yield
+    finally:
+        del current_platform._enum
+        for module, real in zip(modules, saved, strict=True):
+            module.has_humming = real
+
+
+def _on_gpu_first(real: Any, on_this_cpu: Any) -> Any:
+    """A kernel chooser that first asks vLLM's own ``real`` chooser what it picks on a CUDA GPU of the capability
+    under test (``_as_on_a_gpu``), and records that (``Result.gpu_kernels``); where it finds nothing, vLLM's
+    error is raised, as vLLM raises it on that GPU (the model is not built: the case does not load).
+
+    - ``choose_mp_linear_kernel`` (WNA16 linear layers): the GPU's kernel class is recorded only; the layer gets
+      ``on_this_cpu``'s kernel (vLLM's CPU kernel or the stand-in), since a GPU kernel's constructor is not run
+      here; the parameters the scheme registers do not depend on the kernel.
+    - ``select_wna16_moe_backend`` (``on_this_cpu`` None): the GPU's backend is handed to vLLM's MoE method (it
+      decides what ``create_weights`` checks), with the stand-in experts class.
+    """
+
+    def choose(*args: Any, **kwargs: Any) -> Any:
+        key = kwargs.get("config", args[0] if args else None)
+        with _as_on_a_gpu():
+            try:
+                if on_this_cpu is not None:  # the capability the chooser reads is the patched one
+                    picked = real(*args, **kwargs)
+                    _state["gpu_kernels"].append((key, picked.__name__))
+                    return on_this_cpu(*args, **kwargs)
+                try:
+                    backend, experts = real(*args, **kwargs)
+                    picked = f"{backend.value} ({experts.__name__})"
+                except ModuleNotFoundError as error:
+                    # Humming's experts passed vLLM's scheme and device checks; which of its classes serves the
+                    # layer is asked of the humming package itself, which this CPU venv lacks.
+                    if error.name != "humming":
+                        raise
+                    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+
+                    backend, picked = WNA16MoEBackend.HUMMING, "HUMMING (experts class: the humming package's pick)"
+                _state["gpu_kernels"].append((key, picked))
+                return backend, KernelNotRunHere
+            except (ValueError, NotImplementedError) as error:
+                raise type(error)(f"on CUDA sm{_state['capability']}: {error}") from error
+    return choose
 
 
 def set_capability(capability: int) -> None:
@@ -532,6 +605,7 @@ def run_case(folder: Path, family: str, kind: str, capability: int, mc: Any | No
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.utils.torch_utils import set_default_torch_dtype
 
+    _state["gpu_kernels"] = []
     try:
         mc = mc if mc is not None else model_config(folder)
         vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), load_config=LoadConfig())
@@ -555,6 +629,15 @@ def run_case(folder: Path, family: str, kind: str, capability: int, mc: Any | No
         result.picks[layer] = pick if previous in (None, pick) else "|".join(sorted({*previous.split("|"), pick}))
         kernel = getattr(module, "kernel", None) or getattr(scheme, "kernel", None) \
             or getattr(scheme, "fp8_linear", None) or getattr(method, "kernel", None)
+        # what the GPU chooser picked for this layer's kernel configuration (MoE: for its FusedMoEConfig)
+        keys = [getattr(kernel, "config", None), getattr(method, "moe", None)]
+        if isinstance(kernel, KernelNotRunHere):
+            keys.append(kernel.args[0] if kernel.args else kernel.kwargs.get("config"))
+        gpu = [picked for config, picked in _state["gpu_kernels"] if any(config is k for k in keys if k is not None)]
+        if gpu:
+            seen = result.gpu_kernels.get(layer)
+            result.gpu_kernels[layer] = gpu[-1] if seen in (None, gpu[-1]) else "|".join(sorted({*seen.split("|"),
+                                                                                                  gpu[-1]}))
         if kernel is not None:
             result.kernels[layer] = type(kernel).__name__
             asked = getattr(kernel, "kwargs", {}).get("activation_quant_key") if isinstance(
