@@ -145,14 +145,19 @@ SERVES: dict[str, tuple[Serving, ...]] = {
     # Zero points (W4A16_ASYM / W8A16_ASYM). vLLM's WNA16 method registers weight_zero_point; its kernel chooser
     # picks Marlin (uint4 with zero points) from sm75 and Machete at sm90, Humming where neither takes the
     # layer (uint8 with zero points below sm90; Machete needs in % 64 == 0 and out % 128 == 0). Its MoE method
-    # loads int4 zero points (Marlin experts); no WNA16 MoE backend of vLLM takes int8 zero points.
+    # loads int4 zero points (Marlin experts); no WNA16 MoE backend of vLLM takes int8 zero points. SGLang loads
+    # dense layers with zero points into CompressedTensorsWNA16 (Marlin: uint4 only, so not int8-asym); its MoE
+    # method fails to load expert zero points (tests/engines/test_sglang.py).
     "int4-asym": (_vllm("CompressedTensorsWNA16", 75, _VLLM_WNA16_MOE,
                         note="vLLM kernels: Marlin sm75-89, Machete sm90 (Humming for shapes Machete refuses); "
                              "MoE experts Marlin"),
+                  _sglang("CompressedTensorsWNA16", 80, families=("llama",),
+                          note="SGLang: dense models only (its WNA16 MoE fails to load expert zero points; DeepSeek "
+                               "MLA fused q_a/kv_a weight_shape fails too)"),
                   _TRANSFORMERS_DENSE, _QCONVERT),
     "int8-asym": (_vllm("CompressedTensorsWNA16", 75, families=("llama",),
                         note="vLLM kernels: Humming sm75-89, Machete sm90; no vLLM WNA16 MoE backend takes int8 "
-                             "zero points (DeepSeek refused)"),
+                             "zero points (DeepSeek refused); SGLang's Marlin takes no int8 zero points"),
                   _TRANSFORMERS_DENSE, _QCONVERT),
     # No engine accepts int8 weights with block scales through compressed-tensors.
     "int8-block": (_TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),

@@ -20,6 +20,11 @@ Patched, and why (nothing else is):
   multimodal image transforms, which nothing here uses).
 sgl-kernel (``sglang-kernel``) is not installed and not stubbed: nothing imported here needs it.
 
+Added check (not one SGLang runs while loading): its ``CompressedTensorsWNA16`` layers compute with Marlin on
+CUDA, so each layer's weight type (with or without zero points) must be one SGLang's own
+``query_marlin_supported_quant_types`` lists at the capability (``check_marlin_types``; int8 with zero points is
+not: SGLang loads int8-asym, and its Marlin cannot run it).
+
 Loaded parameters are compared with the tensors on disk as the loader wrote them. Then, given qconvert's own
 dequantization of the checkpoint (``convert --op dequantize``, in the model's dtype), SGLang's
 ``process_weights_after_loading`` runs per layer where it runs on a CPU (fp8 and block-int8 methods, dense and
@@ -212,6 +217,28 @@ def picks_of(model: torch.nn.Module) -> dict[str, str]:
             kind = f"shared_{kind}"
         found.setdefault(kind, set()).add(pick)
     return {kind: "|".join(sorted(names)) for kind, names in sorted(found.items())}
+
+
+def check_marlin_types(model: torch.nn.Module, capability: int) -> list[str]:
+    """SGLang's CompressedTensorsWNA16 computes with Marlin on CUDA whatever the weight type, and does not ask
+    whether Marlin takes it: ask SGLang's own ``marlin_utils.query_marlin_supported_quant_types`` for each layer's
+    (weight type, zero points) at ``capability`` (zero points: uint4 only), one problem per unsupported type."""
+    from sglang.srt.layers.quantization.marlin_utils import query_marlin_supported_quant_types
+
+    problems: dict[str, str] = {}
+    for name, module in model.named_modules():
+        config = getattr(getattr(module, "scheme", None), "kernel_config", None)
+        if config is None or not hasattr(config, "zero_points"):
+            continue
+        supported = query_marlin_supported_quant_types(config.zero_points, device_capability=capability)
+        if config.weight_type not in supported:
+            zero = "with" if config.zero_points else "without"
+            weight = str(config.weight_type).removeprefix("mock_")  # (SGLang's CPU stand-in for its scalar types)
+            problems.setdefault(str(config.weight_type), (
+                f"{name}: {type(module.scheme).__name__} runs Marlin, which takes no {weight} {zero} "
+                f"zero points at sm{capability} (SGLang's query_marlin_supported_quant_types: "
+                f"{[str(t).removeprefix('mock_') for t in supported]})"))
+    return list(problems.values())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -587,6 +614,7 @@ def run_case(checkpoint: Path, family: str, kind: str, capability: int, referenc
                 result.problems.append(f"load_weights failed: {_one_line(exc)}")
                 return result
         result.problems.extend(check_loaded(model, _disk_tensors(checkpoint), sentinel))
+        result.problems.extend(check_marlin_types(model, capability))
         result.problems.extend(f"SGLang warned: {line}" for line in warnings.lines if "not found" in line)
         if not result.problems:
             with gpu_capability(capability):

@@ -53,6 +53,9 @@ class Case:
 CASES = [
     Case("rtn4", ("--scheme", "rtn4")),
     Case("rtn8", ("--scheme", "rtn8")),
+    # Zero points (W4A16_ASYM / W8A16_ASYM). MoE experts with zero points: test_sglang_fails_moe_zero_points.
+    Case("int4-asym", ("--scheme", "int4-asym")),
+    Case("int8-asym", ("--scheme", "int8-asym")),
     Case("int8-block", ("--scheme", "int8-block")),
     Case("w8a8-int8", ("--scheme", "w8a8-int8")),
     Case("fp8", ("--scheme", "fp8")),
@@ -313,3 +316,18 @@ def test_sglang_refuses_unshared_nvfp4_global_scales(bases: dict[str, Path], tmp
         "model.layers.1.self_attn.qkv_proj: SGLang's CompressedTensorsW4A16Fp4.process_weights_after_loading "
         "refuses it: ValueError: NVFP4 weight-only linear requires all fused projections to share one "
         "weight_global_scale"), result.problems
+
+
+@pytest.mark.parametrize("kind", ["int4-asym", "int8-asym"])
+def test_sglang_fails_moe_zero_points(kind: str, bases: dict[str, Path], tmp_path: Path) -> None:
+    """Why qconvert.serving claims SGLang for the zero-point schemes on dense models only: on a Qwen3-MoE (no
+    MLA), SGLang's CompressedTensorsWNA16MoE takes the experts but its loader cannot copy the checkpoint's
+    (llm-compressor's layout) expert zero points into its parameters."""
+    checkpoint, refusal = _build(Case(kind, ("--scheme", kind)), bases["qwen3_moe"], tmp_path)
+    assert checkpoint is not None, refusal
+    result = harness.run_case(checkpoint, "qwen3_moe", kind, 90)
+    RESULTS.append(result)
+    assert result.picks.get("experts") == "CompressedTensorsWNA16MoE", result.picks
+    assert not result.loaded
+    assert any(p.startswith("load_weights failed: RuntimeError: output with shape") for p in result.problems), \
+        result.problems
