@@ -83,6 +83,11 @@ _TRANSFORMERS = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTe
 # scales of experts larger than one block (tests/arch_matrix.py leaves those out, and says why): dense models only.
 _TRANSFORMERS_DENSE = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None,
                               families=("llama",), note="dense models; MoE experts fail transformers' conversion")
+# Zero points: transformers registers them unpacked and refuses compressed-tensors' packed ones on its default path;
+# with CompressedTensorsConfig(dequantize=True) it loads them, dense layers only (tests/arch_matrix.py).
+_TRANSFORMERS_ASYM = Serving(Engine.TRANSFORMERS, TRANSFORMERS_VERSION, "CompressedTensorsHfQuantizer", None,
+                             families=("llama",), note="dense models, with CompressedTensorsConfig(dequantize=True) "
+                                                       "only; MoE experts fail transformers' conversion")
 _QCONVERT = Serving(Engine.QCONVERT, "", "verify (Triton kernels)", None)
 # GraniteMoE's per-expert layers are compressed-tensors modules, which verify checks (gpt-oss's, in vLLM's own
 # spelling, it names as not verified).
@@ -154,11 +159,11 @@ SERVES: dict[str, tuple[Serving, ...]] = {
                   _sglang("CompressedTensorsWNA16", 80, families=("llama",),
                           note="SGLang: dense models only (its WNA16 MoE fails to load expert zero points; DeepSeek "
                                "MLA fused q_a/kv_a weight_shape fails too)"),
-                  _TRANSFORMERS_DENSE, _QCONVERT),
+                  _TRANSFORMERS_ASYM, _QCONVERT),
     "int8-asym": (_vllm("CompressedTensorsWNA16", 75, families=("llama",),
                         note="vLLM kernels: Humming sm75-89, Machete sm90; no vLLM WNA16 MoE backend takes int8 "
                              "zero points (DeepSeek refused); SGLang's Marlin takes no int8 zero points"),
-                  _TRANSFORMERS_DENSE, _QCONVERT),
+                  _TRANSFORMERS_ASYM, _QCONVERT),
     # No engine accepts int8 weights with block scales through compressed-tensors.
     "int8-block": (_TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),
     # SGLang's blockwise_int8 reaches the scales only where the model's loader keeps `weight_scale_inv`.

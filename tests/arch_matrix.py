@@ -22,6 +22,16 @@ ALL_SCHEMES = ("rtn4", "rtn8", "int8-block", "w8a8-int8", "fp8", "fp8-block", "f
 # conversion, and so do fp8 block
 # scales of experts larger than one block. Those schemes are not loadable for MoE in transformers.
 MOE_SCHEMES = ("rtn4", "rtn8", "fp8", "fp8-tensor", "nvfp4", "mxfp4")
+# Zero-point schemes (W4A16_ASYM / W8A16_ASYM): through transformers' compressed-tensors loader on one dense and one
+# MoE architecture (the packed layout is rtn4's / rtn8's, with weight_zero_point beside the scales).
+ASYM = ("int4-asym", "int8-asym")
+# transformers 5.23 loads zero points only with dequantize=True: its compressed path registers weight_zero_point
+# unpacked ([out, groups]) and refuses the packed one compressed-tensors writes ([out / (32 / bits), groups]) as a
+# size mismatch; and its conversion of per-expert MoE weights fails (with dequantize=True it decompresses them
+# without their zero points: compressed-tensors' "Asymmetric quant requires zero-point values"). Its report names
+# the tensors; the error it raises, matched here, does not. The same for llm-compressor's identical bytes.
+_ASYM_DENSE = {s: {"compressed": "ignore_mismatched_sizes"} for s in ASYM}
+_ASYM_MOE = {s: {"compressed": "automatic conversion", "dequantize": "automatic conversion"} for s in ASYM}
 # Packed schemes (rtn4, rtn8) leave no `.weight` on the module in the compressed path; Falcon's
 # FalconLinear.forward and T5's weight initialisation read it, so only `dequantize=True` loads them.
 PACKED = ("rtn4", "rtn8")
@@ -56,6 +66,9 @@ class ArchCase:
     # Schemes transformers loads but computes wrongly for this architecture, on both paths (NVFP4 MoE experts: logits
     # off by more than 100%, measured, for llm-compressor's identical bytes too): asserted wrong.
     transformers_wrong: tuple[str, ...] = ()
+    # Schemes transformers refuses to load for this architecture, by path ("compressed": the default load,
+    # "dequantize": CompressedTensorsConfig(dequantize=True)), with a word of its error: asserted to be refused.
+    transformers_refuses: dict[str, dict[str, str]] = field(default_factory=dict)
     fast: bool = False  # also in the fast tier
     shards: int = 1
     # 3-D experts written per expert in vLLM's layout, which no transformers release loads: the test
@@ -86,7 +99,8 @@ _GPT_OSS = dict(_TEXT, head_dim=32, num_local_experts=EXPERTS, num_experts_per_t
                 layer_types=["sliding_attention", "full_attention"], sliding_window=64)
 
 CASES: list[ArchCase] = [
-    ArchCase("llama", "llama", dict(_TEXT), _llama_like(), fast=True, shards=2),
+    ArchCase("llama", "llama", dict(_TEXT), _llama_like(), schemes=(*ALL_SCHEMES, *ASYM),
+             transformers_refuses=_ASYM_DENSE, fast=True, shards=2),
     ArchCase("mistral", "mistral", dict(_TEXT, head_dim=32), _llama_like()),
     ArchCase("qwen2", "qwen2", dict(_TEXT), _llama_like()),
     ArchCase("qwen3", "qwen3", dict(_TEXT, head_dim=32), _llama_like()),
@@ -94,8 +108,8 @@ CASES: list[ArchCase] = [
              dict(_TEXT, head_dim=32, moe_intermediate_size=128, decoder_sparse_step=1, **_MOE),
              [f"model.layers.{{i}}.self_attn.{p}" for p in _ATTN]
              + [f"model.layers.{{i}}.mlp.experts.{{e}}.{p}" for p in _MLP],
-             schemes=MOE_SCHEMES, skipped={"model.layers.{i}.mlp.gate": "router"}, fast=True,
-             transformers_wrong=("nvfp4",)),
+             schemes=(*MOE_SCHEMES, *ASYM), skipped={"model.layers.{i}.mlp.gate": "router"}, fast=True,
+             transformers_wrong=("nvfp4",), transformers_refuses=_ASYM_MOE),
     ArchCase("mixtral", "mixtral", dict(_TEXT, num_local_experts=EXPERTS, num_experts_per_tok=2),
              [f"model.layers.{{i}}.self_attn.{p}" for p in _ATTN]
              + [f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{p}" for p in ("w1", "w2", "w3")],

@@ -104,11 +104,31 @@ def _fake_microscaled(weight: torch.Tensor, scheme: str, shared_amax: torch.Tens
     return (q * scale).reshape(w.shape)
 
 
+ASYMMETRIC = {"int4-asym": 4, "int8-asym": 8}
+
+
+def _fake_asymmetric(w: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per 128 inputs, every step in the weight's dtype: the range [min, max] widened to hold 0, scale = range /
+    (2^bits - 1), integer zero point = round(clamp(qmin - min / scale)) (0 for an all-zero group), codes =
+    round(clamp(w / scale + zero)), back to (code - zero) * scale."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    tiles, (out, inp) = _tiles(w, 1, 128)
+    t = tiles.to(dtype)
+    low, high = t.amin(dim=3, keepdim=True).clamp(max=0), t.amax(dim=3, keepdim=True).clamp(min=0)
+    scale = (high - low) / torch.tensor(float(qmax - qmin), dtype=dtype)
+    zero = (qmin - low / scale).clamp(qmin, qmax).nan_to_num(0.0).round()
+    scale = torch.where(scale > 0, scale, torch.finfo(dtype).eps)
+    q = (t / scale + zero).clamp(qmin, qmax).round()
+    return ((q - zero) * scale).to(torch.float32).reshape(tiles.shape[0], -1)[:out, :inp]
+
+
 def _fake(weight: torch.Tensor, scheme: str, dtype: torch.dtype, shared_amax: torch.Tensor | None) -> torch.Tensor:
     """Quantize and dequantize one [out, in] weight the way each scheme's spec says (FORMAT.md)."""
     if scheme in MICROSCALED:
         return _fake_microscaled(weight, scheme, shared_amax)
     w = weight.to(torch.float32)
+    if scheme in ASYMMETRIC:
+        return _fake_asymmetric(w, ASYMMETRIC[scheme], dtype)
     is_fp8 = scheme.startswith("fp8")
     bits = 4 if scheme == "rtn4" else 8
     divisor = 448.0 if is_fp8 else (2**bits - 1) / 2
@@ -275,6 +295,11 @@ def test_architecture(case: ArchCase, scheme: str, arch_root: Path) -> None:
         if not kwargs and scheme in case.compressed_path_fails:
             with pytest.raises(AttributeError, match="weight"):
                 load(output, case)[0](**model_inputs(case))
+            continue
+        refused = case.transformers_refuses.get(scheme, {}).get("dequantize" if kwargs else "compressed")
+        if refused:
+            with pytest.raises(RuntimeError, match=refused):
+                load(output, case, **kwargs)
             continue
         if scheme in case.transformers_wrong:
             # transformers computes these wrongly on either path, on llm-compressor's bytes too (asserted, so that a
