@@ -161,8 +161,9 @@ SERVES: dict[str, tuple[Serving, ...]] = {
                                "MLA fused q_a/kv_a weight_shape fails too)"),
                   _TRANSFORMERS_ASYM, _QCONVERT),
     "int8-asym": (_vllm("CompressedTensorsWNA16", 75, families=("llama",),
-                        note="vLLM kernels: Humming sm75-89, Machete sm90; no vLLM WNA16 MoE backend takes int8 "
-                             "zero points (DeepSeek refused); SGLang's Marlin takes no int8 zero points"),
+                        note="vLLM: dense models only (no vLLM WNA16 MoE backend takes int8 zero points: "
+                             "DeepSeek refused); kernels Humming sm75-89, Machete sm90. SGLang's Marlin takes no "
+                             "int8 zero points"),
                   _TRANSFORMERS_ASYM, _QCONVERT),
     # No engine accepts int8 weights with block scales through compressed-tensors.
     "int8-block": (_TRANSFORMERS_DENSE, _QCONVERT_WITH_GRANITE),
