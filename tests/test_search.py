@@ -56,8 +56,9 @@ def _errors(original: dict[str, torch.Tensor], quantized: Path, group: int) -> d
 
 
 def _assert_never_worse(model: Path, tmp_path: Path, scheme: str) -> tuple[float, float]:
-    """search ≤ rtn on every group's objective (exactly) and on every layer's objective; returns the summed
-    objectives (rtn, search). Also checks the output keeps RTN's tensor layout."""
+    """search ≤ rtn on every group's objective (exactly), on every layer's objective and on every layer's output
+    error (fixed random activations); returns the summed objectives (rtn, search). Also checks the output keeps
+    RTN's tensor layout."""
     before = tree_digest(model)
     runs = {}
     for algorithm in ("rtn", "search"):
@@ -74,6 +75,7 @@ def _assert_never_worse(model: Path, tmp_path: Path, scheme: str) -> tuple[float
     for module in rtn:
         assert bool((search[module][0] <= rtn[module][0]).all()), (scheme, module)
         assert float(search[module][0].double().sum()) <= float(rtn[module][0].double().sum()), (scheme, module)
+        assert search[module][1] <= rtn[module][1], (scheme, module, "output error")
     return (sum(float(v[0].double().sum()) for v in rtn.values()),
             sum(float(v[0].double().sum()) for v in search.values()))
 
