@@ -171,7 +171,8 @@ def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor, search: boo
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed [out, in/2] uint8, scales [out, in/16] e4m3)`` of ``weight`` under ``global_scale``: each code is
     ``x / (scale / global)`` (float32) rounded to E2M1. ``search``: each block's scale chosen by
-    :func:`qconvert.algorithms.search_nvfp4_scales` ("four over six") instead of amax / 6."""
+    :func:`qconvert.algorithms.search_nvfp4_scales` ("four over six", then a least-squares refit) instead of
+    amax / 6."""
     out_features, in_features = weight.shape
     if in_features % 16:
         raise ValueError(f"input size {in_features} is not a multiple of the group size 16")

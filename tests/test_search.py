@@ -56,8 +56,9 @@ def _errors(original: dict[str, torch.Tensor], quantized: Path, group: int) -> d
 
 
 def _assert_never_worse(model: Path, tmp_path: Path, scheme: str) -> tuple[float, float]:
-    """search ≤ rtn on every group's objective (exactly) and on every layer's objective; returns the summed
-    objectives (rtn, search). Also checks the output keeps RTN's tensor layout."""
+    """search ≤ rtn on every group's objective (exactly), on every layer's objective and on every layer's output
+    error (fixed random activations); returns the summed objectives (rtn, search). Also checks the output keeps
+    RTN's tensor layout."""
     before = tree_digest(model)
     runs = {}
     for algorithm in ("rtn", "search"):
@@ -74,6 +75,7 @@ def _assert_never_worse(model: Path, tmp_path: Path, scheme: str) -> tuple[float
     for module in rtn:
         assert bool((search[module][0] <= rtn[module][0]).all()), (scheme, module)
         assert float(search[module][0].double().sum()) <= float(rtn[module][0].double().sum()), (scheme, module)
+        assert search[module][1] <= rtn[module][1], (scheme, module, "output error")
     return (sum(float(v[0].double().sum()) for v in rtn.values()),
             sum(float(v[0].double().sum()) for v in search.values()))
 
@@ -209,3 +211,57 @@ def test_inspect_says_how_the_scales_were_chosen(tiny_llama: Path, tmp_path: Pat
     assert "scales by" not in reports["plain"]["format"]
     assert all(layer["stored"].endswith("+ int32 zero points") for layer in reports["searched"]["layers"]
                if layer["scheme"] != "bf16")
+
+
+def _sse(rebuilt: torch.Tensor, weight: torch.Tensor, group: int) -> torch.Tensor:
+    rows, cols = weight.shape
+    return group_sse(rebuilt.reshape(rows, cols // group, group), weight.reshape(rows, cols // group, group))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_least_squares_refits_gain_on_top_of_the_grid(dtype: torch.dtype) -> None:
+    """The refits after the grid lower the objective of every scheme the search applies to in total, and never
+    raise it on any group (bf16 int8 excepted from the strict gain: a bf16 scale moves in steps as large as int8's
+    grid, so the refits rarely find a better one there, see benchmarks/search_design.py); degenerate groups (all
+    zero, constant, one outlier) keep a finite choice with zero points in range."""
+    from qconvert.algorithms import search_asymmetric, search_nvfp4_scales, search_symmetric
+    from qconvert.microscaling import e2m1_codes, e2m1_values, nvfp4_global_scale
+    from qconvert.quantizers import dequantize_asymmetric, dequantize_tiles, quantize_asymmetric, quantize_tiles
+
+    torch.manual_seed(5)
+    weight = torch.randn(64, 512) * 0.02
+    weight[0] = 0.0
+    weight[1] = 0.01
+    weight[2, :] = 0.0
+    weight[2, 7] = -0.5
+    weight = weight.to(dtype)
+    for bits in (4, 8):
+        rebuilt = {}
+        gains = bits == 4 or dtype == torch.float32
+        for refits in (0, None):
+            scales = search_symmetric(weight, (1, 128), bits, refits=refits)
+            assert bool(scales.isfinite().all() & (scales > 0).all())
+            codes = quantize_tiles(weight, scales, (1, 128), "int", bits)
+            rebuilt[refits] = _sse(dequantize_tiles(codes, scales, (1, 128)), weight, 128)
+        assert bool((rebuilt[None] <= rebuilt[0]).all()), bits
+        assert rebuilt[None].double().sum() < rebuilt[0].double().sum() or not gains, bits
+
+        groups = weight.reshape(64, 4, 128)
+        for refits in (0, None):
+            scales, zeros = search_asymmetric(groups, groups.amin(-1), groups.amax(-1), bits, refits=refits)
+            low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+            assert bool(scales.isfinite().all() & (scales > 0).all() & (zeros >= low).all() & (zeros <= high).all())
+            codes = quantize_asymmetric(groups, scales, zeros, bits)
+            rebuilt[refits] = _sse(dequantize_asymmetric(codes, scales, zeros).reshape(64, 512), weight, 128)
+        assert bool((rebuilt[None] <= rebuilt[0]).all()), bits
+        assert rebuilt[None].double().sum() < rebuilt[0].double().sum() or not gains, bits
+        assert float(rebuilt[None][0].sum()) == 0.0 and float(rebuilt[None][1].sum()) == 0.0  # zero, constant
+
+    blocks = weight.reshape(64, 32, 16)
+    global_scale = nvfp4_global_scale(weight.abs().amax(), dtype)
+    for refits in (0, None):
+        scales = search_nvfp4_scales(blocks, blocks.abs().amax(-1), global_scale, refits=refits)
+        multiplier = (scales.to(torch.float32) / global_scale).unsqueeze(-1)
+        nvfp4 = (e2m1_values(e2m1_codes(blocks / multiplier)) * multiplier).to(dtype)
+        rebuilt[refits] = _sse(nvfp4.reshape(64, 512), weight, 16)
+    assert bool((rebuilt[None] <= rebuilt[0]).all()) and rebuilt[None].double().sum() < rebuilt[0].double().sum()
