@@ -26,6 +26,7 @@ from qconvert.microscaling import (
     mx_block_exponents,
     mx_blocks_below,
     mx_global_shift,
+    mx_inexact_blocks,
     mx_to_nvfp4,
     mxfp4_to_fp8_blocks,
     nvfp4_global_scale,
@@ -224,8 +225,8 @@ class MXFP4(_MX):
 
             def to_fp8_blocks(prefix: str, tensors: dict[str, torch.Tensor], shared: torch.Tensor | None
                               ) -> dict[str, torch.Tensor]:
-                codes, scales, _ = mxfp4_to_fp8_blocks(tensors["weight_packed"], tensors["weight_scale"], tile,
-                                                       layer.dtype)
+                codes, scales = mxfp4_to_fp8_blocks(tensors["weight_packed"], tensors["weight_scale"], tile,
+                                                    layer.dtype)
                 return {f"{prefix}.weight": codes, f"{prefix}.weight_scale": scales}
 
             return to_fp8_blocks
@@ -252,7 +253,7 @@ class MXFP4(_MX):
         exponents = [reader.read(layer.parts["weight_scale"]) for layer in layers]
         if type(target) is NVFP4:
             shift = mx_global_shift(exponents)
-            lossy = [mx_to_nvfp4(stored, shift).inexact & (stored != 0) for stored in exponents]
+            lossy = [mx_inexact_blocks(stored, shift) & (stored != 0) for stored in exponents]
         else:
             assert args.block is not None
             lossy = [mx_blocks_below(stored, mx_block_exponents(stored, args.block), args.block)
