@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 FP4_E2M1_MAX = 6.0
@@ -290,18 +291,50 @@ def nonzero_blocks(packed: torch.Tensor, group: int = 32) -> torch.Tensor:
 FP4_IN_E4M3_SPAN = (-8, 6)
 
 
+def _tiled_exponents(exponents: torch.Tensor, tile: tuple[int, int], group: int) -> torch.Tensor:
+    """uint8 ``[tile rows, th, tile columns, tw/group]`` view of ``exponents``, padded with 0 where the weight ends
+    (never above a tile's largest, which always has a stored block; copied only where padding is needed)."""
+    th, tw = tile
+    per_tile = tw // group
+    rows, cols = -(-exponents.shape[0] // th), -(-exponents.shape[1] // per_tile)
+    padded = exponents
+    if (rows * th, cols * per_tile) != tuple(exponents.shape):
+        padded = torch.zeros((rows * th, cols * per_tile), dtype=torch.uint8, device=exponents.device)
+        padded[: exponents.shape[0], : exponents.shape[1]] = exponents
+    return padded.reshape(rows, th, cols, per_tile)
+
+
 def mx_block_exponents(exponents: torch.Tensor, tile: tuple[int, int], group: int = 32) -> torch.Tensor:
     """int32 ``[ceil(R/th), ceil(C/tw)]``: for each ``tile`` of the weight, the power of two ``K`` its fp8 scale takes
     when every MX block in it is cast exactly: 6 below the tile's largest exponent (:data:`FP4_IN_E4M3_SPAN`).
-    ``exponents``: uint8 E8M0 ``[R, C/group]``; ``tw`` a multiple of ``group``."""
-    th, tw = tile
-    per_tile = tw // group
-    powers = exponents.to(torch.int32) - E8M0_BIAS
-    rows, cols = -(-powers.shape[0] // th), -(-powers.shape[1] // per_tile)
-    padded = torch.full((rows * th, cols * per_tile), -(1 << 20), dtype=torch.int32, device=powers.device)
-    padded[: powers.shape[0], : powers.shape[1]] = powers
-    largest = padded.reshape(rows, th, cols, per_tile).amax(dim=(1, 3))
-    return largest - FP4_IN_E4M3_SPAN[1]
+    ``exponents``: uint8 E8M0 ``[R, C/group]``; ``tw`` a multiple of ``group``. The maxima are taken on the stored
+    bytes (the order of the exponents)."""
+    largest = _tiled_exponents(exponents, tile, group).amax(dim=3).amax(dim=1)
+    return largest.to(torch.int32) - E8M0_BIAS - FP4_IN_E4M3_SPAN[1]
+
+
+def mx_fp8_block_losses(exponents: torch.Tensor, tile: tuple[int, int], group: int = 32) -> torch.Tensor | None:
+    """:func:`mx_blocks_below` under the tiles' own scales, or None where no block is below (a tile's span from
+    its largest to its smallest nonzero exponent is at most 14): decided on per-tile maxima and minima of the
+    stored bytes, so that the common lossless case builds no full-size mask."""
+    tiled = _tiled_exponents(exponents, tile, group)
+    largest = tiled.amax(dim=3).amax(dim=1).to(torch.int32)
+    smallest = (tiled - 1).amin(dim=3).amin(dim=1).to(torch.int32) + 1  # 0 wraps to 255: the smallest nonzero
+    if int((largest - smallest).max()) <= FP4_IN_E4M3_SPAN[1] - FP4_IN_E4M3_SPAN[0]:
+        return None
+    return mx_blocks_below(exponents, mx_block_exponents(exponents, tile, group), tile, group)
+
+
+def mx_nvfp4_losses(exponents: torch.Tensor, shift: int) -> torch.Tensor | None:
+    """bool ``[R, C/32]``: the blocks stored with a nonzero exponent that e4m3 scales cannot hold under the global
+    scale ``2**shift`` (:func:`mx_inexact_blocks`), or None where there is none (decided by the smallest nonzero
+    exponent, without building a mask)."""
+    smallest = int(exponents.min())
+    if smallest == 0:
+        smallest = int((exponents - 1).min()) + 1  # 0 wraps to 255: the smallest nonzero (256 if all are 0)
+    if smallest >= E8M0_BIAS + E4M3_MIN_EXPONENT - shift:
+        return None
+    return mx_inexact_blocks(exponents, shift) & (exponents != 0)
 
 
 def mx_blocks_below(exponents: torch.Tensor, tile_exponents: torch.Tensor, tile: tuple[int, int],
@@ -357,13 +390,22 @@ def mxfp4_to_fp8_blocks(packed: torch.Tensor, exponents: torch.Tensor, tile: tup
     differences = (exponents.to(torch.int32) - E8M0_BIAS) - expanded[:, : exponents.shape[1]]
     row_start = (differences.clamp_(low, high) - low) * 256  # [R, C/32]: where each block's table row starts
     table = _fp8_cast_table(packed.device)
-    codes = torch.empty((rows, columns // 2), dtype=torch.int16, device=packed.device)
+    codes = torch.empty((rows, columns // 32, 16), dtype=torch.int16, device=packed.device)
+    by_block = packed.reshape(rows, columns // 32, 16)
     band = max(1, (1 << 20 if packed.device.type == "cpu" else 1 << 26) // max(1, columns // 2))
-    for first in range(0, rows, band):
-        last = min(rows, first + band)
-        index = packed[first:last].reshape(last - first, -1, 16).to(torch.int32) + row_start[first:last, :, None]
-        codes[first:last] = lookup(table, index).reshape(last - first, -1)
-    return codes.view(torch.uint8).view(torch.float8_e4m3fn), scales
+    if packed.device.type == "cpu":  # NumPy: the index sums and the take, each one pass over the band
+        values, starts, written = table.numpy(), row_start.numpy(), codes.numpy()
+        index = np.empty((min(rows, band), columns // 32, 16), dtype=np.intp)
+        stored = by_block.numpy()
+        for first in range(0, rows, band):
+            last = min(rows, first + band)
+            np.add(stored[first:last], starts[first:last, :, None], out=index[: last - first], casting="unsafe")
+            values.take(index[: last - first], out=written[first:last])
+    else:
+        for first in range(0, rows, band):
+            last = min(rows, first + band)
+            codes[first:last] = table[by_block[first:last].to(torch.int64) + row_start[first:last, :, None]]
+    return codes.view(torch.uint8).reshape(rows, columns).view(torch.float8_e4m3fn), scales
 
 
 def _e8m0_exact(device: torch.device) -> bool:

@@ -13,7 +13,11 @@ from qconvert.microscaling import (
     E4M3_MIN_EXPONENT,
     E8M0_BIAS,
     lookup,
+    mx_block_exponents,
+    mx_blocks_below,
+    mx_fp8_block_losses,
     mx_global_shift,
+    mx_nvfp4_losses,
     mx_to_nvfp4,
     mxfp4_to_fp8_blocks,
     mxfp4_to_fp8_blocks_decoded,
@@ -113,3 +117,28 @@ def test_fp8_blocks_outside_the_tables_premise_take_the_float32_cast(scale_dtype
     want_codes, want_scales = decoded(packed, exponents, (128, 128), scale_dtype)
     assert len(calls) == 1
     assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8)) and torch.equal(scales, want_scales)
+
+
+@pytest.mark.parametrize("span", [10, 14, 15, 40])
+def test_loss_checks_find_the_blocks_a_full_mask_finds(span: int) -> None:
+    """The lossless shortcut (per-tile spans, the smallest nonzero exponent) says None exactly where the full
+    masks are empty, and gives the full mask otherwise; tile exponents are each tile's largest, less 6."""
+    rows, blocks = 300, 13  # partial tiles at the bottom and right
+    exponents = _spread(rows, blocks, span, seed=span)
+    exponents[:5, :3] = 0
+    tile = (128, 128)
+    tiles = mx_block_exponents(exponents, tile)
+    for i in range(tiles.shape[0]):
+        for j in range(tiles.shape[1]):
+            part = exponents[i * 128 : (i + 1) * 128, j * 4 : (j + 1) * 4]
+            assert int(tiles[i, j]) == int(part.max()) - E8M0_BIAS - 6
+    full = mx_blocks_below(exponents, tiles, tile)
+    found = mx_fp8_block_losses(exponents, tile)
+    assert (found is None) == (not bool(full.any())) and (span <= 14) == (found is None)
+    assert found is None or torch.equal(found, full)
+    for shift in (mx_global_shift([exponents]), mx_global_shift([exponents]) - 20):
+        full = _nvfp4_scales_in_float32(exponents, shift)[1] & (exponents != 0)
+        found = mx_nvfp4_losses(exponents, shift)
+        assert (found is None) == (not bool(full.any()))
+        assert found is None or torch.equal(found, full)
+    assert mx_nvfp4_losses(torch.zeros(4, 4, dtype=torch.uint8), 100) is None  # zero blocks: exact, never lossy
