@@ -205,18 +205,12 @@ class MxToNvfp4:
     """NVFP4 scales that hold an MXFP4 tensor's values exactly: one float32 global scale ``2**m`` and, per 16 inputs,
     the e4m3 ``2**(k + m)`` of the 32-block's exponent ``k``, so ``scale / global == 2**k`` and every code is kept.
     ``m`` puts the largest exponent at e4m3's largest power of two; a block ``k + m < -9`` below it has no exact
-    e4m3 scale (its exponent span from the tensor's largest is over 17): ``inexact`` marks such blocks, whose scale
-    is then 0 (e4m3 rounds ``2**-10`` and below to 0), so their codes dequantize to 0."""
+    e4m3 scale (its exponent span from the tensor's largest is over 17): :func:`mx_inexact_blocks` marks such blocks
+    (counted before any write, :func:`mx_nvfp4_losses`), whose scale is then 0 (e4m3 rounds ``2**-10`` and below to
+    0), so their codes dequantize to 0."""
 
     scales: torch.Tensor  # e4m3 [R, C/16]
     global_scale: torch.Tensor  # float32 [1]
-    inexact: torch.Tensor  # bool [R, C/32]: blocks whose values the scales do not hold
-
-    def largest_error(self, exponents: torch.Tensor) -> float:
-        """The largest absolute error the inexact blocks can carry: 6 x their largest power of two."""
-        if not bool(self.inexact.any()):
-            return 0.0
-        return FP4_E2M1_MAX * float(e8m0_values(exponents[self.inexact]).max())
 
 
 def mx_global_shift(exponents: list[torch.Tensor]) -> int:
@@ -265,13 +259,13 @@ def mx_to_nvfp4(exponents: torch.Tensor, shift: int | None = None) -> MxToNvfp4:
     shift = mx_global_shift([exponents]) if shift is None else shift
     doubled = _nvfp4_scale_table(shift, exponents.device)
     scales = lookup(doubled, exponents.contiguous()).view(torch.uint8).view(torch.float8_e4m3fn)
-    return MxToNvfp4(scales, torch.tensor([2.0**shift], dtype=torch.float32, device=exponents.device),
-                     mx_inexact_blocks(exponents, shift))
+    return MxToNvfp4(scales, torch.tensor([2.0**shift], dtype=torch.float32, device=exponents.device))
 
 
 def mx_inexact_blocks(exponents: torch.Tensor, shift: int) -> torch.Tensor:
     """bool ``[R, C/32]``: the blocks whose power of two has no exact e4m3 scale under the global scale
-    ``2**shift`` (:attr:`MxToNvfp4.inexact`): exponent ``e - 127 + shift < -9``, compared on the stored bytes."""
+    ``2**shift`` (:class:`MxToNvfp4` gives them scale 0): exponent ``e - 127 + shift < -9``, compared on the
+    stored bytes."""
     below = E8M0_BIAS + E4M3_MIN_EXPONENT - shift  # the smallest exact stored exponent
     if below <= 0:
         return torch.zeros(exponents.shape, dtype=torch.bool, device=exponents.device)
