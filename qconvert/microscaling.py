@@ -198,6 +198,7 @@ def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor, search: boo
 
 # The powers of two e4m3 holds exactly: 2**-9 (its smallest subnormal) to 2**8 (256; 448 is not a power of two).
 E4M3_MIN_EXPONENT, E4M3_MAX_EXPONENT = -9, 8
+E4M3_BIAS = 7
 
 
 @dataclass(frozen=True)
@@ -257,8 +258,16 @@ def mx_to_nvfp4(exponents: torch.Tensor, shift: int | None = None) -> MxToNvfp4:
     :func:`mx_global_shift` of these exponents alone; a fused group passes its own). Each 32-block's two e4m3 scales
     are looked up by its exponent byte (:func:`_nvfp4_scale_table`), as a copy would move them."""
     shift = mx_global_shift([exponents]) if shift is None else shift
-    doubled = _nvfp4_scale_table(shift, exponents.device)
-    scales = lookup(doubled, exponents.contiguous()).view(torch.uint8).view(torch.float8_e4m3fn)
+    # Where every scale is a normal e4m3 power of two, its byte is its biased exponent << 3: computed in int16, both
+    # bytes at once, three times as fast as the look-up on the CPU (real tensors span a few exponents).
+    offset = shift + E4M3_BIAS - E8M0_BIAS  # stored exponent + offset: the e4m3 biased exponent
+    if int(exponents.min()) + offset >= 1 and int(exponents.max()) + offset <= 15:
+        doubled = exponents.to(torch.int16)
+        doubled += offset
+        doubled *= (1 << 3) | (1 << 11)  # the field into bits 3-6 of both bytes
+    else:
+        doubled = lookup(_nvfp4_scale_table(shift, exponents.device), exponents.contiguous())
+    scales = doubled.view(torch.uint8).view(torch.float8_e4m3fn)
     return MxToNvfp4(scales, torch.tensor([2.0**shift], dtype=torch.float32, device=exponents.device))
 
 

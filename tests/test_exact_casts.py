@@ -47,6 +47,30 @@ def test_nvfp4_scales_by_table_equal_float32(device: str) -> None:
         assert 0 < int(inexact.sum()) < inexact.numel() or shift in (140, -5, 0)  # both kinds of block, mostly
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nvfp4_normal_scales_by_arithmetic_equal_float32(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor whose scales are all normal e4m3 powers of two (15 exponents from its largest down) gets its scale
+    bytes by integer arithmetic, not the table; one exponent lower (a subnormal scale) and the table is used."""
+    exponents = (torch.arange(15, dtype=torch.uint8, device=device) + 100).repeat(4, 3)  # [4, 45]
+    shift = mx_global_shift([exponents])
+    scales, _ = _nvfp4_scales_in_float32(exponents, shift)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the table was used")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(microscaling, "lookup", refuse)
+        cast = mx_to_nvfp4(exponents)
+    assert torch.equal(cast.scales.view(torch.uint8), scales.view(torch.uint8))
+    wider = exponents.clone()
+    wider[2, 7] = 99
+    with pytest.raises(AssertionError, match="the table was used"), monkeypatch.context() as patch:
+        patch.setattr(microscaling, "lookup", refuse)
+        mx_to_nvfp4(wider, shift)
+    assert torch.equal(mx_to_nvfp4(wider, shift).scales.view(torch.uint8),
+                       _nvfp4_scales_in_float32(wider, shift)[0].view(torch.uint8))
+
 def test_lookup_across_bands_equals_indexing() -> None:
     """The CPU look-up works in bands of 2**20 indices: a tensor over three bands, uint8 and int32 indices."""
     generator = torch.Generator().manual_seed(3)
