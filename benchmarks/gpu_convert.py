@@ -12,6 +12,11 @@ the peak RSS (wait4, the process and its children) of each. Checks that qconvert
 outputs are byte-identical (`cmp` of every file). `--deepseek` also converts a DeepSeek-style FP8 copy
 of the first size (e4m3fn + fp32 128x128 `weight_scale_inv`) into int8-block on the CPU and on CUDA; `--mxfp4`
 casts an MXFP4 copy of it (written by qconvert) to nvfp4 and fp8-block, the exact casts (issue 23).
+`--mxfp4-layers N` instead writes an MXFP4 checkpoint of N Llama-8B-shaped layers directly (random codes, exponents
+2**-11 .. 2**-7; ~116 MB a layer + 0.52 GB of bf16 embeddings: 236 layers make 28 GB), with no bf16 source,
+so that a 28 GB-class input fits a 64 GiB disk: the disk then holds the source and one output (or the cp copy)
+at a time; give `--layers` no value to time it alone. CPU and CUDA outputs are compared by digest (each output
+removed once hashed), so two outputs never coexist.
 
 The parent process never imports torch: a large parent would hand its resident pages to the peak RSS
 of every child it starts. Generation runs in a child of its own.
@@ -140,6 +145,85 @@ def generate_deepseek(source: Path, folder: Path) -> None:
     tmp.rename(folder)
 
 
+def mxfp4_config(layers: int) -> dict:
+    """The config qconvert writes for ``-s mxfp4`` of the Llama-8B-shaped checkpoint (lm_head kept bf16)."""
+    weights = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
+               "dynamic": False, "scale_dtype": "torch.uint8"}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "torch_dtype": "bfloat16",
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+        "quantization_config": {
+            "quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized",
+            "quantization_status": "compressed", "ignore": ["lm_head"],
+            "config_groups": {"MXFP4A16": {"targets": ["Linear"], "format": "mxfp4-pack-quantized",
+                                           "weights": weights, "input_activations": None,
+                                           "output_activations": None}}},
+    }
+
+
+def generate_mxfp4(folder: Path, layers: int) -> None:
+    """An MXFP4 (compressed-tensors) checkpoint written directly, shard by shard: random packed codes and E8M0
+    exponents 116..120 (what 0.02-scaled normal weights get), so both exact casts are lossless."""
+    import torch
+    from safetensors.torch import save_file
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(layers)
+    kv = KV_HEADS * (HIDDEN // HEADS)
+    linears = (("self_attn.q_proj", HIDDEN, HIDDEN), ("self_attn.k_proj", kv, HIDDEN),
+               ("self_attn.v_proj", kv, HIDDEN), ("self_attn.o_proj", HIDDEN, HIDDEN),
+               ("mlp.gate_proj", INTER, HIDDEN), ("mlp.up_proj", INTER, HIDDEN), ("mlp.down_proj", HIDDEN, INTER))
+
+    def tensors():  # (name, maker, bytes)
+        def bf16(*shape: int):
+            return lambda: (torch.randn(*shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
+
+        def ones(n: int):
+            return lambda: torch.ones(n, dtype=torch.bfloat16)
+
+        def codes(rows: int, columns: int, low: int = 0, high: int = 256):
+            return lambda: torch.randint(low, high, (rows, columns), generator=gen, device=device,
+                                         dtype=torch.uint8).cpu()
+
+        yield "model.embed_tokens.weight", bf16(VOCAB, HIDDEN), 2 * VOCAB * HIDDEN
+        for layer in range(layers):
+            p = f"model.layers.{layer}"
+            yield f"{p}.input_layernorm.weight", ones(HIDDEN), 2 * HIDDEN
+            yield f"{p}.post_attention_layernorm.weight", ones(HIDDEN), 2 * HIDDEN
+            for module, out, inp in linears:
+                yield f"{p}.{module}.weight_packed", codes(out, inp // 2), out * inp // 2
+                yield f"{p}.{module}.weight_scale", codes(out, inp // 32, 116, 121), out * inp // 32
+        yield "model.norm.weight", ones(HIDDEN), 2 * HIDDEN
+        yield "lm_head.weight", bf16(VOCAB, HIDDEN), 2 * VOCAB * HIDDEN
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards: list[list] = [[]]
+    size = 0
+    for name, make, nbytes in tensors():
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, make))
+        size += nbytes
+    weight_map = {}
+    for index, specs in enumerate(shards):
+        name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        data = {t: make() for t, make in specs}
+        save_file(data, tmp / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(data, name))
+        del data
+    total = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(mxfp4_config(layers), indent=2))
+    os.sync()
+    tmp.rename(folder)
+
+
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB of the process and its children) of one whole process."""
     started = time.perf_counter()
@@ -152,14 +236,22 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float]
     return seconds, usage.ru_maxrss / 1024
 
 
-def same_files(a: Path, b: Path) -> tuple[bool, int]:
-    names = sorted(p.name for p in a.iterdir() if p.is_file())
-    if names != sorted(p.name for p in b.iterdir() if p.is_file()):
-        return False, 0
-    for name in names:
-        if subprocess.run(["cmp", "-s", str(a / name), str(b / name)]).returncode != 0:
-            return False, len(names)
-    return True, len(names)
+def digests(folder: Path) -> dict[str, str]:
+    """blake2b of each file of ``folder`` (an output is hashed, then removed, so that two never share the disk)."""
+    import hashlib
+
+    found = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest = hashlib.blake2b()
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+        found[path.name] = digest.hexdigest()
+    return found
+
+
+def used_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def folder_bytes(folder: Path) -> int:
@@ -201,6 +293,8 @@ def measure(ckpt: Path, work: Path, schemes: list[str], repeats: int, llmc_pytho
     subprocess.run(["sh", "-c", f"cat '{ckpt}'/*.safetensors > /dev/null"], check=True)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     identical: dict[str, tuple[bool, int]] = {}
+    hashed: dict[str, dict[str, str]] = {}
+    disk_peak = 0
     if prime:
         for name, (cmd, out) in commands.items():
             if name != "cp":
@@ -212,20 +306,19 @@ def measure(ckpt: Path, work: Path, schemes: list[str], repeats: int, llmc_pytho
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=True)
             runs[name].append(run_measured(cmd, env))
+            disk_peak = max(disk_peak, used_bytes(work))  # the source(s) and this one output or copy
             print(f"  round {round_index + 1} {name}: {runs[name][-1][0]:.2f} s, {runs[name][-1][1]:.0f} MB",
                   flush=True)
-            last = round_index == repeats - 1
-            if not (last and name.startswith("qconvert")):
-                shutil.rmtree(out, ignore_errors=True)  # the disk holds little more than two copies
-            scheme = name.split()[1] if name.startswith("qconvert") else None
-            cpu, cuda = work / f"out-{scheme}-cpu", work / f"out-{scheme}-cuda"
-            if last and name == f"qconvert {scheme} {devices[-1]}":
-                if cpu.is_dir() and cuda.is_dir():
-                    identical[scheme] = same_files(cpu, cuda)
-                    print(f"  {scheme}: CPU and CUDA outputs byte-identical: {identical[scheme]}", flush=True)
-                shutil.rmtree(cpu, ignore_errors=True)
-                shutil.rmtree(cuda, ignore_errors=True)
-    return {"runs": runs, "identical": identical}
+            if round_index == repeats - 1 and name.startswith("qconvert"):
+                hashed[name] = digests(out)  # untimed; compared below, so the outputs never coexist
+            shutil.rmtree(out, ignore_errors=True)
+    for scheme in {name.split()[1] for name in hashed}:
+        cpu, cuda = hashed.get(f"qconvert {scheme} cpu"), hashed.get(f"qconvert {scheme} cuda")
+        if cpu is not None and cuda is not None:
+            identical[scheme] = (cpu == cuda, len(cpu))
+            print(f"  {scheme}: CPU and CUDA outputs byte-identical: {identical[scheme]}", flush=True)
+    print(f"  disk peak under {work}: {disk_peak / 1e9:.2f} GB", flush=True)
+    return {"runs": runs, "identical": identical, "disk_peak_bytes": disk_peak}
 
 
 def summarize(label: str, size: int, result: dict, stored: str = "bf16") -> list[str]:
@@ -255,10 +348,49 @@ def summarize(label: str, size: int, result: dict, stored: str = "bf16") -> list
     return lines
 
 
+# Output bytes per input byte of an MXFP4 linear layer (codes 1/2 + exponents 1/32 a weight): NVFP4 keeps the codes
+# and doubles the scales (1/16 e4m3), fp8-block writes a byte a weight.
+CAST_GROWTH = {"nvfp4": (1 / 2 + 1 / 16) / (1 / 2 + 1 / 32), "fp8-block": 1 / (1 / 2 + 1 / 32)}
+
+
+def measure_mxfp4(args: argparse.Namespace, env: dict | None, report: dict) -> list[str]:
+    """``--mxfp4-layers``: the exact casts of a directly written MXFP4 checkpoint, refused up front when the disk
+    cannot hold the source and the largest output (or the cp copy) at once."""
+    layers = args.mxfp4_layers
+    ckpt = args.work / f"mxfp4-direct-{layers}l"
+    for other in [*args.work.glob("mxfp4-direct-*"), *args.work.glob("llama8b-shape-*"), *args.work.glob("out-*")]:
+        if other != ckpt:
+            shutil.rmtree(other, ignore_errors=True)  # room for this size, its copy or one output
+    weights = 2 * HIDDEN * HIDDEN + 2 * KV_HEADS * (HIDDEN // HEADS) * HIDDEN + 3 * INTER * HIDDEN  # a layer's
+    per_layer = weights * (1 / 2 + 1 / 32)  # MXFP4 bytes
+    embeddings = 4 * VOCAB * HIDDEN  # embed_tokens and lm_head in bf16
+    growth = max([1.0] + [CAST_GROWTH.get(scheme, 2.0) for scheme in args.mxfp4_schemes])
+    source, largest = int(layers * per_layer) + embeddings, int(layers * per_layer * growth) + embeddings
+    free = shutil.disk_usage(args.work).free + (folder_bytes(ckpt) if ckpt.is_dir() else 0)
+    if source + largest > free * 0.97:
+        fits = int((free * 0.97 - 2 * embeddings) / (per_layer * (1 + growth)))
+        raise SystemExit(f"--mxfp4-layers {layers}: the source ({source / 1e9:.1f} GB) and the largest output "
+                         f"({largest / 1e9:.1f} GB) need {(source + largest) / 1e9:.1f} GB; {args.work} has "
+                         f"{free / 1e9:.1f} GB free: at most {fits} layers for {' and '.join(args.mxfp4_schemes)}")
+    print(f"MXFP4 {layers} layers: source {source / 1e9:.1f} GB, largest output {largest / 1e9:.1f} GB, "
+          f"expected disk peak {(source + largest) / 1e9:.1f} GB of {free / 1e9:.1f} GB free", flush=True)
+    if not (ckpt / "config.json").is_file():
+        started = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--generate-mxfp4", str(ckpt), str(layers)], check=True)
+        print(f"generated {ckpt} in {time.perf_counter() - started:.1f} s", flush=True)
+    size = folder_bytes(ckpt)
+    result = measure(ckpt, args.work, args.mxfp4_schemes, args.mxfp4_repeats, None, not args.no_cp, args.workers,
+                     args.mxfp4_devices or args.devices, env, prime=args.pycache is not None)
+    report["sizes"][f"{layers}l-mxfp4-direct"] = {"bytes": size, "repeats": args.mxfp4_repeats, **result}
+    lines = summarize(f"MXFP4 of {layers} layers, written directly → exact casts ({args.mxfp4_repeats} repeat(s))",
+                      size, result, "MXFP4")
+    return [*lines, f"- disk peak: {result['disk_peak_bytes'] / 1e9:.2f} GB", ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=REPO / "bench-work")
-    parser.add_argument("--layers", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--layers", type=int, nargs="*", default=[16, 64], help="bf16 sizes; none: skip them")
     parser.add_argument("--repeats", type=int, nargs="+", default=[3, 1], help="per size, in --layers order")
     parser.add_argument("--schemes", nargs="+", default=["rtn4", "fp8-block"],
                         help="schemes to time; SCHEME:ALGORITHM (rtn4:search) adds --algorithm")
@@ -269,6 +401,12 @@ def main() -> None:
     parser.add_argument("--mxfp4", action="store_true",
                         help="also cast an MXFP4 copy of the first size to nvfp4 and fp8-block (exact casts)")
     parser.add_argument("--mxfp4-repeats", type=int, default=3)
+    parser.add_argument("--mxfp4-layers", type=int, default=None,
+                        help="write an MXFP4 checkpoint of this many layers directly (236: 28 GB) and cast it")
+    parser.add_argument("--mxfp4-schemes", nargs="+", default=["nvfp4", "fp8-block"],
+                        help="the casts --mxfp4-layers times (fp8-block writes ~1.9x the input)")
+    parser.add_argument("--mxfp4-devices", nargs="+", default=None,
+                        help="qconvert --device values for --mxfp4-layers (default: --devices)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], help="qconvert --device values to time")
     parser.add_argument("--json", type=Path, default=None)
@@ -276,9 +414,13 @@ def main() -> None:
                         help="a bytecode cache for every tool's process, filled by one untimed run of each")
     parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--generate-deepseek", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--generate-mxfp4", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
         generate(Path(args.generate[0]), int(args.generate[1]))
+        return
+    if args.generate_mxfp4:
+        generate_mxfp4(Path(args.generate_mxfp4[0]), int(args.generate_mxfp4[1]))
         return
     if args.generate_deepseek:
         generate_deepseek(Path(args.generate_deepseek[0]), Path(args.generate_deepseek[1]))
@@ -340,6 +482,10 @@ def main() -> None:
                                result, "MXFP4")
             lines.append("")
             shutil.rmtree(mx, ignore_errors=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    if args.mxfp4_layers:
+        lines += measure_mxfp4(args, env, report)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
     print()

@@ -449,6 +449,8 @@ def test_mxfp4_to_fp8_block_refuses_a_wide_tile(llama_mxfp4: Path, tmp_path: Pat
 @pytest.mark.gpu
 @pytest.mark.parametrize(("source", "args"), [
     ("mxfp4-llama", ("-s", "nvfp4")), ("mxfp4-llama", ("-s", "fp8-block")),
+    ("mxfp4-spread", ("-s", "nvfp4", "--allow-requantize")),
+    ("mxfp4-spread", ("-s", "fp8-block", "--allow-requantize")),
     ("modelopt-nvfp4", ("-s", "nvfp4")), ("modelopt-fp8", ("-s", "fp8-block")),
     ("gpt-oss-mxfp4", ("-s", "rtn4", "--allow-requantize")),
 ], ids=lambda value: value if isinstance(value, str) else "-".join(value).replace("--", ""))
@@ -457,6 +459,12 @@ def test_cuda_writes_the_cpu_bytes(request: pytest.FixtureRequest, tmp_path: Pat
     if source.startswith("modelopt"):
         build = to_modelopt_nvfp4 if source.endswith("nvfp4") else to_modelopt_fp8
         folder = build(request.getfixturevalue("tiny_llama"), tmp_path / "release")
+    elif source == "mxfp4-spread":  # blocks 30 below the rest, and zero blocks: the casts' rounded and exact edges
+        mxfp4 = request.getfixturevalue("llama_mxfp4")
+        module = "model.layers.0.self_attn.k_proj"
+        folder = _spread_exponents(Path(shutil.copytree(mxfp4, tmp_path / "spread")), module,
+                                   int(read_tensors(mxfp4)[f"{module}.weight_scale"].max()) - 30)
+        _spread_exponents(folder, "model.layers.1.mlp.up_proj", 0)
     else:
         folder = request.getfixturevalue({"mxfp4-llama": "llama_mxfp4", "gpt-oss-mxfp4": "gpt_oss_mxfp4"}[source])
     outputs = {}

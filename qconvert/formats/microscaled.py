@@ -23,9 +23,9 @@ from qconvert.microscaling import (
     FP8_E4M3_MAX,
     e2m1_values,
     e8m0_values,
-    mx_block_exponents,
-    mx_blocks_below,
+    mx_fp8_block_losses,
     mx_global_shift,
+    mx_nvfp4_losses,
     mx_to_nvfp4,
     mxfp4_to_fp8_blocks,
     nvfp4_global_scale,
@@ -224,8 +224,8 @@ class MXFP4(_MX):
 
             def to_fp8_blocks(prefix: str, tensors: dict[str, torch.Tensor], shared: torch.Tensor | None
                               ) -> dict[str, torch.Tensor]:
-                codes, scales, _ = mxfp4_to_fp8_blocks(tensors["weight_packed"], tensors["weight_scale"], tile,
-                                                       layer.dtype)
+                codes, scales = mxfp4_to_fp8_blocks(tensors["weight_packed"], tensors["weight_scale"], tile,
+                                                    layer.dtype)
                 return {f"{prefix}.weight": codes, f"{prefix}.weight_scale": scales}
 
             return to_fp8_blocks
@@ -252,11 +252,14 @@ class MXFP4(_MX):
         exponents = [reader.read(layer.parts["weight_scale"]) for layer in layers]
         if type(target) is NVFP4:
             shift = mx_global_shift(exponents)
-            lossy = [mx_to_nvfp4(stored, shift).inexact & (stored != 0) for stored in exponents]
+            found = [mx_nvfp4_losses(stored, shift) for stored in exponents]
         else:
             assert args.block is not None
-            lossy = [mx_blocks_below(stored, mx_block_exponents(stored, args.block), args.block)
-                     for stored in exponents]
+            found = [mx_fp8_block_losses(stored, args.block) for stored in exponents]
+        if all(mask is None for mask in found):
+            return None
+        lossy = [torch.zeros(stored.shape, dtype=torch.bool) if mask is None else mask
+                 for stored, mask in zip(exponents, found, strict=True)]
         blocks = sum(int(mask.sum()) for mask in lossy)
         if not blocks:
             return None
