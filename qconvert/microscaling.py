@@ -73,9 +73,14 @@ def group_amax(weight: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def e8m0_values(exponents: torch.Tensor) -> torch.Tensor:
-    """float32 ``2**(e - 127)`` of uint8 E8M0 exponents; 255 (the format's NaN) decodes to NaN."""
-    values = torch.exp2(exponents.to(torch.float32) - E8M0_BIAS)
-    return values.masked_fill_(exponents == 255, float("nan"))
+    """float32 ``2**(e - 127)`` of uint8 E8M0 exponents; 255 (the format's NaN) decodes to NaN.
+
+    Built from the bits, not by ``exp2``: a byte ``e`` of 1 to 254 is the float32 whose exponent field is ``e``, and 0
+    is the subnormal ``2**-127`` (significand bit 22). CUDA's ``exp2`` returns ``2**-127 * (1 - 2**-22)`` there, so
+    bits are what make every device decode alike."""
+    bits = exponents.to(torch.int32) << 23
+    bits = torch.where(exponents == 0, torch.full_like(bits, 1 << 22), bits)
+    return bits.view(torch.float32).masked_fill_(exponents == 255, float("nan"))
 
 
 def _power_of_two_at_or_below(amax: torch.Tensor) -> torch.Tensor:
