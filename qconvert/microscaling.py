@@ -16,6 +16,7 @@ reference every consumer reads with), so that our checkpoints are bit-identical 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -313,25 +314,36 @@ def _tiled_exponents(exponents: torch.Tensor, tile: tuple[int, int], group: int)
     return padded.reshape(rows, th, cols, per_tile)
 
 
-def mx_block_exponents(exponents: torch.Tensor, tile: tuple[int, int], group: int = 32) -> torch.Tensor:
+def smallest_power_of_two(dtype: torch.dtype) -> int:
+    """The exponent of the smallest power of two ``dtype`` holds (its smallest subnormal): -24 for float16, -133 for
+    bfloat16, -149 for float32."""
+    info = torch.finfo(dtype)
+    return round(math.log2(info.tiny)) + round(math.log2(info.eps))
+
+
+def mx_block_exponents(exponents: torch.Tensor, tile: tuple[int, int], scale_dtype: torch.dtype,
+                       group: int = 32) -> torch.Tensor:
     """int32 ``[ceil(R/th), ceil(C/tw)]``: for each ``tile`` of the weight, the power of two ``K`` its fp8 scale takes
-    when every MX block in it is cast exactly: 6 below the tile's largest exponent (:data:`FP4_IN_E4M3_SPAN`).
-    ``exponents``: uint8 E8M0 ``[R, C/group]``; ``tw`` a multiple of ``group``. The maxima are taken on the stored
-    bytes (the order of the exponents)."""
+    when every MX block in it is cast exactly: 6 below the tile's largest exponent (:data:`FP4_IN_E4M3_SPAN`), and
+    never below the smallest power of two ``scale_dtype`` holds (a float16 model's tile of blocks stored near
+    2**-127 would otherwise get a scale of 0, and codes of NaN). ``exponents``: uint8 E8M0 ``[R, C/group]``; ``tw``
+    a multiple of ``group``. The maxima are taken on the stored bytes (the order of the exponents)."""
     largest = _tiled_exponents(exponents, tile, group).amax(dim=3).amax(dim=1)
-    return largest.to(torch.int32) - E8M0_BIAS - FP4_IN_E4M3_SPAN[1]
+    wanted = largest.to(torch.int32) - E8M0_BIAS - FP4_IN_E4M3_SPAN[1]
+    return wanted.clamp_(min=smallest_power_of_two(scale_dtype))
 
 
-def mx_fp8_block_losses(exponents: torch.Tensor, tile: tuple[int, int], group: int = 32) -> torch.Tensor | None:
-    """:func:`mx_blocks_below` under the tiles' own scales, or None where no block is below (a tile's span from
-    its largest to its smallest nonzero exponent is at most 14): decided on per-tile maxima and minima of the
-    stored bytes, so that the common lossless case builds no full-size mask."""
+def mx_fp8_block_losses(exponents: torch.Tensor, tile: tuple[int, int], scale_dtype: torch.dtype,
+                        group: int = 32) -> torch.Tensor | None:
+    """:func:`mx_blocks_below` under the tiles' own scales (:func:`mx_block_exponents`), or None where no block is
+    below (every tile's smallest nonzero exponent at most 8 below its scale's): decided on per-tile maxima and
+    minima of the stored bytes, so that the common lossless case builds no full-size mask."""
     tiled = _tiled_exponents(exponents, tile, group)
-    largest = tiled.amax(dim=3).amax(dim=1).to(torch.int32)
+    tile_exponents = mx_block_exponents(exponents, tile, scale_dtype, group)
     smallest = (tiled - 1).amin(dim=3).amin(dim=1).to(torch.int32) + 1  # 0 wraps to 255: the smallest nonzero
-    if int((largest - smallest).max()) <= FP4_IN_E4M3_SPAN[1] - FP4_IN_E4M3_SPAN[0]:
+    if int((smallest - E8M0_BIAS - tile_exponents).min()) >= FP4_IN_E4M3_SPAN[0]:
         return None
-    return mx_blocks_below(exponents, mx_block_exponents(exponents, tile, group), tile, group)
+    return mx_blocks_below(exponents, tile_exponents, tile, group)
 
 
 def mx_nvfp4_losses(exponents: torch.Tensor, shift: int) -> torch.Tensor | None:
@@ -388,7 +400,7 @@ def mxfp4_to_fp8_blocks(packed: torch.Tensor, exponents: torch.Tensor, tile: tup
     is the float32 one itself."""
     th, tw = tile
     rows, columns = packed.shape[0], packed.shape[1] * 2
-    tile_exponents = mx_block_exponents(exponents, tile)
+    tile_exponents = mx_block_exponents(exponents, tile, scale_dtype)
     scales = torch.exp2(tile_exponents.to(torch.float32)).to(scale_dtype)
     mantissa, power = torch.frexp(scales.to(torch.float32))
     if not (bool((mantissa == 0.5).all()) and torch.equal(power - 1, tile_exponents)
@@ -431,7 +443,7 @@ def mxfp4_to_fp8_blocks_decoded(packed: torch.Tensor, exponents: torch.Tensor, t
     e4m3. Worked in bands of whole tile rows, so the float32 temporaries stay small."""
     th, tw = tile
     rows, columns = packed.shape[0], packed.shape[1] * 2
-    scales = torch.exp2(mx_block_exponents(exponents, tile).to(torch.float32)).to(scale_dtype)
+    scales = torch.exp2(mx_block_exponents(exponents, tile, scale_dtype).to(torch.float32)).to(scale_dtype)
     codes = torch.empty((rows, columns), dtype=torch.float8_e4m3fn, device=packed.device)
     elements = (1 << 18) if packed.device.type == "cpu" else (1 << 24)
     band = max(1, elements // max(1, columns * th)) * th

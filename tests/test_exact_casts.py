@@ -12,6 +12,8 @@ from qconvert import microscaling
 from qconvert.microscaling import (
     E4M3_MIN_EXPONENT,
     E8M0_BIAS,
+    e2m1_values,
+    e8m0_values,
     lookup,
     mx_block_exponents,
     mx_blocks_below,
@@ -22,6 +24,7 @@ from qconvert.microscaling import (
     mx_to_nvfp4,
     mxfp4_to_fp8_blocks,
     mxfp4_to_fp8_blocks_decoded,
+    unpack_nibbles,
 )
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -152,13 +155,13 @@ def test_loss_checks_find_the_blocks_a_full_mask_finds(span: int) -> None:
     exponents = _spread(rows, blocks, span, seed=span)
     exponents[:5, :3] = 0
     tile = (128, 128)
-    tiles = mx_block_exponents(exponents, tile)
+    tiles = mx_block_exponents(exponents, tile, torch.bfloat16)
     for i in range(tiles.shape[0]):
         for j in range(tiles.shape[1]):
             part = exponents[i * 128 : (i + 1) * 128, j * 4 : (j + 1) * 4]
             assert int(tiles[i, j]) == int(part.max()) - E8M0_BIAS - 6
     full = mx_blocks_below(exponents, tiles, tile)
-    found = mx_fp8_block_losses(exponents, tile)
+    found = mx_fp8_block_losses(exponents, tile, torch.bfloat16)
     assert (found is None) == (not bool(full.any())) and (span <= 14) == (found is None)
     assert found is None or torch.equal(found, full)
     for shift in (mx_global_shift([exponents]), mx_global_shift([exponents]) - 20):
@@ -167,3 +170,27 @@ def test_loss_checks_find_the_blocks_a_full_mask_finds(span: int) -> None:
         assert (found is None) == (not bool(full.any()))
         assert found is None or torch.equal(found, full)
     assert mx_nvfp4_losses(torch.zeros(4, 4, dtype=torch.uint8), 100) is None  # zero blocks: exact, never lossy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_blocks_of_a_float16_tile_near_zero_get_a_scale_float16_holds(device: str) -> None:
+    """A float16 model's 128x128 tile whose blocks are all stored with exponent 0 (2**-127, what MX writers store
+    for zeros) or a few above it: 6 below its largest would be a scale float16 rounds to 0, and codes / 0 would be
+    written as NaN. The scale is float16's smallest power of two (2**-24) instead; every code is then a signed zero
+    or an e4m3 value, and each value rebuilt in float16 equals the source's in float16 (all zeros there, as
+    2**-127 x 6 is far below float16's range); the blocks stored with a nonzero exponent lose nothing float16 can
+    hold, and the loss check counts them (k - K < -8), zero-exponent blocks never."""
+    rows, columns = 256, 256
+    exponents = torch.full((rows, columns // 32), E8M0_BIAS, dtype=torch.uint8)  # 2**0 in the other tiles
+    exponents[:128, :4] = 0
+    exponents[:128, 4:] = E8M0_BIAS - 60  # 2**-60: a second tile column far below float16's range
+    packed, exponents = _mxfp4(rows, columns, exponents, seed=3, device=device)
+    codes, scales = mxfp4_to_fp8_blocks(packed, exponents, (128, 128), torch.float16)
+    assert not bool(torch.isnan(codes.to(torch.float32)).any())
+    assert float(scales[0, 0]) == 2.0**-24 and float(scales[0, 1]) == 2.0**-24 and float(scales[1, 0]) == 2.0**-6
+    rebuilt = (codes.to(torch.float32) * scales.to(torch.float32).repeat_interleave(128, 0).repeat_interleave(128, 1))
+    source = e2m1_values(unpack_nibbles(packed)) * e8m0_values(exponents).repeat_interleave(32, dim=1)
+    assert torch.equal(rebuilt.to(torch.float16), source.to(torch.float16))
+    lossy = mx_fp8_block_losses(exponents, (128, 128), torch.float16)
+    assert lossy is not None and int(lossy.sum()) == 128 * 4  # the 2**-60 tile's blocks; the zero tile's never
+    assert mx_fp8_block_losses(exponents, (128, 128), torch.bfloat16) is None  # bfloat16 holds 2**-133: exact

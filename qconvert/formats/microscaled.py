@@ -255,7 +255,8 @@ class MXFP4(_MX):
             found = [mx_nvfp4_losses(stored, shift) for stored in exponents]
         else:
             assert args.block is not None
-            found = [mx_fp8_block_losses(stored, args.block) for stored in exponents]
+            found = [mx_fp8_block_losses(stored, args.block, layer.dtype)
+                     for stored, layer in zip(exponents, layers, strict=True)]
         if all(mask is None for mask in found):
             return None
         lossy = [torch.zeros(stored.shape, dtype=torch.bool) if mask is None else mask
