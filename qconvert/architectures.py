@@ -210,10 +210,12 @@ EXPERT_SPLITS: dict[str, tuple[ExpertSplit, ...]] = {
     "gpt_oss": (
         ExpertSplit("gpt_oss", re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$"), "", (ExpertPart("w13", _transposed),),
                     formats=(PackQuantized,), vllm_spelling=True,
-                    why="vLLM's GptOssForCausalLM streams per-expert w13/w2 for weight-only int schemes"),
+                    why="vLLM's GptOssForCausalLM streams per-expert w13/w2 for weight-only int schemes; its and "
+                        "SGLang's NVFP4 and FP8 MoE methods hold no expert biases"),
         ExpertSplit("gpt_oss", re.compile(r"^(.*\.mlp\.experts)\.down_proj$"), "", (ExpertPart("w2", _transposed),),
                     formats=(PackQuantized,), vllm_spelling=True,
-                    why="vLLM's GptOssForCausalLM streams per-expert w13/w2 for weight-only int schemes"),
+                    why="vLLM's GptOssForCausalLM streams per-expert w13/w2 for weight-only int schemes; its and "
+                        "SGLang's NVFP4 and FP8 MoE methods hold no expert biases"),
     ),
 }
 # The architecture families whose experts these splits write (the serving table keys them apart: no
