@@ -40,17 +40,48 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 32000
 SHARD_BYTES = 2 * 10**9
 
 
+def write_sharded(tmp: Path, tensors: Iterator[tuple[str, Callable[[], torch.Tensor], int]]) -> None:
+    """Write ``(name, make, nbytes)`` tensors into a fresh folder ``tmp`` as SHARD_BYTES shards and their index,
+    making each tensor only when its shard is written (memory: one shard)."""
+    from safetensors.torch import save_file
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards: list[list[tuple[str, Callable[[], torch.Tensor]]]] = [[]]
+    size = 0
+    for name, make, nbytes in tensors:
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, make))
+        size += nbytes
+    weight_map = {}
+    for index, specs in enumerate(shards):
+        name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        data = {t: make() for t, make in specs}
+        save_file(data, tmp / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(data, name))
+        del data
+    total = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
 def generate(folder: Path, layers: int) -> None:
     """The bf16 checkpoint, written shard by shard (random normal * 0.02, made on the GPU if there is one)."""
     import torch
-    from safetensors.torch import save_file
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(layers)
@@ -75,28 +106,14 @@ def generate(folder: Path, layers: int) -> None:
         yield "model.norm.weight", (HIDDEN,)
         yield "lm_head.weight", (VOCAB, HIDDEN)
 
+    def made():
+        for name, shape in tensors():
+            make = (lambda n=shape[0]: torch.ones(n, dtype=torch.bfloat16)) if len(shape) == 1 else \
+                (lambda shape=shape: w(*shape))
+            yield name, make, 2 * int(torch.tensor(shape).prod())
+
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards: list[dict[str, tuple[int, ...]]] = [{}]
-    size = 0
-    for name, shape in tensors():
-        nbytes = 2 * int(torch.tensor(shape).prod())
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = shape
-        size += nbytes
-    weight_map = {}
-    for index, specs in enumerate(shards):
-        name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        data = {t: (torch.ones(s, dtype=torch.bfloat16) if len(s) == 1 else w(*s)) for t, s in specs.items()}
-        save_file(data, tmp / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(specs, name))
-        del data
-    total = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_sharded(tmp, made())
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
         "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
@@ -167,7 +184,6 @@ def generate_mxfp4(folder: Path, layers: int) -> None:
     """An MXFP4 (compressed-tensors) checkpoint written directly, shard by shard: random packed codes and E8M0
     exponents 116..120 (what 0.02-scaled normal weights get), so both exact casts are lossless."""
     import torch
-    from safetensors.torch import save_file
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(layers)
@@ -199,26 +215,7 @@ def generate_mxfp4(folder: Path, layers: int) -> None:
         yield "lm_head.weight", bf16(VOCAB, HIDDEN), 2 * VOCAB * HIDDEN
 
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards: list[list] = [[]]
-    size = 0
-    for name, make, nbytes in tensors():
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, make))
-        size += nbytes
-    weight_map = {}
-    for index, specs in enumerate(shards):
-        name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        data = {t: make() for t, make in specs}
-        save_file(data, tmp / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(data, name))
-        del data
-    total = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_sharded(tmp, tensors())
     (tmp / "config.json").write_text(json.dumps(mxfp4_config(layers), indent=2))
     os.sync()
     tmp.rename(folder)
