@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qconvert.algorithms import group_sse
@@ -19,14 +18,6 @@ from tests.test_schemes import ct_decompress
 
 # Every scheme the search has candidates for, and the inputs one scale (and zero point) covers.
 SEARCHED = {"rtn4": 128, "int4-asym": 128, "rtn8": 128, "int8-asym": 128, "nvfp4": 16}
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in folder.glob("*.safetensors"):
-        with safe_open(shard, "pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
 
 
 def _nvfp4_rebuild(tensors: dict[str, torch.Tensor], module: str, dtype: torch.dtype) -> torch.Tensor:
@@ -69,7 +60,7 @@ def _assert_never_worse(model: Path, tmp_path: Path, scheme: str) -> tuple[float
     assert tree_digest(model) == before
     layouts = [{n: (t.dtype, tuple(t.shape)) for n, t in read_tensors(runs[a]).items()} for a in ("rtn", "search")]
     assert layouts[0] == layouts[1]
-    original = _weights(model)
+    original = read_tensors(model)
     rtn, search = (_errors(original, runs[a], SEARCHED[scheme]) for a in ("rtn", "search"))
     assert rtn.keys() == search.keys() and rtn
     for module in rtn:
@@ -94,7 +85,7 @@ def heavy_tailed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     outliers, where min/max scales waste most levels."""
     folder = build_tiny_llama(tmp_path_factory.mktemp("t3") / "m", max_shard_size="1GB")
     (shard,) = folder.glob("*.safetensors")
-    tensors = _weights(folder)
+    tensors = read_tensors(folder)
     torch.manual_seed(3)
     t = torch.distributions.StudentT(3.0)
     for name in sorted(tensors):
@@ -105,7 +96,7 @@ def heavy_tailed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("scheme", list(SEARCHED))
-def test_never_worse_than_rtn_on_heavy_tailed_weights(heavy_tailed: Path, tmp_path: Path, scheme: str) -> None:
+def test_never_worse_than_rtn_on_heavy_tailedread_tensors(heavy_tailed: Path, tmp_path: Path, scheme: str) -> None:
     rtn, search = _assert_never_worse(heavy_tailed, tmp_path, scheme)
     assert search < rtn, (rtn, search)
 
@@ -116,7 +107,7 @@ def test_rtn_bytes_where_rtn_is_already_exact(tmp_path: Path, scheme: str, bits:
     with zero error under RTN: no candidate is strictly better, ties go to RTN, so the search writes RTN's bytes."""
     folder = build_tiny_llama(tmp_path / "m", max_shard_size="1GB")
     (shard,) = folder.glob("*.safetensors")
-    tensors = _weights(folder)
+    tensors = read_tensors(folder)
     low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     torch.manual_seed(1)
     for name in sorted(tensors):
