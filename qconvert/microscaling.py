@@ -404,7 +404,7 @@ def mxfp4_to_fp8_blocks(packed: torch.Tensor, exponents: torch.Tensor, tile: tup
     scales = torch.exp2(tile_exponents.to(torch.float32)).to(scale_dtype)
     mantissa, power = torch.frexp(scales.to(torch.float32))
     if not (bool((mantissa == 0.5).all()) and torch.equal(power - 1, tile_exponents)
-            and int(exponents.max()) <= E8M0_BIAS + 125 and _e8m0_exact(exponents.device)):
+            and int(exponents.max()) <= E8M0_BIAS + 125):
         return mxfp4_to_fp8_blocks_decoded(packed, exponents, tile, scale_dtype)
     expanded = tile_exponents.repeat_interleave(th, dim=0)[:rows].repeat_interleave(tw // 32, dim=1)
     low, high = _FP8_CAST_DIFFERENCES
@@ -427,14 +427,6 @@ def mxfp4_to_fp8_blocks(packed: torch.Tensor, exponents: torch.Tensor, tile: tup
             last = min(rows, first + band)
             codes[first:last] = table[by_block[first:last].to(torch.int64) + row_start[first:last, :, None]]
     return codes.view(torch.uint8).reshape(rows, columns).view(torch.float8_e4m3fn), scales
-
-
-def _e8m0_exact(device: torch.device) -> bool:
-    """Whether :func:`e8m0_values` gives every exponent up to 2**125 exactly on ``device`` (the float32 cast's
-    premise, which the table cast shares)."""
-    exponents = torch.arange(E8M0_BIAS + 126, dtype=torch.uint8, device=device)
-    mantissa, power = torch.frexp(e8m0_values(exponents))
-    return bool((mantissa == 0.5).all()) and torch.equal(power - 1, exponents.to(torch.int32) - E8M0_BIAS)
 
 
 def mxfp4_to_fp8_blocks_decoded(packed: torch.Tensor, exponents: torch.Tensor, tile: tuple[int, int],

@@ -5,6 +5,8 @@ out below), run on every exponent byte and every packed byte, including the rang
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -194,3 +196,14 @@ def test_fp8_blocks_of_a_float16_tile_near_zero_get_a_scale_float16_holds(device
     lossy = mx_fp8_block_losses(exponents, (128, 128), torch.float16)
     assert lossy is not None and int(lossy.sum()) == 128 * 4  # the 2**-60 tile's blocks; the zero tile's never
     assert mx_fp8_block_losses(exponents, (128, 128), torch.bfloat16) is None  # bfloat16 holds 2**-133: exact
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_e8m0_values_are_exact_powers_of_two_on_every_device(device: str) -> None:
+    """Every E8M0 byte decodes to exactly 2**(e - 127) (0: the float32 subnormal 2**-127, which CUDA's exp2 misses by
+    2**-22 relative) and 255 to NaN: the premise both fp8-block casts share, so no device check is needed."""
+    exponents = torch.arange(256, dtype=torch.uint8, device=device)
+    values = e8m0_values(exponents).cpu()
+    want = torch.tensor([math.ldexp(1.0, e - E8M0_BIAS) for e in range(255)], dtype=torch.float32)
+    assert torch.equal(values[:255].view(torch.int32), want.view(torch.int32))
+    assert bool(values[255].isnan())
