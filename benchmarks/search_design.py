@@ -48,13 +48,13 @@ def weights(kind: str, dtype: torch.dtype) -> torch.Tensor:
 def objective(w: torch.Tensor, bits: int, symmetric: bool, **settings: object) -> tuple[float, float]:
     rows, cols = w.shape
     groups = w.reshape(rows, cols // GROUP, GROUP)
-    work = _Workspace(groups)
     started = time.process_time()
     if symmetric:
         scales = search_symmetric(w, (1, GROUP), bits, **settings) if settings.get("refits", 0) >= 0 else \
             scales_from_amax(groups.abs().amax(-1), scale_divisor("int", bits), w.dtype)
         seconds = time.process_time() - started
-        err = _symmetric_error(work, scales, bits)
+        work = _Workspace(groups)  # after the search, which reuses this thread's buffers
+        err = _symmetric_error(work, scales.float(), bits)
     else:
         mins, maxs = groups.amin(-1), groups.amax(-1)
         if settings.get("refits", 0) >= 0:
@@ -62,7 +62,8 @@ def objective(w: torch.Tensor, bits: int, symmetric: bool, **settings: object) -
         else:
             scales, zeros = asymmetric_qparams(mins, maxs, bits)
         seconds = time.process_time() - started
-        err = _asymmetric_error(work, scales, zeros, bits)
+        work = _Workspace(groups)  # after the search, which reuses this thread's buffers
+        err = _asymmetric_error(work, scales.float(), zeros.float(), bits)
     return float(err.double().sum()), seconds
 
 

@@ -24,11 +24,12 @@ error is strictly smaller, so no group's objective ever exceeds RTN's (by constr
 whose groups all keep RTN's choice is byte-identical to ``rtn``. The output layout is RTN's: every engine that loads
 a scheme's RTN output loads its search output.
 
-Device independence: every candidate's codes come from the same element-wise arithmetic as RTN (correctly rounded
-on CPU and CUDA alike); a group's error, and each sum a refit needs, is summed in float32 by a fixed pairwise tree
-(``_Workspace``, :func:`_tree_sum`), not by ``sum()``, whose reduction order differs between devices; the refit's
-closed forms are element-wise float32 operations on those sums (true divisions by tensors, no fused operations). So
-CPU and CUDA pick the same candidate for every group.
+Device independence: every candidate's codes come from the same element-wise arithmetic as RTN (correctly rounded on
+CPU and CUDA alike; for bf16 and float16 weights done as float32 operations, each result rounded to the weight's
+dtype by a conversion, which gives the same values, see ``_round_to``); a group's error, and each sum a refit needs,
+is summed in float32 by a fixed pairwise tree (``_Workspace``, :func:`_tree_sum`), not by ``sum()``, whose reduction
+order differs between devices; the refit's closed forms are element-wise float32 operations on those sums (true
+divisions by tensors, no fused operations). So CPU and CUDA pick the same candidate for every group.
 
 How the settings were chosen (``python benchmarks/search_design.py``; synthetic Gaussian and Student-t weights, bf16
 and float32, never a quality figure they are reported with): the grids for their share of a full 6x6 grid's gain
@@ -39,19 +40,24 @@ NVFP4's coarse e4m3 scales settle after one (four over six 0.838 -> 0.806, Gauss
 measurable). A dense grid (32 factors; 11 x 11 pairs) gets somewhat further for int4 (int4-asym, Gaussian bf16:
 0.888 against 0.895) at 2.5-8 times the cost of grid + 2 refits. For bf16 int8 the refits gain little (a bf16 scale
 moves in steps as large as int8's grid), where a dense grid of zero points still gains (int8-asym 0.979 -> 0.949):
-left for later.
+left for later; its second refit changes nothing measurable (Student-t, 3 degrees of freedom: rtn8 grid 0.9716, one
+refit 0.9694, two 0.9694; int8-asym 0.9844, 0.9830, 0.9830; Gaussian: 0.9434, 0.9433, 0.9433), so bf16 int8 takes
+one (:data:`BF16_INT8_REFITS`).
 
-Cost: one quantize-dequantize-compare pass (about ten element-wise operations) over the weight per candidate (5 per
-group for int, RTN's included; 2 for NVFP4), and per refit about two more (the codes, two or three tree sums, the
-re-quantization), on bands of rows so that memory stays a few float32 copies of a band; cost grows linearly with
-the number of candidates and refits. Measured on one CPU thread (a bf16 2048 x 5632 matrix, quantization alone):
-rtn4 3 ns per parameter, its search 17 (grid) -> 24-28 (grid + 2 refits); int4-asym 4, search 23.5 -> 37-40.
+Cost: one quantize-dequantize-compare pass (ten to fifteen element-wise operations) over the weight per candidate
+(5 per group for int, RTN's included; 2 for NVFP4), and per refit about two more (the codes, two or three tree
+sums, the re-quantization), on bands of rows so that memory stays a few float32 copies of a band; cost grows
+linearly with the number of candidates and refits. A band also costs some three hundred (symmetric) to four hundred
+and fifty (asymmetric) operator calls, which on two threads take about as long as its passes, so the grid's
+parameters are computed at once and the tree's halves sliced once per band; on the CPU the bands run on threads of
+their own (qconvert.band_threads). BENCHMARKS.md has the measurements.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qconvert.band_threads import thread_buffer
 from qconvert.errors import BadInputError
 from qconvert.formats.args import Algorithm, NumberType, QuantArgs
 from qconvert.quantizers import asymmetric_qparams, int_range, scale_divisor, scales_from_amax
@@ -66,6 +72,7 @@ SYMMETRIC_SHRINK = {4: (0.95, 0.9, 0.85, 0.8), 8: (0.995, 0.99, 0.98, 0.97)}
 ASYMMETRIC_SHRINK = {4: ((0.9, 0.9), (0.8, 0.8), (1.0, 0.85), (0.85, 1.0)),
                      8: ((0.99, 0.99), (0.98, 0.98), (1.0, 0.985), (0.985, 1.0))}
 REFITS = 2  # least-squares refits after the grid, int schemes (module docstring: why 2)
+BF16_INT8_REFITS = 1  # but bf16 int8, where the second refit changes nothing measurable (module docstring)
 NVFP4_REFITS = 1  # and NVFP4 (e4m3 scales: a second refit changes nothing measurable)
 NVFP4_TARGETS = (6.0, 4.0)  # what a block's amax maps to: E2M1's largest value (RTN), or 4
 
@@ -106,41 +113,59 @@ def _tree_sum(values: torch.Tensor) -> torch.Tensor:
 
 class _Workspace:
     """A band's groups, group-major (``[g, R, G]``: a group's elements along the leading dimension, so per-group
-    scales broadcast over it and the tree sum adds contiguous halves), its float32 copy, and the buffers every
-    candidate reuses (no allocation, so no page faults, per candidate)."""
+    parameters broadcast over it and the tree sum adds contiguous halves) in float32, and the buffers every
+    candidate reuses (no allocation, so no page faults, per candidate; on the CPU none per band either). Weights
+    of a narrower dtype also get a buffer in that dtype, for the stored arithmetic's roundings."""
 
     def __init__(self, groups: torch.Tensor) -> None:
-        self.major = groups.permute(2, 0, 1).contiguous()
-        self.wide = self.major.to(torch.float32)
-        self.codes = torch.empty_like(self.major)
-        width = self.major.shape[0]
+        width, *rest = groups.permute(2, 0, 1).shape
+        shape, device = (width, *rest), groups.device
+        self.dtype = groups.dtype
+        self.exact = groups.dtype == torch.float32  # float32 arithmetic is then the stored arithmetic
+        # Copied as the transpose of a [groups, width] matrix, which torch copies in tiles (a same-dtype 2-D
+        # transpose): 1.1 ns per element on one CPU thread, against 1.9 for the same copy as a permuted 3-D view.
+        rows_of_groups = groups.reshape(-1, width).t()
+        self.wide = thread_buffer("wide", shape, torch.float32, device)
+        self.work = thread_buffer("work", shape, torch.float32, device)
+        if self.exact:
+            self.wide.view(width, -1).copy_(rows_of_groups)
+        else:
+            self.narrow = thread_buffer("narrow", shape, groups.dtype, device)
+            self.narrow.view(width, -1).copy_(rows_of_groups)  # transposed in the narrower dtype: fewer bytes
+            self.wide.copy_(self.narrow)
         self.width = width
-        self.diff = self.wide.new_zeros(1 << max(0, width - 1).bit_length(), *self.major.shape[1:])
+        full = 1 << max(0, width - 1).bit_length()
+        diff = thread_buffer("diff", (full, *rest), torch.float32, device)
+        diff[width:].zero_()  # the tree sum's zero padding (up to a power of two)
+        self.head = diff[:width]
+        # The tree's halves, sliced once: a band sums some twenty trees, and each slice is an operator call.
+        levels = (full >> k for k in range(1, full.bit_length()))
+        self.halves = [(diff[:rows], diff[rows : 2 * rows]) for rows in levels]
+        self.total = diff[0]
 
     def error(self, rebuilt: torch.Tensor) -> torch.Tensor:
-        """Per group float32 squared error of ``rebuilt`` (group-major) against the original."""
-        self.diff[: self.width].copy_(rebuilt).sub_(self.wide).square_()
+        """Per group float32 squared error of ``rebuilt`` (group-major float32: a subtraction of mixed dtypes takes
+        three times as long) against the original."""
+        torch.sub(rebuilt, self.wide, out=self.head).square_()
         return self._reduce()
 
     def dot(self, values: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-        """Per group float32 sum of ``values * other`` (group-major; ``other`` None: of ``values``); each product
-        is one correctly rounded float32 multiplication."""
-        head = self.diff[: self.width].copy_(values)
-        if other is not None:
-            head.mul_(other)
+        """Per group float32 sum of ``values * other`` (group-major float32; ``other`` None: of ``values``); each
+        product is one correctly rounded float32 multiplication."""
+        if other is None:
+            self.head.copy_(values)
+        else:
+            torch.mul(values, other, out=self.head)
         return self._reduce()
 
     def _reduce(self) -> torch.Tensor:
         """The leading ``width`` rows summed by halves added element-wise (a fixed order, unlike ``sum()``, whose
         reduction order differs between devices)."""
-        diff = self.diff
-        rows = diff.shape[0]
-        while rows > 1:
-            rows //= 2
-            diff[:rows].add_(diff[rows : 2 * rows])
+        for low, high in self.halves:
+            low.add_(high)
         # The zero tail past the group (up to a power of two) is never written: every half written is a leading
         # one, which the tail (in the upper half) is not part of.
-        return diff[0].clone()
+        return self.total.clone()
 
 
 def _keep_better(err: torch.Tensor, best_err: torch.Tensor, *pairs: tuple[torch.Tensor, torch.Tensor]
@@ -156,58 +181,92 @@ def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return torch.where(mask, a, b)
 
 
+_F32 = torch.float32
+
+# The stored arithmetic (quantize_tiles / quantize_asymmetric, then the reader's rebuild) in float32 operations:
+# for float32 weights operation for operation; for a narrower dtype (bf16, float16), where the stored arithmetic
+# runs in that dtype, with each result rounded to it by a conversion, which the CPU runs at about twice the speed
+# of the same operations in that dtype, with the same results: a float32 quotient or sum of two values of the
+# dtype, rounded to it, is the correctly rounded one (float32 carries more than twice their precision plus two
+# bits, so rounding twice is rounding once), and an integer code times a scale is exact in float32 (at most
+# 8 + 11 significant bits), so rounding the float32 product is the dtype's product.
+
+
+def _round_to(work: _Workspace, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (float32, in ``work.work``) rounded to the weight's dtype, back in float32 in ``work.work``."""
+    return values if work.exact else values.copy_(work.narrow.copy_(values))
+
+
 def _symmetric_codes(work: _Workspace, scales: torch.Tensor, num_bits: int) -> torch.Tensor:
-    # quantize_tiles' arithmetic: division in the weight dtype, clamp, round half to even.
+    """float32 codes ``round(clamp(w / scale))``, the division in the weight's dtype (group-major, in
+    ``work.work``), for float32 ``scales``."""
     qmin, qmax = int_range(num_bits)
-    return torch.div(work.major, scales, out=work.codes).clamp_(qmin, qmax).round_()
+    return _round_to(work, torch.div(work.wide, scales, out=work.work)).clamp_(qmin, qmax).round_()
 
 
 def _symmetric_error(work: _Workspace, scales: torch.Tensor, num_bits: int) -> torch.Tensor:
-    # The codes, then the reader's rebuild (code * scale in the scale dtype).
-    return work.error(_symmetric_codes(work, scales, num_bits).mul_(scales))
+    # The codes, then the rebuild code * scale in the weight's dtype.
+    return work.error(_round_to(work, _symmetric_codes(work, scales, num_bits).mul_(scales)))
 
 
 def _refit_symmetric(work: _Workspace, scales: torch.Tensor, num_bits: int) -> torch.Tensor:
     """The scale that minimises each group's squared error with the codes of ``scales`` held fixed,
     ``sum(w q) / sum(q q)``, in the stored dtype (``scales`` kept where that is not a positive number)."""
-    codes = _symmetric_codes(work, scales, num_bits)
+    codes = _symmetric_codes(work, scales.to(_F32), num_bits)
     fitted = (work.dot(codes, work.wide) / work.dot(codes, codes)).to(scales.dtype)
     return torch.where(fitted.isfinite() & (fitted > 0), fitted, scales)
+
+
+def _refits(dtype: torch.dtype, num_bits: int) -> int:
+    """:data:`REFITS`, or :data:`BF16_INT8_REFITS` for bf16 int8."""
+    return BF16_INT8_REFITS if dtype == torch.bfloat16 and num_bits == 8 else REFITS
+
+
+def _factors(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``[1.0, *values]`` as float32 ``[n, 1, 1]``: one factor per grid candidate, RTN's (1.0: exact) first."""
+    return torch.tensor((1.0, *values), dtype=_F32, device=device).view(-1, 1, 1)
 
 
 def search_symmetric(block: torch.Tensor, tile: tuple[int, int], num_bits: int, refits: int | None = None,
                      shrink: tuple[float, ...] | None = None) -> torch.Tensor:
     """``[rows, groups]`` scales of a band of rows (tiles of one row: a group or a whole channel) chosen among
-    ``amax * f`` for ``f`` in :data:`SYMMETRIC_SHRINK` (1.0, RTN's, first), then :data:`REFITS` least-squares
-    refits of the best (``refits``, ``shrink``: other settings, for benchmarks/search_design.py)."""
+    ``amax * f`` for ``f`` in :data:`SYMMETRIC_SHRINK` (1.0, RTN's, first), then :data:`REFITS` (bf16 int8:
+    :data:`BF16_INT8_REFITS`) least-squares refits of the best (``refits``, ``shrink``: other settings, for
+    benchmarks/search_design.py)."""
     rows, in_features = block.shape
     groups = block.reshape(rows, in_features // tile[1], tile[1])
-    amax = groups.abs().amax(dim=-1)
+    amax = torch.maximum(groups.amax(dim=-1), groups.amin(dim=-1).neg_())  # |x| max, without a copy of |x|
     work = _Workspace(groups)
-    divisor = scale_divisor("int", num_bits)
-    best = scales_from_amax(amax, divisor, block.dtype)
-    best_err = _symmetric_error(work, best, num_bits)
-    wide_amax = amax.to(torch.float32)
-    for factor in SYMMETRIC_SHRINK[num_bits] if shrink is None else shrink:
-        shrunk = wide_amax * torch.tensor(factor, dtype=torch.float32, device=wide_amax.device)
-        scales = scales_from_amax(shrunk, divisor, block.dtype)
-        best_err, (best,) = _keep_better(_symmetric_error(work, scales, num_bits), best_err, (scales, best))
-    for _ in range(REFITS if refits is None else refits):
+    # Every grid candidate's scales at once ([candidates, rows, groups]): a band's time goes as much to operator
+    # calls on small tensors as to passes over the weights.
+    factors = _factors(SYMMETRIC_SHRINK[num_bits] if shrink is None else shrink, block.device)
+    grid = scales_from_amax(amax.to(_F32) * factors, scale_divisor("int", num_bits), block.dtype)
+    wide_grid = grid.to(_F32)
+    best, best_err = grid[0], _symmetric_error(work, wide_grid[0], num_bits)
+    for index in range(1, grid.shape[0]):
+        err = _symmetric_error(work, wide_grid[index], num_bits)
+        best_err, (best,) = _keep_better(err, best_err, (grid[index], best))
+    for _ in range(_refits(block.dtype, num_bits) if refits is None else refits):
         scales = _refit_symmetric(work, best, num_bits)
-        best_err, (best,) = _keep_better(_symmetric_error(work, scales, num_bits), best_err, (scales, best))
+        best_err, (best,) = _keep_better(_symmetric_error(work, scales.to(_F32), num_bits), best_err, (scales, best))
     return best
 
 
-def _asymmetric_codes(work: _Workspace, scales: torch.Tensor, shift: torch.Tensor, num_bits: int) -> torch.Tensor:
-    # quantize_asymmetric's arithmetic in the weight dtype (``shift``: the zero points in that dtype).
+def _asymmetric_codes(work: _Workspace, scales: torch.Tensor, zeros: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """float32 codes ``round(clamp(w / scale + zero))``, the division and the addition in the weight's dtype
+    (group-major, in ``work.work``), for float32 parameters."""
     qmin, qmax = int_range(num_bits)
-    return torch.div(work.major, scales, out=work.codes).add_(shift).clamp_(qmin, qmax).round_()
+    quotient = torch.div(work.wide, scales, out=work.work)
+    if work.exact:
+        total = quotient.add_(zeros)
+    else:  # the quotient rounded, then added in the weight's dtype (one operation less than in float32)
+        total = work.work.copy_(work.narrow.copy_(quotient).add_(zeros.to(work.dtype)))
+    return total.clamp_(qmin, qmax).round_()
 
 
 def _asymmetric_error(work: _Workspace, scales: torch.Tensor, zeros: torch.Tensor, num_bits: int) -> torch.Tensor:
-    # quantize_asymmetric then dequantize_asymmetric, kept in the weight dtype (codes are integers, exact there).
-    shift = zeros.to(work.major.dtype)
-    return work.error(_asymmetric_codes(work, scales, shift, num_bits).sub_(shift).mul_(scales))
+    # The codes, then the rebuild (code - zero) * scale in the weight's dtype (code - zero is an exact integer).
+    return work.error(_round_to(work, _asymmetric_codes(work, scales, zeros, num_bits).sub_(zeros).mul_(scales)))
 
 
 def _refit_asymmetric(work: _Workspace, scales: torch.Tensor, zeros: torch.Tensor, num_bits: int,
@@ -217,7 +276,7 @@ def _refit_asymmetric(work: _Workspace, scales: torch.Tensor, zeros: torch.Tenso
     optimal for that integer zero, ``sum(w (q - z)) / sum((q - z)^2)``, in the stored dtype; ``(scales, zeros)``
     kept where the fit is degenerate (all codes equal) or not a positive scale. ``total``: each group's sum of w."""
     qmin, qmax = int_range(num_bits)
-    codes = _asymmetric_codes(work, scales, zeros.to(work.major.dtype), num_bits)
+    codes = _asymmetric_codes(work, scales.to(_F32), zeros.to(_F32), num_bits)
     count = float(work.width)
     ones, squares, along = work.dot(codes), work.dot(codes, codes), work.dot(codes, work.wide)
     slope = (along * count - ones * total) / (squares * count - ones * ones)
@@ -232,23 +291,26 @@ def search_asymmetric(groups: torch.Tensor, mins: torch.Tensor, maxs: torch.Tens
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scales, int8 zero points)`` of groups ``[rows, G, g]`` chosen among the asymmetric min/max parameters of
     ``(min * a, max * b)`` for the pairs of :data:`ASYMMETRIC_SHRINK` (after (1, 1), RTN's, first), then
-    :data:`REFITS` least-squares refits of the best (``refits``, ``shrink``: other settings, for
-    benchmarks/search_design.py)."""
+    :data:`REFITS` (bf16 int8: :data:`BF16_INT8_REFITS`) least-squares refits of the best (``refits``,
+    ``shrink``: other settings, for benchmarks/search_design.py)."""
     work = _Workspace(groups)
-    best_scales, best_zeros = asymmetric_qparams(mins, maxs, num_bits)
-    best_err = _asymmetric_error(work, best_scales, best_zeros, num_bits)
-    low, high = mins.to(torch.float32), maxs.to(torch.float32)
-    for a, b in ASYMMETRIC_SHRINK[num_bits] if shrink is None else shrink:
-        fa = torch.tensor(a, dtype=torch.float32, device=low.device)
-        fb = torch.tensor(b, dtype=torch.float32, device=low.device)
-        scales, zeros = asymmetric_qparams((low * fa).to(mins.dtype), (high * fb).to(maxs.dtype), num_bits)
-        err = _asymmetric_error(work, scales, zeros, num_bits)
+    # Every grid candidate at once ([candidates, rows, groups]), as in search_symmetric.
+    pairs = ASYMMETRIC_SHRINK[num_bits] if shrink is None else shrink
+    low = (mins.to(_F32) * _factors(tuple(a for a, _ in pairs), mins.device)).to(mins.dtype)
+    high = (maxs.to(_F32) * _factors(tuple(b for _, b in pairs), maxs.device)).to(maxs.dtype)
+    grid_scales, grid_zeros = asymmetric_qparams(low, high, num_bits)
+    wide_scales, wide_zeros = grid_scales.to(_F32), grid_zeros.to(_F32)
+    best_scales, best_zeros = grid_scales[0], grid_zeros[0]
+    best_err = _asymmetric_error(work, wide_scales[0], wide_zeros[0], num_bits)
+    for index in range(1, grid_scales.shape[0]):
+        scales, zeros = grid_scales[index], grid_zeros[index]
+        err = _asymmetric_error(work, wide_scales[index], wide_zeros[index], num_bits)
         best_err, (best_scales, best_zeros) = _keep_better(err, best_err, (scales, best_scales), (zeros, best_zeros))
-    refits = REFITS if refits is None else refits
+    refits = _refits(groups.dtype, num_bits) if refits is None else refits
     total = work.dot(work.wide) if refits else None
     for _ in range(refits):
         scales, zeros = _refit_asymmetric(work, best_scales, best_zeros, num_bits, total)
-        err = _asymmetric_error(work, scales, zeros, num_bits)
+        err = _asymmetric_error(work, scales.to(_F32), zeros.to(_F32), num_bits)
         best_err, (best_scales, best_zeros) = _keep_better(err, best_err, (scales, best_scales), (zeros, best_zeros))
     return best_scales, best_zeros
 

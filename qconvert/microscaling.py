@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qconvert.band_threads import run_bands
+
 FP4_E2M1_MAX = 6.0
 FP8_E4M3_MAX = 448.0
 E8M0_BIAS = 127
@@ -187,7 +189,8 @@ def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor, search: boo
     packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=weight.device)
     global_scale = global_scale.to(device=weight.device, dtype=torch.float32)
     rows = max(1, _band_rows(weight))
-    for first in range(0, out_features, rows):
+
+    def one_band(first: int) -> None:
         band = weight[first : first + rows]
         amax = group_amax(band, 16)
         if search:
@@ -200,6 +203,13 @@ def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor, search: boo
         multiplier = (band_scales.to(torch.float32) / global_scale).unsqueeze(-1)  # broadcast over the 16 inputs
         quotient = band.reshape(*band_scales.shape, 16) / multiplier
         packed[first : first + rows] = pack_nibbles(e2m1_codes(quotient.reshape(band.shape)))
+
+    starts = range(0, out_features, rows)
+    if search:  # the search's bands on the CPU's band threads (qconvert.band_threads: why)
+        run_bands(one_band, starts, weight.device)
+    else:
+        for first in starts:
+            one_band(first)
     return packed, scales
 
 

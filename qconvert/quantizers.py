@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+from qconvert.band_threads import run_bands, thread_buffer
+
 __all__ = [
     "ACTIVATION_INT8_DIVISOR",
     "FP8_E4M3_MAX",
@@ -156,21 +158,29 @@ def _shared_tile_amax(weight: torch.Tensor, tile: tuple[int, int]) -> torch.Tens
     return groups.reshape(rows, th, in_features // tw, tw // SHARED_AMAX_WIDTH).amax(dim=(1, 3))
 
 
+def _new_or_reused(reuse: bool, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+                   ) -> torch.Tensor:
+    """A fresh tensor, or with ``reuse`` the calling thread's buffer for ``slot`` (qconvert.band_threads)."""
+    return thread_buffer(slot, shape, dtype, device) if reuse else torch.empty(shape, dtype=dtype, device=device)
+
+
 def quantize_tiles(weight: torch.Tensor, scales: torch.Tensor, tile: tuple[int, int], kind: str,
-                   num_bits: int = 8) -> torch.Tensor:
+                   num_bits: int = 8, reuse: bool = False) -> torch.Tensor:
     """int8-stored integer codes, or float8_e4m3fn values, of ``weight`` for per-tile ``scales``.
 
     The division runs in the weight dtype with the scale as stored, as the reference does: in bf16,
     0.69921875 / 0.107421875 is 6.509 in float32 (→ 7) but rounds to bf16 6.5 first (→ 6, half-to-even).
+    ``reuse``: int codes in the calling thread's buffers, valid until its next call (banded quantizers).
     """
     out_features, in_features = weight.shape
     tiles = _tiles(weight, tile)
-    q = torch.div(tiles, scales.reshape(tiles.shape[0], 1, tiles.shape[2], 1).to(weight.dtype))
+    divisors = scales.reshape(tiles.shape[0], 1, tiles.shape[2], 1).to(weight.dtype)
     if kind == "float":
-        q = q.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        q = torch.div(tiles, divisors).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     else:
         qmin, qmax = int_range(num_bits)
-        q = q.clamp_(qmin, qmax).round_().to(torch.int8)
+        q = torch.div(tiles, divisors, out=_new_or_reused(reuse, "quotient", tiles.shape, weight.dtype, weight.device))
+        q = _new_or_reused(reuse, "codes", tiles.shape, torch.int8, weight.device).copy_(q.clamp_(qmin, qmax).round_())
     return q.reshape(tiles.shape[0] * tile[0], tiles.shape[2] * tile[1])[:out_features, :in_features].contiguous()
 
 
@@ -249,12 +259,13 @@ def _require_little_endian() -> None:
         raise RuntimeError("qconvert's int32 packing needs a little-endian host")
 
 
-def pack_int32(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
+def pack_int32(codes: torch.Tensor, num_bits: int, reuse: bool = False) -> torch.Tensor:
     """Pack signed ``codes`` ``[out, in]`` (int8 storage) into int32 words along ``in``.
 
     Each value is offset by ``2**(b-1)`` to make it unsigned; value ``j`` of a word occupies bits
     ``[j*b, j*b + b)``, least significant first; the row is zero-padded to a whole word. Only 4 and 8
     bits are supported: both map onto whole bytes, so packing is a byte view, not bit arithmetic.
+    ``reuse``: the words in the calling thread's buffers, valid until its next call (banded quantizers).
     """
     if num_bits not in (4, 8):
         raise ValueError(f"packing supports 4 or 8 bits, not {num_bits}")
@@ -269,21 +280,27 @@ def pack_int32(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
         unsigned = torch.zeros(rows, padded, dtype=torch.uint8, device=codes.device)
         unsigned[:, :cols] = _offset_codes(codes, num_bits)
     else:
-        unsigned = _offset_codes(codes, num_bits)
+        unsigned = _offset_codes(codes, num_bits, _new_or_reused(reuse, "offset", (rows, cols), torch.uint8,
+                                                                 codes.device))
     if num_bits == 4:
         # Two nibbles per byte: read byte pairs as little-endian int16 `lo | hi << 8` and fold the
         # high byte down by 4 bits; the low byte of the result is `lo | hi << 4`.
         pairs = unsigned.view(torch.int16)
-        unsigned = (pairs | (pairs >> 4)).to(torch.uint8)
+        folded = torch.bitwise_right_shift(
+            pairs, 4, out=_new_or_reused(reuse, "folded", tuple(pairs.shape), torch.int16, codes.device))
+        folded.bitwise_or_(pairs)
+        unsigned = _new_or_reused(reuse, "nibbles", tuple(pairs.shape), torch.uint8, codes.device).copy_(folded)
     return unsigned.view(torch.int32)
 
 
-def _offset_codes(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """Signed codes + 2**(b-1), as uint8 (a new contiguous tensor)."""
+def _offset_codes(codes: torch.Tensor, num_bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Signed codes + 2**(b-1), as uint8 (a new contiguous tensor, or ``out``)."""
+    if out is None:
+        out = torch.empty(codes.shape, dtype=torch.uint8, device=codes.device)
     if num_bits == 8:
         # q + 128 modulo 256 flips the sign bit of a two's-complement byte.
-        return codes.contiguous().view(torch.uint8) ^ 0x80
-    return (codes + 8).view(torch.uint8)
+        return torch.bitwise_xor(codes.contiguous().view(torch.uint8), 0x80, out=out)
+    return torch.add(codes, 8, out=out.view(torch.int8)).view(torch.uint8)
 
 
 def quantize_and_pack_symmetric(
@@ -306,7 +323,8 @@ def quantize_and_pack_symmetric(
     )
     rows = max(1, band_elements(weight, 1 << 19) // max(1, in_features))
     shared = _shared_tile_amax(weight, tile)
-    for start in range(0, out_features, rows):
+
+    def band(start: int) -> None:
         block = weight[start : start + rows]
         if choose is not None:
             block_scales = choose(block, tile, num_bits)  # type: ignore[operator]
@@ -315,9 +333,21 @@ def quantize_and_pack_symmetric(
         else:
             block_scales = scales_from_amax(shared[start : start + rows], divisor, weight.dtype)
         scales[start : start + rows] = block_scales
-        codes = quantize_tiles(block, block_scales, tile, "int", num_bits)
-        packed[start : start + rows] = pack_int32(codes, num_bits)
+        codes = quantize_tiles(block, block_scales, tile, "int", num_bits, reuse=True)
+        packed[start : start + rows] = pack_int32(codes, num_bits, reuse=True)
+
+    _for_each_band(band, range(0, out_features, rows), weight.device, choose is not None)
     return packed, scales
+
+
+def _for_each_band(band: object, starts: range, device: torch.device, search: bool) -> None:
+    """The search's bands on the CPU's band threads (qconvert.band_threads: why); RTN's in order here, where torch's
+    intra-op threads split each pass."""
+    if search:
+        run_bands(band, starts, device)  # type: ignore[arg-type]
+    else:
+        for start in starts:
+            band(start)  # type: ignore[operator]
 
 
 def asymmetric_qparams(mins: torch.Tensor, maxs: torch.Tensor, num_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,14 +374,17 @@ def asymmetric_qparams(mins: torch.Tensor, maxs: torch.Tensor, num_bits: int) ->
 
 
 def quantize_asymmetric(groups: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
-                        num_bits: int) -> torch.Tensor:
+                        num_bits: int, reuse: bool = False) -> torch.Tensor:
     """int8 codes of ``groups`` ``[..., G, g]`` for per-group ``scales`` and int8 ``zero_points`` ``[..., G]``:
     ``clamp(x / scale + zero, qmin, qmax)`` rounded half to even, the division and the addition in the
-    weight's dtype (compressed-tensors' ``quantize``)."""
+    weight's dtype (compressed-tensors' ``quantize``). ``reuse``: in the calling thread's buffers, valid until
+    its next call (banded quantizers)."""
     qmin, qmax = int_range(num_bits)
-    q = torch.div(groups, scales.unsqueeze(-1))
+    shape = tuple(groups.shape)
+    q = torch.div(groups, scales.unsqueeze(-1), out=_new_or_reused(reuse, "quotient", shape, groups.dtype,
+                                                                    groups.device))
     q += zero_points.unsqueeze(-1).to(groups.dtype)
-    return q.clamp_(qmin, qmax).round_().to(torch.int8)
+    return _new_or_reused(reuse, "codes", shape, torch.int8, groups.device).copy_(q.clamp_(qmin, qmax).round_())
 
 
 def dequantize_asymmetric(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
@@ -396,7 +429,8 @@ def quantize_and_pack_asymmetric(
         out_features, packed_columns(in_features, num_bits), dtype=torch.int32, device=weight.device
     )
     rows = max(1, band_elements(weight, 1 << 19) // max(1, in_features))
-    for start in range(0, out_features, rows):
+
+    def one_band(start: int) -> None:
         band = weight[start : start + rows]
         groups = band.reshape(band.shape[0], in_features // group, group)
         mins, maxs = groups.amin(dim=-1), groups.amax(dim=-1)
@@ -406,8 +440,10 @@ def quantize_and_pack_asymmetric(
             band_scales, band_zeros = choose(groups, mins, maxs, num_bits)  # type: ignore[operator]
         scales[start : start + rows] = band_scales
         zeros[start : start + rows] = band_zeros
-        codes = quantize_asymmetric(groups, band_scales, band_zeros, num_bits).reshape(band.shape)
-        packed[start : start + rows] = pack_int32(codes, num_bits)
+        codes = quantize_asymmetric(groups, band_scales, band_zeros, num_bits, reuse=True).reshape(band.shape)
+        packed[start : start + rows] = pack_int32(codes, num_bits, reuse=True)
+
+    _for_each_band(one_band, range(0, out_features, rows), weight.device, choose is not None)
     return packed, scales, pack_zero_points(zeros, num_bits)
 
 

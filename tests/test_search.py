@@ -256,3 +256,39 @@ def test_the_least_squares_refits_gain_on_top_of_the_grid(dtype: torch.dtype) ->
         nvfp4 = (e2m1_values(e2m1_codes(blocks / multiplier)) * multiplier).to(dtype)
         rebuilt[refits] = _sse(nvfp4.reshape(64, 512), weight, 16)
     assert bool((rebuilt[None] <= rebuilt[0]).all()) and rebuilt[None].double().sum() < rebuilt[0].double().sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_search_scores_exactly_what_the_reader_rebuilds(dtype: torch.dtype) -> None:
+    """The search's objective, computed with float32 operations and conversions to the weight's dtype, equals bit
+    for bit the error of what quantize_tiles / quantize_asymmetric store and the reader rebuilds in that dtype
+    (scales shrunk and stretched so that codes clamp; tiny and outlying weights)."""
+    from qconvert.algorithms import _asymmetric_error, _symmetric_error, _Workspace
+    from qconvert.quantizers import (
+        dequantize_asymmetric,
+        dequantize_tiles,
+        int_range,
+        quantize_asymmetric,
+        quantize_tiles,
+        scale_divisor,
+        scales_from_amax,
+    )
+
+    torch.manual_seed(7)
+    weight = torch.randn(64, 512) * 0.02
+    weight[3] *= 1e-4
+    weight[5, 9] = 1.0
+    weight = weight.to(dtype)
+    groups = weight.reshape(64, 4, 128)
+    for bits in (4, 8):
+        stretch = torch.empty(64, 4).uniform_(0.5, 1.3)
+        scales = scales_from_amax(groups.abs().amax(-1).float() * stretch, scale_divisor("int", bits), dtype)
+        rebuilt = dequantize_tiles(quantize_tiles(weight, scales, (1, 128), "int", bits), scales, (1, 128))
+        expected = group_sse(rebuilt.reshape(64, 4, 128), groups)
+        assert torch.equal(_symmetric_error(_Workspace(groups), scales.float(), bits), expected), bits
+
+        low, high = int_range(bits)
+        zeros = torch.randint(low, high + 1, (64, 4), dtype=torch.int8)
+        rebuilt = dequantize_asymmetric(quantize_asymmetric(groups, scales, zeros, bits), scales, zeros)
+        expected = group_sse(rebuilt, groups)
+        assert torch.equal(_asymmetric_error(_Workspace(groups), scales.float(), zeros.float(), bits), expected), bits
