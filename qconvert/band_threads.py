@@ -57,6 +57,9 @@ class _BandPool:
                 future.set_exception(exc)
             else:
                 future.set_result(None)
+            # Drop the band's closure before waiting for the next: it holds the tensor and its outputs, which
+            # would otherwise stay alive (and resident) until this thread's next band, a whole tensor later.
+            del future, work, start
 
 
 _lock = threading.Lock()

@@ -29,7 +29,7 @@ from qconvert.engine import (
 )
 from qconvert.errors import BadInputError
 from qconvert.format import LAYOUTS, quantization_config
-from qconvert.formats import Layout, NumberType
+from qconvert.formats import Algorithm, Layout, NumberType
 from qconvert.model_card import CARD_NAME, write_model_card
 from qconvert.numerics import require_finite_part
 from qconvert.planning import Plan, check_coverage, compile_patterns, make_plan, module_of
@@ -266,6 +266,8 @@ def prepare_quantize(request: QuantizeRequest, notice: Notice) -> PreparedQuanti
     # before any job writes.
     layout = layout_shards([unit.outputs for unit in units], request.max_shard_bytes)
     needed = check_output_plan(checkpoint, units, target, layout, checkpoint.other_files)
+    if any(s.args.algorithm is Algorithm.SEARCH for s in plan.quantize.values()):
+        settings = replace(settings, free_pages=True)  # compute outweighs refaulting pages (malloc_policy.FreePages)
     return PreparedQuantize(checkpoint, target, plan, config, units, started, {"serves_in": serving}, settings,
                             needed)
 

@@ -292,3 +292,24 @@ def test_the_search_scores_exactly_what_the_reader_rebuilds(dtype: torch.dtype) 
         rebuilt = dequantize_asymmetric(quantize_asymmetric(groups, scales, zeros, bits), scales, zeros)
         expected = group_sse(rebuilt, groups)
         assert torch.equal(_asymmetric_error(_Workspace(groups), scales.float(), zeros.float(), bits), expected), bits
+
+
+def test_search_runs_hand_free_pages_back_and_rtn_runs_do_not(tiny_llama: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search run on the CPU trims malloc's arenas as it goes (qconvert.malloc_policy.FreePages: its compute
+    outweighs the pages faulted in again); an RTN run, where that cost shows in its wall time, does not."""
+    from qconvert import malloc_policy
+
+    trims: list[int] = []
+    monkeypatch.setattr(malloc_policy, "_malloc_trim", lambda: trims.append(1))
+    monkeypatch.setattr(malloc_policy, "_chosen", "engine")  # as in a quantize process (tests may run a batch first)
+    monkeypatch.setenv("QCONVERT_INFLIGHT_MB", "1")  # trims every 512 KiB of inputs: several in the tiny model
+    counts = {}
+    for algorithm in ("rtn", "search"):
+        trims.clear()
+        out = tmp_path / algorithm
+        result = run_cli("quantize", tiny_llama, "-s", "rtn4", "--algorithm", algorithm, "--device", "cpu", "-o", out,
+                         "-q")
+        assert result.code == 0, result.stderr
+        counts[algorithm] = len(trims)
+    assert counts["rtn"] == 0 and counts["search"] >= 2, counts
