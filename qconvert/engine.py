@@ -386,8 +386,7 @@ class Engine:
             self.profile.report("CUDA ready, arena allocated")
         else:
             malloc_policy.for_engine_on_cpu()
-        # Every half budget (64 MiB on 2 cores, as measured).
-        self.free_pages = malloc_policy.FreePages(settings.budget_bytes // 2) if settings.free_pages else None
+        self.free_pages = malloc_policy.FreePages(settings.budget_bytes) if settings.free_pages else None
 
     def __enter__(self) -> Engine:
         # Two dozen threads spend most of their time in system calls and hashing, each needing the GIL

@@ -53,11 +53,13 @@ class FreePages:
 
     The reader threads allocate the inputs from their arenas, the main thread frees them after computing, the
     writers free the outputs: at the peak of an int8-asym search of the 1.67 GB checkpoint on 2 cores the arenas
-    held 184-199 MiB of free blocks, resident, next to 147-182 MiB in use (``mallinfo2``). Trimming every 64 MiB
-    of inputs there: peak RSS 537-578 -> 429-443 MiB (whole processes). For rtn4 it also saved about 100 MiB
-    but cost 5-10% of its wall time (the freed pages are faulted in again by the next reads: 0.6-0.8 s more
-    system time), so only runs whose compute outweighs that (``ExecutionSettings.free_pages``: the search) use
-    it. Not under batch's policy, which keeps free blocks on purpose."""
+    held 184-199 MiB of free blocks, resident, next to 147-182 MiB in use (``mallinfo2``). Trimming once per
+    in-flight budget of inputs (128 MiB on 2 cores), whole processes alternating there: peak RSS 519-540 -> 448-457
+    MiB at no measurable cost in wall time (every half budget: 421-443 MiB, perhaps 5% slower). For rtn4, trimming
+    every half budget saved about 100 MiB but cost 5-10% of its wall time (the freed pages are faulted in again by
+    the next reads: 0.6-0.8 s more system time), so only runs whose compute outweighs that
+    (``ExecutionSettings.free_pages``: the search) use it. Not under batch's policy, which keeps free blocks on
+    purpose."""
 
     def __init__(self, interval: int) -> None:
         self.interval = interval

@@ -303,7 +303,7 @@ def test_search_runs_hand_free_pages_back_and_rtn_runs_do_not(tiny_llama: Path, 
     trims: list[int] = []
     monkeypatch.setattr(malloc_policy, "_malloc_trim", lambda: trims.append(1))
     monkeypatch.setattr(malloc_policy, "_chosen", "engine")  # as in a quantize process (tests may run a batch first)
-    monkeypatch.setenv("QCONVERT_INFLIGHT_MB", "1")  # trims every 512 KiB of inputs: several in the tiny model
+    monkeypatch.setenv("QCONVERT_INFLIGHT_MB", "1")  # trims every 1 MiB of inputs: several in the tiny model
     counts = {}
     for algorithm in ("rtn", "search"):
         trims.clear()
