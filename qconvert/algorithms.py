@@ -113,20 +113,22 @@ def _tree_sum(values: torch.Tensor) -> torch.Tensor:
 
 class _Workspace:
     """A band's groups, group-major (``[g, R, G]``: a group's elements along the leading dimension, so per-group
-    parameters broadcast over it and the tree sum adds contiguous halves) in float32, and the buffers every
-    candidate reuses (no allocation, so no page faults, per candidate; on the CPU none per band either). Weights
-    of a narrower dtype also get a buffer in that dtype, for the stored arithmetic's roundings."""
+    parameters broadcast over it and the tree sum adds contiguous halves) in float32 (float64 weights: float64),
+    and the buffers every candidate reuses (no allocation, so no page faults, per candidate; on the CPU none per band
+    either). Weights of a narrower dtype also get a buffer in that dtype, for the stored arithmetic's roundings."""
 
     def __init__(self, groups: torch.Tensor) -> None:
         width, *rest = groups.permute(2, 0, 1).shape
         shape, device = (width, *rest), groups.device
         self.dtype = groups.dtype
-        self.exact = groups.dtype == torch.float32  # float32 arithmetic is then the stored arithmetic
+        # The arithmetic's dtype: float32, or float64 for float64 weights; for those two it is the stored arithmetic.
+        self.compute = torch.float64 if groups.dtype == torch.float64 else torch.float32
+        self.exact = groups.dtype == self.compute
         # Copied as the transpose of a [groups, width] matrix, which torch copies in tiles (a same-dtype 2-D
         # transpose): 1.1 ns per element on one CPU thread, against 1.9 for the same copy as a permuted 3-D view.
         rows_of_groups = groups.reshape(-1, width).t()
-        self.wide = thread_buffer("wide", shape, torch.float32, device)
-        self.work = thread_buffer("work", shape, torch.float32, device)
+        self.wide = thread_buffer("wide", shape, self.compute, device)
+        self.work = thread_buffer("work", shape, self.compute, device)
         if self.exact:
             self.wide.view(width, -1).copy_(rows_of_groups)
         else:
@@ -135,7 +137,7 @@ class _Workspace:
             self.wide.copy_(self.narrow)
         self.width = width
         full = 1 << max(0, width - 1).bit_length()
-        diff = thread_buffer("diff", (full, *rest), torch.float32, device)
+        diff = thread_buffer("diff", (full, *rest), self.compute, device)
         diff[width:].zero_()  # the tree sum's zero padding (up to a power of two)
         self.head = diff[:width]
         # The tree's halves, sliced once: a band sums some twenty trees, and each slice is an operator call.
@@ -212,7 +214,7 @@ def _symmetric_error(work: _Workspace, scales: torch.Tensor, num_bits: int) -> t
 def _refit_symmetric(work: _Workspace, scales: torch.Tensor, num_bits: int) -> torch.Tensor:
     """The scale that minimises each group's squared error with the codes of ``scales`` held fixed,
     ``sum(w q) / sum(q q)``, in the stored dtype (``scales`` kept where that is not a positive number)."""
-    codes = _symmetric_codes(work, scales.to(_F32), num_bits)
+    codes = _symmetric_codes(work, scales.to(work.compute), num_bits)
     fitted = (work.dot(codes, work.wide) / work.dot(codes, codes)).to(scales.dtype)
     return torch.where(fitted.isfinite() & (fitted > 0), fitted, scales)
 
@@ -241,14 +243,15 @@ def search_symmetric(block: torch.Tensor, tile: tuple[int, int], num_bits: int, 
     # calls on small tensors as to passes over the weights.
     factors = _factors(SYMMETRIC_SHRINK[num_bits] if shrink is None else shrink, block.device)
     grid = scales_from_amax(amax.to(_F32) * factors, scale_divisor("int", num_bits), block.dtype)
-    wide_grid = grid.to(_F32)
+    wide_grid = grid.to(work.compute)
     best, best_err = grid[0], _symmetric_error(work, wide_grid[0], num_bits)
     for index in range(1, grid.shape[0]):
         err = _symmetric_error(work, wide_grid[index], num_bits)
         best_err, (best,) = _keep_better(err, best_err, (grid[index], best))
     for _ in range(_refits(block.dtype, num_bits) if refits is None else refits):
         scales = _refit_symmetric(work, best, num_bits)
-        best_err, (best,) = _keep_better(_symmetric_error(work, scales.to(_F32), num_bits), best_err, (scales, best))
+        err = _symmetric_error(work, scales.to(work.compute), num_bits)
+        best_err, (best,) = _keep_better(err, best_err, (scales, best))
     return best
 
 
@@ -276,7 +279,7 @@ def _refit_asymmetric(work: _Workspace, scales: torch.Tensor, zeros: torch.Tenso
     optimal for that integer zero, ``sum(w (q - z)) / sum((q - z)^2)``, in the stored dtype; ``(scales, zeros)``
     kept where the fit is degenerate (all codes equal) or not a positive scale. ``total``: each group's sum of w."""
     qmin, qmax = int_range(num_bits)
-    codes = _asymmetric_codes(work, scales.to(_F32), zeros.to(_F32), num_bits)
+    codes = _asymmetric_codes(work, scales.to(work.compute), zeros.to(work.compute), num_bits)
     count = float(work.width)
     ones, squares, along = work.dot(codes), work.dot(codes, codes), work.dot(codes, work.wide)
     slope = (along * count - ones * total) / (squares * count - ones * ones)
@@ -299,7 +302,7 @@ def search_asymmetric(groups: torch.Tensor, mins: torch.Tensor, maxs: torch.Tens
     low = (mins.to(_F32) * _factors(tuple(a for a, _ in pairs), mins.device)).to(mins.dtype)
     high = (maxs.to(_F32) * _factors(tuple(b for _, b in pairs), maxs.device)).to(maxs.dtype)
     grid_scales, grid_zeros = asymmetric_qparams(low, high, num_bits)
-    wide_scales, wide_zeros = grid_scales.to(_F32), grid_zeros.to(_F32)
+    wide_scales, wide_zeros = grid_scales.to(work.compute), grid_zeros.to(work.compute)
     best_scales, best_zeros = grid_scales[0], grid_zeros[0]
     best_err = _asymmetric_error(work, wide_scales[0], wide_zeros[0], num_bits)
     for index in range(1, grid_scales.shape[0]):
@@ -310,7 +313,7 @@ def search_asymmetric(groups: torch.Tensor, mins: torch.Tensor, maxs: torch.Tens
     total = work.dot(work.wide) if refits else None
     for _ in range(refits):
         scales, zeros = _refit_asymmetric(work, best_scales, best_zeros, num_bits, total)
-        err = _asymmetric_error(work, scales.to(_F32), zeros.to(_F32), num_bits)
+        err = _asymmetric_error(work, scales.to(work.compute), zeros.to(work.compute), num_bits)
         best_err, (best_scales, best_zeros) = _keep_better(err, best_err, (scales, best_scales), (zeros, best_zeros))
     return best_scales, best_zeros
 

@@ -258,12 +258,18 @@ def test_the_least_squares_refits_gain_on_top_of_the_grid(dtype: torch.dtype) ->
     assert bool((rebuilt[None] <= rebuilt[0]).all()) and rebuilt[None].double().sum() < rebuilt[0].double().sum()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_the_search_scores_exactly_what_the_reader_rebuilds(dtype: torch.dtype) -> None:
-    """The search's objective, computed with float32 operations and conversions to the weight's dtype, equals bit
-    for bit the error of what quantize_tiles / quantize_asymmetric store and the reader rebuilds in that dtype
-    (scales shrunk and stretched so that codes clamp; tiny and outlying weights)."""
-    from qconvert.algorithms import _asymmetric_error, _symmetric_error, _Workspace
+    """The search's objective, computed with float32 operations and conversions to the weight's dtype (float64
+    weights: in float64), equals bit for bit the error of what quantize_tiles / quantize_asymmetric store and the
+    reader rebuilds in that dtype (scales shrunk and stretched so that codes clamp; tiny and outlying weights)."""
+    from qconvert.algorithms import _asymmetric_error, _symmetric_error, _tree_sum, _Workspace
+
+    def group_error(rebuilt: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        if dtype != torch.float64:
+            return group_sse(rebuilt, groups)
+        return _tree_sum(((rebuilt - groups) ** 2).movedim(-1, 0).contiguous())
+
     from qconvert.quantizers import (
         dequantize_asymmetric,
         dequantize_tiles,
@@ -284,14 +290,15 @@ def test_the_search_scores_exactly_what_the_reader_rebuilds(dtype: torch.dtype) 
         stretch = torch.empty(64, 4).uniform_(0.5, 1.3)
         scales = scales_from_amax(groups.abs().amax(-1).float() * stretch, scale_divisor("int", bits), dtype)
         rebuilt = dequantize_tiles(quantize_tiles(weight, scales, (1, 128), "int", bits), scales, (1, 128))
-        expected = group_sse(rebuilt.reshape(64, 4, 128), groups)
-        assert torch.equal(_symmetric_error(_Workspace(groups), scales.float(), bits), expected), bits
+        expected = group_error(rebuilt.reshape(64, 4, 128), groups)
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        assert torch.equal(_symmetric_error(_Workspace(groups), scales.to(wide), bits), expected), bits
 
         low, high = int_range(bits)
         zeros = torch.randint(low, high + 1, (64, 4), dtype=torch.int8)
         rebuilt = dequantize_asymmetric(quantize_asymmetric(groups, scales, zeros, bits), scales, zeros)
-        expected = group_sse(rebuilt, groups)
-        assert torch.equal(_asymmetric_error(_Workspace(groups), scales.float(), zeros.float(), bits), expected), bits
+        expected = group_error(rebuilt, groups)
+        assert torch.equal(_asymmetric_error(_Workspace(groups), scales.to(wide), zeros.to(wide), bits), expected), bits
 
 
 def test_search_runs_hand_free_pages_back_and_rtn_runs_do_not(tiny_llama: Path, tmp_path: Path,
