@@ -195,13 +195,13 @@ _F32 = torch.float32
 
 
 def _round_to(work: _Workspace, values: torch.Tensor) -> torch.Tensor:
-    """``values`` (float32, in ``work.work``) rounded to the weight's dtype, back in float32 in ``work.work``."""
+    """``values`` (in ``work.work``, of ``work.compute``) rounded to the weight's dtype, back in ``work.work``."""
     return values if work.exact else values.copy_(work.narrow.copy_(values))
 
 
 def _symmetric_codes(work: _Workspace, scales: torch.Tensor, num_bits: int) -> torch.Tensor:
     """float32 codes ``round(clamp(w / scale))``, the division in the weight's dtype (group-major, in
-    ``work.work``), for float32 ``scales``."""
+    ``work.work``), for ``scales`` of ``work.compute``."""
     qmin, qmax = int_range(num_bits)
     return _round_to(work, torch.div(work.wide, scales, out=work.work)).clamp_(qmin, qmax).round_()
 
@@ -257,7 +257,7 @@ def search_symmetric(block: torch.Tensor, tile: tuple[int, int], num_bits: int, 
 
 def _asymmetric_codes(work: _Workspace, scales: torch.Tensor, zeros: torch.Tensor, num_bits: int) -> torch.Tensor:
     """float32 codes ``round(clamp(w / scale + zero))``, the division and the addition in the weight's dtype
-    (group-major, in ``work.work``), for float32 parameters."""
+    (group-major, in ``work.work``), for parameters of ``work.compute``."""
     qmin, qmax = int_range(num_bits)
     quotient = torch.div(work.wide, scales, out=work.work)
     if work.exact:

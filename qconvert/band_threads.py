@@ -75,11 +75,13 @@ def _band_pool() -> _BandPool | None:
         return _pool
 
 
-def run_bands(work: Callable[[int], None], starts: Sequence[int], device: torch.device) -> None:
-    """``work(start)`` for each band start: in order on this thread on a GPU (whose kernels are queued in order on
-    one stream) or for a single band, else on the band pool, a band per thread at a time. Returns when all are done;
-    the first band to fail raises its error here (the others still finish, none is left running)."""
-    pool = _band_pool() if device.type == "cpu" and len(starts) > 1 else None
+def run_bands(work: Callable[[int], None], starts: Sequence[int], device: torch.device, threaded: bool = True
+              ) -> None:
+    """``work(start)`` for each band start: in order on this thread without ``threaded`` (RTN's passes, which
+    torch's intra-op threads split well enough), on a GPU (whose kernels are queued in order on one stream) or for a
+    single band, else on the band pool, a band per thread at a time. Returns when all are done; the first band to
+    fail raises its error here (the others still finish, none is left running)."""
+    pool = _band_pool() if threaded and device.type == "cpu" and len(starts) > 1 else None
     if pool is None:
         for start in starts:
             work(start)

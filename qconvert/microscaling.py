@@ -204,12 +204,7 @@ def quantize_nvfp4(weight: torch.Tensor, global_scale: torch.Tensor, search: boo
         quotient = band.reshape(*band_scales.shape, 16) / multiplier
         packed[first : first + rows] = pack_nibbles(e2m1_codes(quotient.reshape(band.shape)))
 
-    starts = range(0, out_features, rows)
-    if search:  # the search's bands on the CPU's band threads (qconvert.band_threads: why)
-        run_bands(one_band, starts, weight.device)
-    else:
-        for first in starts:
-            one_band(first)
+    run_bands(one_band, range(0, out_features, rows), weight.device, threaded=search)  # band threads: the search only
     return packed, scales
 
 

@@ -336,18 +336,9 @@ def quantize_and_pack_symmetric(
         codes = quantize_tiles(block, block_scales, tile, "int", num_bits, reuse=True)
         packed[start : start + rows] = pack_int32(codes, num_bits, reuse=True)
 
-    _for_each_band(band, range(0, out_features, rows), weight.device, choose is not None)
+    run_bands(band, range(0, out_features, rows), weight.device, threaded=choose is not None)  # threads: search
     return packed, scales
 
-
-def _for_each_band(band: object, starts: range, device: torch.device, search: bool) -> None:
-    """The search's bands on the CPU's band threads (qconvert.band_threads: why); RTN's in order here, where torch's
-    intra-op threads split each pass."""
-    if search:
-        run_bands(band, starts, device)  # type: ignore[arg-type]
-    else:
-        for start in starts:
-            band(start)  # type: ignore[operator]
 
 
 def asymmetric_qparams(mins: torch.Tensor, maxs: torch.Tensor, num_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,7 +434,7 @@ def quantize_and_pack_asymmetric(
         codes = quantize_asymmetric(groups, band_scales, band_zeros, num_bits, reuse=True).reshape(band.shape)
         packed[start : start + rows] = pack_int32(codes, num_bits, reuse=True)
 
-    _for_each_band(one_band, range(0, out_features, rows), weight.device, choose is not None)
+    run_bands(one_band, range(0, out_features, rows), weight.device, threaded=choose is not None)  # threads: search
     return packed, scales, pack_zero_points(zeros, num_bits)
 
 
